@@ -1,0 +1,1 @@
+"""Example FP32 ONNX models built in code (see :mod:`models.build`)."""

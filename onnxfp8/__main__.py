@@ -1,0 +1,3 @@
+from onnxfp8.cli import main
+
+main()

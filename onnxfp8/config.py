@@ -1,0 +1,150 @@
+"""QuantConfig: every decision a user can make, as a frozen dataclass loadable from TOML/JSON recipes.
+
+Unknown keys are rejected by name. Per-tensor overrides live in ``overrides`` (tensor name -> dict of
+format/scale/axis/calibration), applied when the plan is built.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+from onnxfp8.errors import ConfigError
+
+STYLES = ("qdq", "emulate")
+SCHEMES = ("standard", "extended")
+STANDARD_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
+LEVELS = ("disable", "basic", "extended", "all")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize, to which format, and how.
+
+    format: the format of weights and activations (e4m3, e5m2, e3m4, int8); ``weights_format`` /
+    ``activations_format`` override it by role.
+    style: ``qdq`` (QuantizeLinear/DequantizeLinear, the form FP8 runtimes consume) or ``emulate``
+    (Cast-based fake quantization that computes the same function at every onnxruntime optimization level).
+    E3M4 has no ONNX type and is always emulated.
+    """
+
+    format: str = "e4m3"
+    weights_format: Optional[str] = None
+    activations_format: Optional[str] = None
+    style: str = "qdq"
+    scheme: str = "standard"
+    op_types: Optional[Tuple[str, ...]] = None  # None: the scheme's operators
+    exclude_ops: Tuple[str, ...] = ()
+    include_nodes: Tuple[str, ...] = ()  # globs or /regex/; when given, only matching nodes are quantized
+    exclude_nodes: Tuple[str, ...] = ()
+    keep_first_last: bool = False
+    per_channel: bool = True
+    fold_batchnorm: bool = True
+    calibration: str = "max"
+    percentile: float = 99.99
+    calib_samples: Optional[int] = None
+    batch_size: int = 16
+    summary_samples: int = 64
+    providers: Tuple[str, ...] = ("CPUExecutionProvider",)
+    threads: int = 0
+    max_memory_mb: int = 2048
+    opset: int = 19
+    overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from onnxfp8.formats import get_format
+
+        for name in ("format", "weights_format", "activations_format"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    object.__setattr__(self, name, get_format(value).name)
+                except ValueError as e:
+                    raise ConfigError(f"{name}: {e}") from None
+        if self.style not in STYLES:
+            raise ConfigError(f"style: unknown style '{self.style}'; choose one of {', '.join(STYLES)}")
+        if self.scheme not in SCHEMES:
+            raise ConfigError(f"scheme: unknown scheme '{self.scheme}'; choose one of {', '.join(SCHEMES)}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.calib_samples is not None and self.calib_samples < 1:
+            raise ConfigError(f"calib_samples must be >= 1, got {self.calib_samples}")
+        if not 0 < self.percentile <= 100:
+            raise ConfigError(f"percentile must be in (0, 100], got {self.percentile}")
+        if self.opset < 19:
+            raise ConfigError(f"opset must be >= 19 (FP8 QuantizeLinear needs it), got {self.opset}")
+        for name in ("op_types", "exclude_ops", "include_nodes", "exclude_nodes", "providers"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,))
+            elif value is not None:
+                object.__setattr__(self, name, tuple(value))
+
+    # -- derived ------------------------------------------------------------------------------------
+    @property
+    def weight_format(self) -> str:
+        return self.weights_format or self.format
+
+    @property
+    def activation_format(self) -> str:
+        return self.activations_format or self.format
+
+    @property
+    def selected_op_types(self) -> Tuple[str, ...]:
+        if self.op_types is not None:
+            return self.op_types
+        return STANDARD_OPS
+
+    def replace(self, **changes: Any) -> "QuantConfig":
+        return dataclasses.replace(self, **changes)
+
+    # -- (de)serialisation ----------------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        d["overrides"] = {k: dict(v) for k, v in self.overrides.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> "QuantConfig":
+        known = {f.name for f in fields(cls)}
+        data = {k.replace("-", "_"): v for k, v in data.items()}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_file(cls, path: str, **overrides: Any) -> "QuantConfig":
+        data = load_recipe_file(path)
+        data.update(overrides)
+        return cls.from_dict(data, source=path)
+
+
+def load_recipe_file(path: str) -> Dict[str, Any]:
+    """Read a TOML or JSON recipe into a dict (one line errors naming the file)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: recipe file not found")
+    try:
+        if path.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        else:
+            try:
+                import tomllib  # type: ignore[import-not-found]
+            except ImportError:  # Python < 3.11
+                import tomli as tomllib  # type: ignore[no-redef]
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{path}: cannot parse recipe ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a table/object of settings")
+    return data

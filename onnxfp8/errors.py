@@ -1,0 +1,26 @@
+"""Errors that onnxfp8 reports to the user as one line (the CLI prints them and exits 2)."""
+from __future__ import annotations
+
+
+class OnnxFp8Error(Exception):
+    """Bad input or configuration: a one-line message naming the file and the problem."""
+
+    exit_code = 2
+
+
+class ModelError(OnnxFp8Error):
+    """The model file cannot be read or is not something onnxfp8 can quantize."""
+
+
+class DataError(OnnxFp8Error):
+    """Calibration / validation data is missing, malformed or does not fit the model."""
+
+
+class ConfigError(OnnxFp8Error):
+    """A recipe, a flag or a config value is wrong."""
+
+
+class PassError(OnnxFp8Error):
+    """A pass of the pipeline failed; the message names the pass and those that ran before it."""
+
+    exit_code = 1

@@ -1,0 +1,101 @@
+"""QuantPlan: the quantization decisions as plain data, separate from graph mutation.
+
+A plan says which nodes are quantized (and why others are not), and for every quantized tensor its
+QuantSpec: role, format, scale(s), axis and the calibrated range. It round-trips through JSON so that it can be
+saved, diffed, overridden per tensor and reviewed in CI.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+
+@dataclass
+class QuantSpec:
+    tensor: str
+    role: str  # "weight" | "activation"
+    format: str
+    scale: Any = None  # float (per tensor) or list of floats (per channel)
+    axis: Optional[int] = None
+    amax: Any = None  # calibrated range: float, or list per channel for weights
+    consumers: List[str] = field(default_factory=list)  # node names that read the quantized tensor
+    placement: str = "output"  # "output": on the tensor; "before:<node>": on the input of a commuting node (Relu)
+    notes: List[str] = field(default_factory=list)
+    candidates: Dict[str, float] = field(default_factory=dict)  # format -> measured error (dB), when chosen from data
+
+    def scale_array(self) -> np.ndarray:
+        return np.asarray(self.scale, dtype=np.float32)
+
+
+@dataclass
+class NodeDecision:
+    node: str
+    op_type: str
+    quantized: bool
+    reason: str
+    inputs: Dict[int, str] = field(default_factory=dict)  # input index -> "weight" | "activation"
+
+
+@dataclass
+class QuantPlan:
+    nodes: Dict[str, NodeDecision] = field(default_factory=dict)
+    tensors: Dict[str, QuantSpec] = field(default_factory=dict)
+
+    # -- queries ------------------------------------------------------------------------------------
+    def quantized_nodes(self) -> List[NodeDecision]:
+        return [d for d in self.nodes.values() if d.quantized]
+
+    def skipped_nodes(self) -> List[NodeDecision]:
+        return [d for d in self.nodes.values() if not d.quantized]
+
+    def activations(self) -> List[QuantSpec]:
+        return [s for s in self.tensors.values() if s.role == "activation"]
+
+    def weights(self) -> List[QuantSpec]:
+        return [s for s in self.tensors.values() if s.role == "weight"]
+
+    def counts_by_op(self) -> Dict[str, int]:
+        out: Dict[str, int] = {}
+        for d in self.quantized_nodes():
+            out[d.op_type] = out.get(d.op_type, 0) + 1
+        return dict(sorted(out.items()))
+
+    # -- JSON ---------------------------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "nodes": [asdict(d) for d in self.nodes.values()],
+            "tensors": [_plain(asdict(s)) for s in self.tensors.values()],
+        }
+
+    def to_json(self, indent: int = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "QuantPlan":
+        plan = cls()
+        for d in data.get("nodes", []):
+            d = dict(d)
+            d["inputs"] = {int(k): v for k, v in d.get("inputs", {}).items()}
+            plan.nodes[d["node"]] = NodeDecision(**d)
+        for s in data.get("tensors", []):
+            plan.tensors[s["tensor"]] = QuantSpec(**s)
+        return plan
+
+    @classmethod
+    def from_json(cls, text: str) -> "QuantPlan":
+        return cls.from_dict(json.loads(text))
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj

@@ -1,0 +1,95 @@
+"""quantize(): the end-to-end job. Load at the edge, run the pipeline on the graphsurgeon Graph, export,
+check, measure, and (optionally) save atomically."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import numpy as np
+import onnx
+
+from onnxfp8.calibrators.data import as_data
+from onnxfp8.config import QuantConfig
+from onnxfp8.errors import ModelError
+from onnxfp8.modelio import ModelLike, load_model, make_session, model_bytes, prepare_model, save_model, to_graph, to_model
+from onnxfp8.passes import pipeline_for
+from onnxfp8.pipeline import PassContext, Pipeline
+from onnxfp8.plan import QuantPlan
+from onnxfp8.verify.compare import ErrorStats
+from onnxfp8.verify.report import RUN_EXACTLY, QuantReport
+
+
+@dataclass
+class QuantResult:
+    model: onnx.ModelProto
+    plan: QuantPlan
+    report: QuantReport
+    output: Optional[str] = None
+
+
+def default_output(path: str, config: QuantConfig) -> str:
+    stem, _ = os.path.splitext(path)
+    tag = config.format
+    if config.weights_format or config.activations_format:
+        tag = f"w{config.weight_format}-a{config.activation_format}"
+    return f"{stem}.{tag}.onnx"
+
+
+def quantize(model: Union[ModelLike], calib: Any = None, config: Optional[QuantConfig] = None,
+             output: Optional[str] = None, pipeline: Optional[Pipeline] = None, progress=None,
+             check_model: bool = True) -> QuantResult:
+    """Quantize ``model`` (a path or a ModelProto) with calibration data ``calib`` (a folder, a file, an
+    iterable of ``{input: array}`` dicts or a CalibrationData). Returns the quantized model, the plan and
+    the report; writes ``output`` atomically when given (never over the input model)."""
+    config = config or QuantConfig()
+    start = time.perf_counter()
+    source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model"
+    proto = load_model(model)
+    size_before = model_bytes(proto)
+    proto = prepare_model(proto, opset=config.opset, source=source)
+    graph = to_graph(proto)
+    ctx = PassContext(config=config, source=source)
+    if progress is not None:
+        ctx.extras["progress"] = progress
+    if calib is not None:
+        ctx.calib = as_data(calib, proto, batch_size=config.batch_size, limit=config.calib_samples)
+    pipe = pipeline or pipeline_for(config)
+    pipe.run(graph, ctx)
+    out_model = to_model(graph, like=proto)
+    if check_model:
+        try:
+            if out_model.ByteSize() < 2**31:
+                onnx.checker.check_model(out_model, full_check=True)
+        except onnx.checker.ValidationError as e:
+            raise ModelError(f"{source}: the quantized model fails the ONNX checker ({str(e).splitlines()[0]})") from e
+    report = QuantReport(source=source, output=output, config=config.to_dict(), passes=ctx.records, plan=ctx.plan,
+                         size_before=size_before, size_after=model_bytes(out_model),
+                         calibration=ctx.extras.get("calibration", {}))
+    report.how_to_run = RUN_EXACTLY if config.style == "qdq" else ""
+    _measure(out_model, ctx, report, config)
+    if output:
+        save_model(out_model, output, protect=[source] if source != "model" else [])
+    report.seconds = time.perf_counter() - start
+    return QuantResult(out_model, ctx.plan, report, output)
+
+
+def _measure(model: onnx.ModelProto, ctx: PassContext, report: QuantReport, config: QuantConfig) -> None:
+    """Output SQNR of the quantized model vs the FP32 outputs captured during calibration."""
+    inputs = ctx.extras.get("captured_inputs") or []
+    refs = ctx.extras.get("captured_outputs") or []
+    if not inputs:
+        return
+    sess = make_session(model, level="basic", providers=config.providers, threads=config.threads)
+    names = [o.name for o in sess.get_outputs()]
+    stats = {n: ErrorStats() for n in names}
+    count = 0
+    for feed, ref in zip(inputs, refs):
+        got = sess.run(names, feed)
+        for n, v in zip(names, got):
+            if n in ref:
+                stats[n].update(ref[n], v)
+        count += next(iter(feed.values())).shape[0]
+    report.outputs = {n: s.to_dict() for n, s in stats.items()}
+    report.summary_samples = count

@@ -1,0 +1,85 @@
+"""Reports as dataclasses with ``to_json()``: what each pass did, per-node decisions, FP32-vs-quantized
+metrics and timings."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from onnxfp8.pipeline import PassRecord
+from onnxfp8.plan import QuantPlan
+
+RUN_EXACTLY = ("run it in onnxruntime with SessionOptions.graph_optimization_level = ORT_ENABLE_BASIC: at the default "
+               "ENABLE_ALL, onnxruntime fuses FP8 Q/DQ around Conv/Gemm into kernels the CPU lacks and drops a Relu "
+               "feeding an FP8 QuantizeLinear (or quantize with --style emulate, exact at every level)")
+
+
+@dataclass
+class QuantReport:
+    source: str
+    output: Optional[str]
+    config: Dict[str, Any]
+    passes: List[PassRecord]
+    plan: QuantPlan
+    size_before: int = 0
+    size_after: int = 0
+    outputs: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # output -> metrics on summary samples
+    summary_samples: int = 0
+    calibration: Dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    how_to_run: str = ""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "source": self.source, "output": self.output, "config": self.config,
+            "passes": [p.to_dict() for p in self.passes],
+            "quantized_by_op": self.plan.counts_by_op(),
+            "skipped": [{"node": d.node, "op_type": d.op_type, "reason": d.reason} for d in self.plan.skipped_nodes()],
+            "plan": self.plan.to_dict(),
+            "size_before": self.size_before, "size_after": self.size_after,
+            "outputs": self.outputs, "summary_samples": self.summary_samples,
+            "calibration": self.calibration, "seconds": round(self.seconds, 4), "how_to_run": self.how_to_run,
+        }
+
+    def to_json(self, indent: int = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def summary(self) -> str:
+        """The human summary the CLI prints."""
+        lines = []
+        by_op = self.plan.counts_by_op()
+        total = sum(by_op.values())
+        fmt = self.config.get("format")
+        wf = self.config.get("weights_format") or fmt
+        af = self.config.get("activations_format") or fmt
+        lines.append(f"quantized {total} node(s): " + (", ".join(f"{k} {v}" for k, v in by_op.items()) or "none")
+                     + f"  [weights {wf}, activations {af}, {self.config.get('style')} style]")
+        skipped = self.plan.skipped_nodes()
+        reasons: Dict[str, List[str]] = {}
+        for d in skipped:
+            reasons.setdefault(d.reason, []).append(d.node)
+        interesting = {r: n for r, n in reasons.items() if "is not quantized by this scheme" not in r}
+        plain = sum(len(n) for r, n in reasons.items() if r not in interesting)
+        lines.append(f"left FP32: {len(skipped)} node(s)" + (f" ({plain} of op types outside the scheme)" if plain else ""))
+        for r, names in sorted(interesting.items(), key=lambda kv: -len(kv[1])):
+            more = f" (+{len(names) - 4} more)" if len(names) > 4 else ""
+            lines.append(f"  {len(names):4d} x {r}: {', '.join(names[:4])}{more}")
+        if self.size_before:
+            ratio = self.size_after / self.size_before if self.size_before else 0
+            lines.append(f"file size: {_mb(self.size_before)} -> {_mb(self.size_after)} ({ratio:.2f}x)")
+        lines.append("time per pass: " + ", ".join(f"{p.name} {p.seconds:.2f}s" for p in self.passes)
+                     + f"; total {self.seconds:.2f}s")
+        if self.outputs:
+            lines.append(f"output SQNR vs FP32 on {self.summary_samples} calibration sample(s):")
+            for name, m in self.outputs.items():
+                s = m["sqnr_db"]
+                s = f"{s:.2f} dB" if isinstance(s, float) and math.isfinite(s) else str(s)
+                lines.append(f"  {name}: SQNR {s}, cosine {m['cosine']:.6f}, max |err| {m['max_abs']:.4g}")
+        if self.how_to_run:
+            lines.append(f"to compute it exactly: {self.how_to_run}")
+        return "\n".join(lines)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.2f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
