@@ -203,13 +203,19 @@ def _settle_batchnorm(node, values, inits, rng) -> None:
 
 
 def _settle_layernorm(node, values, inits, rng) -> None:
-    """The gamma initializer holds the *target* output magnitude per channel; turn it into the gamma that
-    gives that magnitude on this data (gamma_c = target_c / rms_c of the normalized input)."""
+    """The gamma initializer holds the *target* output magnitude per channel: replace it by the gamma that
+    gives that magnitude on this data, i.e. rms(gamma_c * z_c + beta_c) = target_c with z the normalized
+    input (beta is kept; it must be smaller than the target)."""
     x = values[node.input[0]].astype(np.float64)
     eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
     z = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps)
-    rms = np.sqrt((z.reshape(-1, z.shape[-1]) ** 2).mean(0))
-    inits[node.input[1]] = (inits[node.input[1]] / np.maximum(rms, 1e-3)).astype(np.float32)
+    z = z.reshape(-1, z.shape[-1])
+    m1, m2 = z.mean(0), np.maximum((z ** 2).mean(0), 1e-6)
+    t = inits[node.input[1]].astype(np.float64)
+    b = inits[node.input[2]].astype(np.float64)
+    # gamma^2 m2 + 2 gamma b m1 + b^2 = t^2, positive root
+    gamma = (-b * m1 + np.sqrt(np.maximum((b * m1) ** 2 + m2 * (t ** 2 - b ** 2), 0.0))) / m2
+    inits[node.input[1]] = gamma.astype(np.float32)
 
 
 def _settle_head(target_std: float) -> _Hook:
@@ -298,7 +304,7 @@ def build_cnn(seed: int = 0, in_ch: int = 3, size: int = 32, num_classes: int = 
     g.node("Gemm", [x, w, b], "fc", outputs=["logits"], transB=1)
     g.output("logits", TensorProto.FLOAT, ["batch", num_classes])
     model = g.model(build_cnn.__doc__.split("\n")[0], {"onnxfp8.example": "cnn"})
-    return _settle_cnn(model, seed, n=16)
+    return _settle_cnn(model, seed, n=32)
 
 
 def build_resnet_like(seed: int = 0, size: int = 224, widths=(64, 128, 256, 512), blocks=(3, 4, 6, 3),
@@ -343,7 +349,7 @@ def build_resnet_like(seed: int = 0, size: int = 224, widths=(64, 128, 256, 512)
     g.node("Gemm", [x, w, b], "fc", outputs=["logits"], transB=1)
     g.output("logits", TensorProto.FLOAT, ["batch", num_classes])
     model = g.model(build_resnet_like.__doc__.split("\n")[0], {"onnxfp8.example": "resnet_like"})
-    return _settle_cnn(model, seed, n=4 if size >= 128 else 16)
+    return _settle_cnn(model, seed, n=4 if size >= 128 else 32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -453,7 +459,7 @@ def build_transformer(seed: int = 0, num_layers: int = 1, vocab: int = 1000, seq
     * The classifier is centred so logits vary by ~2 across samples.
     """
     model = _transformer(seed, num_layers, vocab, seq, hidden, heads, ffn, num_classes, decomposed=False)
-    feeds = make_inputs(model, 8 if hidden * seq <= 64 * 128 else 2, seed=10_000 + seed)
+    feeds = make_inputs(model, 32 if hidden * seq <= 64 * 128 else 4, seed=10_000 + seed)
     _settle(model, feeds, {"LayerNormalization": _settle_layernorm, "Gemm": _settle_head(2.0)}, seed)
     if not decomposed_layernorm:
         return model
