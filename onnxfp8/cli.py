@@ -59,10 +59,16 @@ def _split(values) -> tuple:
 def config_options(fn):
     """Options shared by every command that builds a QuantConfig."""
     opts = [
-        click.option("--recipe", type=click.Path(dir_okay=False), help="TOML/JSON recipe with any of these settings."),
-        click.option("--format", "-f", "format_", help="Format of weights and activations: e4m3 (default), e5m2, e3m4, int8."),
-        click.option("--weights-format", help="Format of weights (overrides --format)."),
-        click.option("--activations-format", help="Format of activations (overrides --format)."),
+        click.option("--recipe", help="A built-in recipe (fp8-bert, nlp, cv, tensorrt: see `onnxfp8 recipes`) or a "
+                                      "TOML/JSON file with any of these settings; flags given here win."),
+        click.option("--target", type=click.Choice(["tensorrt"]), help="Only placements this runtime fuses into FP8 kernels (layers it cannot run stay FP32, with the reason)."),
+        click.option("--format", "-f", "format_", help="Format of weights and activations: e4m3 (default), e5m2, e3m4, int8, or auto (per tensor, the candidate of --formats with the least error on the data)."),
+        click.option("--weights-format", help="Format of weights (overrides --format; auto allowed)."),
+        click.option("--activations-format", help="Format of activations (overrides --format; auto allowed)."),
+        click.option("--formats", multiple=True, help="Candidates for --format auto (comma separated, default e4m3,e3m4,e5m2,int8; the first is the fallback)."),
+        click.option("--scheme", type=click.Choice(["standard", "extended"]), help="standard (default): Conv/Gemm/MatMul/embeddings; extended: also LayerNorm, BatchNorm, Add/Mul, MatMul between activations, Softmax, pooling, Resize, Concat."),
+        click.option("--dynamic/--static", default=None, help="Activation scales computed in the graph at run time (no activation calibration) or calibrated (default)."),
+        click.option("--dynamic-granularity", type=click.Choice(["tensor", "token"]), help="With --dynamic: one scale per tensor (default) or per row/token of MatMul/Gemm inputs."),
         click.option("--style", type=click.Choice(["qdq", "emulate"]), help="qdq (default): Q/DQ nodes; emulate: Cast-based fake quantization, exact at every onnxruntime level."),
         click.option("--calibration", type=click.Choice(["max", "percentile", "mse", "entropy"]), help="Calibration method (default max)."),
         click.option("--percentile", type=float, help="Percentile for --calibration percentile (default 99.99)."),
@@ -78,6 +84,13 @@ def config_options(fn):
         click.option("--providers", multiple=True, help="onnxruntime execution providers (comma separated)."),
         click.option("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)."),
         click.option("--max-memory", "max_memory_mb", type=int, help="Memory budget in MB for tensors exposed per batch during calibration."),
+        click.option("--bn-recalibrate/--no-bn-recalibrate", default=None, help="Re-estimate BatchNorm statistics on the quantized model (BN left unfolded while quantizing), then fold BN and re-quantize the folded weights."),
+        click.option("--bn-calib", type=click.Path(), help="Data for --bn-recalibrate (default: the calibration data)."),
+        click.option("--bn-samples", type=int, help="Samples for --bn-recalibrate (default 4096, or all the data holds; with --augment the data is gone over again)."),
+        click.option("--bn-mode", type=click.Choice(["shift", "replace"]), help="shift (default): move the stored statistics by the shift quantization causes on the data; replace: the quantized model's statistics on the data."),
+        click.option("--bn-ranges/--no-bn-ranges", default=None, help="After --bn-recalibrate, re-measure activation ranges on the quantized model (max calibration)."),
+        click.option("--augment", multiple=True, help="Augment the --bn-recalibrate data (NCHW images): flip,crop,jitter (comma separated)."),
+        click.option("--augment-seed", type=int, help="Seed of --augment (default 0)."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -85,18 +98,24 @@ def config_options(fn):
 
 
 def build_config(kw: Dict[str, Any]):
-    from onnxfp8.config import QuantConfig, load_recipe_file
+    from onnxfp8.config import QuantConfig
+    from onnxfp8.recipes import load_recipe, resolve_recipe
 
     data: Dict[str, Any] = {}
     recipe = kw.pop("recipe", None)
     if recipe:
-        data.update(load_recipe_file(recipe))
+        recipe = resolve_recipe(recipe)
+        data.update(load_recipe(recipe))
     mapping = {"format_": "format"}
-    listy = {"op_types", "exclude_op", "include_node", "exclude_node", "providers"}
+    listy = {"op_types", "exclude_op", "include_node", "exclude_node", "providers", "formats", "augment"}
     rename = {"exclude_op": "exclude_ops", "include_node": "include_nodes", "exclude_node": "exclude_nodes",
               "fold_bn": "fold_batchnorm"}
     for key, value in kw.items():
-        if key in listy:
+        if key in ("include_node", "exclude_node"):  # a regex may hold commas: split globs only
+            value = tuple(p for v in value or () for p in ((v,) if v.startswith(("/", "re:")) else _split((v,))))
+            if not value:
+                continue
+        elif key in listy:
             value = _split(value)
             if not value:
                 continue
@@ -106,6 +125,80 @@ def build_config(kw: Dict[str, Any]):
     return QuantConfig.from_dict(data, source=recipe or "options")
 
 
+_THRESHOLD_FLAGS = ("min_sqnr", "min_cosine", "max_rel_error", "min_top1_agreement", "max_accuracy_loss")
+
+
+def check_options(fn):
+    """Options of the FP32-vs-quantized check, shared by `check` and `quantize --check`."""
+    _t = "VALUE for every output or OUTPUT=VALUE for one (repeatable); 'none' turns it off."
+    opts = [
+        click.option("--labels", type=click.Path(), help="A .npy of class labels, one per sample in data order (or a 'label' key in the .npz files)."),
+        click.option("--min-sqnr", multiple=True, help=f"Minimum output SQNR in dB (default 15). {_t}"),
+        click.option("--min-cosine", multiple=True, help=f"Minimum cosine similarity (default 0.98). {_t}"),
+        click.option("--max-rel-error", multiple=True, help=f"Maximum relative L2 error (default 0.2). {_t}"),
+        click.option("--min-top1-agreement", multiple=True, help=f"Minimum top-1 agreement with FP32 of classifier outputs, a fraction or a percentage (default 90%). {_t}"),
+        click.option("--max-accuracy-loss", multiple=True, help=f"Maximum relative accuracy loss with labels, a fraction or a percentage (default 1%). {_t}"),
+        click.option("--layers", "check_layers", is_flag=True, help="Also attribute the error to each quantized layer (cumulative and own SQNR, worst first)."),
+        click.option("--reference", is_flag=True, help="Also run the quantized model in onnx.reference (a second runtime) on a few samples and report the largest difference; for small models."),
+        click.option("--reference-samples", type=int, default=4, show_default=True, help="Samples for --reference."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _pop_check_kw(kw: Dict[str, Any]) -> Dict[str, Any]:
+    """Take the check options out of ``kw`` (thresholds parsed into a Thresholds)."""
+    from onnxfp8.verify.check import Thresholds
+
+    out = {k: kw.pop(k) for k in ("labels", "check_layers", "reference", "reference_samples")}
+    raw = {k: kw.pop(k) for k in _THRESHOLD_FLAGS}
+    flags = {"check_layers": "layers"}
+    out["given"] = ["--" + flags.get(k, k).replace("_", "-") for k in list(raw) + ["labels", "check_layers", "reference"]
+                    if (raw.get(k) if k in raw else out.get(k))]
+    out["thresholds"] = Thresholds.from_options({k: v for k, v in raw.items() if v})
+    return out
+
+
+def _run_check(fp32, quant, data, ck: Dict[str, Any], json_path: Optional[str], quiet: bool, *, batch_size: int,
+               samples: Optional[int], max_memory_mb: int, providers, threads: int) -> int:
+    """Run the check, print the table, write the JSON report; return the exit code (0 pass, 1 fail)."""
+    from onnxfp8.verify.check import check as run_check
+
+    report = run_check(fp32, quant, data, ck["thresholds"], labels=ck["labels"], layers=ck["check_layers"],
+                       batch_size=batch_size, samples=samples, reference=ck["reference"],
+                       reference_samples=ck["reference_samples"], max_memory_mb=max_memory_mb,
+                       providers=providers, threads=threads)
+    if json_path:
+        _write_text(json_path, report.to_json())
+    if not quiet:
+        click.echo(report.summary())
+    elif not report.passed:
+        click.echo("\n".join(["FAIL:"] + [f"  {f}" for f in report.failures]), err=True)
+    return report.exit_code
+
+
+@cli.command()
+@click.argument("fp32", type=click.Path())
+@click.argument("quant", type=click.Path())
+@click.option("--data", "-d", required=True, type=click.Path(), help="Validation data: a folder of .npz/.npy files or one file (as for --calib).")
+@click.option("--samples", type=int, help="Use at most N samples.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Samples per onnxruntime run.")
+@click.option("--json", "json_path", type=click.Path(), help="Write the whole report (JSON) here.")
+@click.option("--max-memory", "max_memory_mb", type=int, default=64, show_default=True, help="MB of tensors exposed per batch by --layers (more layers per pass).")
+@click.option("--providers", multiple=True, help="onnxruntime execution providers (comma separated).")
+@click.option("--threads", type=int, default=0, help="onnxruntime intra-op threads (default: all cores).")
+@click.option("--quiet", "-q", is_flag=True, help="Print only the failures.")
+@check_options
+@handle_errors
+def check(fp32, quant, data, samples, batch_size, json_path, max_memory_mb, providers, threads, quiet, **kw):
+    """Check QUANT against FP32 on validation data: exit 0 when every threshold holds, 1 when one fails."""
+    ck = _pop_check_kw(kw)
+    sys.exit(_run_check(fp32, quant, data, ck, json_path, quiet, batch_size=batch_size, samples=samples,
+                        max_memory_mb=max_memory_mb, providers=_split(providers) or ("CPUExecutionProvider",),
+                        threads=threads))
+
+
 @cli.command()
 @click.argument("model", type=click.Path())
 @click.option("--calib", "-c", type=click.Path(), help="Calibration data: a folder of .npz/.npy files or one file.")
@@ -113,12 +206,24 @@ def build_config(kw: Dict[str, Any]):
 @click.option("--plan", "plan_path", type=click.Path(), help="Write the quantization plan (JSON) here.")
 @click.option("--report", "report_path", type=click.Path(), help="Write the full report (JSON) here.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only errors.")
+@click.option("--check", "do_check", is_flag=True, help="Then check the quantized model against MODEL on --val data (exit 1 when a threshold fails).")
+@click.option("--val", type=click.Path(), help="Validation data for --check (same formats as --calib).")
+@click.option("--check-json", type=click.Path(), help="With --check: write the check report (JSON) here.")
+@check_options
 @config_options
 @handle_errors
-def quantize(model, calib, output, plan_path, report_path, quiet, **kw):
+def quantize(model, calib, output, plan_path, report_path, quiet, do_check, val, check_json, **kw):
     """Quantize MODEL to FP8 (or INT8) with calibration data."""
+    from onnxfp8.errors import ConfigError
     from onnxfp8.quantize import default_output, quantize as run
 
+    ck = _pop_check_kw(kw)
+    if do_check and not val:
+        raise ConfigError("--check needs --val DIR (validation data)")
+    if not do_check and (val or check_json or ck["given"]):
+        used = "--val" if val else ("--check-json" if check_json else ck["given"][0])
+        raise ConfigError(f"{used} is only used with --check")
+    check_memory = kw.get("max_memory_mb") or 64  # --max-memory given: it bounds the --layers exposure too
     config = build_config(kw)
     output = output or default_output(model, config)
     result = run(model, calib, config=config, output=output)
@@ -129,6 +234,11 @@ def quantize(model, calib, output, plan_path, report_path, quiet, **kw):
     if not quiet:
         click.echo(result.report.summary())
         click.echo(f"wrote {output}")
+    if do_check:
+        code = _run_check(model, result.model, val, ck, check_json, quiet, batch_size=config.batch_size,
+                          samples=None, max_memory_mb=check_memory, providers=config.providers,
+                          threads=config.threads)
+        sys.exit(code)
 
 
 def _write_text(path: str, text: str) -> None:
@@ -164,6 +274,39 @@ def formats():
             dtype = onnx.TensorProto.DataType.Name(f.onnx_dtype)
         click.echo(f"{f.name:7} {bits:>5} {f.bias:>4} {f.max:>9g} {f.min_normal:>12.6g} {f.min_subnormal:>14.6g} "
                    f"{'yes' if f.has_inf else 'no':>4} {f.nan:>20}  {dtype}")
+
+
+@cli.command()
+@click.option("--show", "show", metavar="NAME", help="Print one recipe's file (settings and where they come from).")
+@handle_errors
+def recipes(show):
+    """List the built-in recipes (use them with quantize --recipe NAME)."""
+    from onnxfp8.recipes import builtin_recipes, resolve_recipe
+
+    if show:
+        with open(resolve_recipe(show), encoding="utf-8") as f:
+            click.echo(f.read().rstrip())
+        return
+    for name, info in builtin_recipes().items():
+        click.echo(f"{name:10} {info.summary}")
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option("--target", type=click.Choice(["tensorrt"]), default="tensorrt", show_default=True,
+              help="The runtime whose Q/DQ fusion rules to check.")
+@click.option("--json", "json_path", type=click.Path(), help="Write the findings (JSON) here.")
+@click.option("--strict", is_flag=True, help="Warnings fail too (exit 1).")
+@handle_errors
+def lint(model, target, json_path, strict):
+    """Report Q/DQ placements in MODEL that TARGET cannot fuse into FP8/INT8 kernels (exit 1 when found)."""
+    from onnxfp8.verify.lint import lint_model
+
+    report = lint_model(model, target=target)
+    if json_path:
+        _write_text(json_path, report.to_json())
+    click.echo(report.summary())
+    sys.exit(report.exit_code(strict))
 
 
 def main() -> None:

@@ -16,7 +16,18 @@ from onnxfp8.errors import ConfigError
 STYLES = ("qdq", "emulate")
 SCHEMES = ("standard", "extended")
 STANDARD_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
+# The extended scheme (FP8 paper, sec. 4): also normalisations, residual Add / Mul, MatMul between activations,
+# Softmax inputs, pooling and Resize; Concat / MaxPool / Reshape / Transpose... carry quantized tensors through
+# (passes/passthrough.py).
+EXTENDED_OPS = STANDARD_OPS + ("LayerNormalization", "BatchNormalization", "InstanceNormalization", "Add", "Mul",
+                               "Softmax", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "Resize",
+                               "Relu", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Identity")
+AUTO = "auto"
+AUTO_CANDIDATES = ("e4m3", "e3m4", "e5m2", "int8")
+GRANULARITIES = ("tensor", "token")
 LEVELS = ("disable", "basic", "extended", "all")
+BN_MODES = ("replace", "shift")
+TARGETS = ("tensorrt",)
 
 
 @dataclass(frozen=True)
@@ -51,18 +62,51 @@ class QuantConfig:
     threads: int = 0
     max_memory_mb: int = 2048
     opset: int = 19
+    target: Optional[str] = None  # "tensorrt": only placements TensorRT fuses into FP8 kernels (rules.TensorRTRule)
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # format "auto" (for a role: weights_format / activations_format "auto"): per tensor, the candidate in
+    # ``formats`` with the least quantization error on the calibration statistics (passes/assign_formats.py)
+    formats: Tuple[str, ...] = AUTO_CANDIDATES
+    # dynamic quantization: activation scales computed in the graph at run time (ReduceMax(Abs(x)) / max),
+    # per tensor or, with granularity "token", per row of MatMul/Gemm inputs; no activation calibration
+    dynamic: bool = False
+    dynamic_granularity: str = "tensor"
+    # BatchNorm recalibration (passes/recalibrate_batchnorm.py): quantize with BN unfolded, re-estimate its
+    # statistics from quantized upstream values, then fold it and re-quantize the folded weights.
+    bn_recalibrate: bool = False
+    bn_calib: Optional[str] = None  # data for it (folder/file); None: the calibration data
+    bn_samples: Optional[int] = 4096  # at most this many samples (None: all); augmentation may repeat the data
+    augment: Tuple[str, ...] = ()  # flip, crop, jitter (NCHW image inputs, BN recalibration data)
+    augment_seed: int = 0
+    bn_ranges: bool = False  # after folding, re-measure activation ranges on the quantized model (max)
+    bn_mode: str = "shift"  # shift: old statistics + the shift quantization causes; replace: the quantized statistics
 
     def __post_init__(self) -> None:
         from onnxfp8.formats import get_format
 
+        if isinstance(self.formats, str):
+            object.__setattr__(self, "formats", tuple(f.strip() for f in self.formats.split(",") if f.strip()))
+        try:
+            object.__setattr__(self, "formats", tuple(dict.fromkeys(get_format(f).name for f in self.formats)))
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ConfigError(f"formats: {e}") from None
+        if not self.formats:
+            raise ConfigError("formats: the candidate list for format auto is empty")
+        if self.dynamic_granularity not in GRANULARITIES:
+            raise ConfigError(f"dynamic_granularity: unknown granularity '{self.dynamic_granularity}'; "
+                              f"choose one of {', '.join(GRANULARITIES)}")
         for name in ("format", "weights_format", "activations_format"):
             value = getattr(self, name)
-            if value is not None:
+            if isinstance(value, str) and value.strip().lower() == AUTO:
+                object.__setattr__(self, name, AUTO)
+            elif value is not None:
                 try:
                     object.__setattr__(self, name, get_format(value).name)
                 except ValueError as e:
                     raise ConfigError(f"{name}: {e}") from None
+        if self.dynamic and (self.activations_format or self.format) == AUTO:
+            raise ConfigError("format auto for activations needs calibration statistics, which dynamic quantization "
+                              "does not collect: give activations_format (--activations-format) with dynamic")
         if self.style not in STYLES:
             raise ConfigError(f"style: unknown style '{self.style}'; choose one of {', '.join(STYLES)}")
         if self.scheme not in SCHEMES:
@@ -73,6 +117,23 @@ class QuantConfig:
             raise ConfigError(f"calib_samples must be >= 1, got {self.calib_samples}")
         if not 0 < self.percentile <= 100:
             raise ConfigError(f"percentile must be in (0, 100], got {self.percentile}")
+        if self.bn_mode not in BN_MODES:
+            raise ConfigError(f"bn_mode: unknown mode '{self.bn_mode}'; choose one of {', '.join(BN_MODES)}")
+        if self.bn_samples is not None and self.bn_samples < 1:
+            raise ConfigError(f"bn_samples must be >= 1, got {self.bn_samples}")
+        if isinstance(self.augment, str):
+            object.__setattr__(self, "augment", tuple(a.strip() for a in self.augment.split(",") if a.strip()))
+        else:
+            object.__setattr__(self, "augment", tuple(self.augment))
+        from onnxfp8.calibrators.augment import AUGMENTATIONS
+        bad = [a for a in self.augment if a not in AUGMENTATIONS]
+        if bad:
+            raise ConfigError(f"augment: unknown augmentation '{bad[0]}'; choose from {', '.join(AUGMENTATIONS)}")
+        if self.augment and not self.bn_recalibrate:
+            raise ConfigError("augment: augmentation applies to the BatchNorm recalibration data; "
+                              "it needs bn_recalibrate (--bn-recalibrate)")
+        if self.target is not None and self.target not in TARGETS:
+            raise ConfigError(f"target: unknown target '{self.target}'; choose one of {', '.join(TARGETS)}")
         if self.opset < 19:
             raise ConfigError(f"opset must be >= 19 (FP8 QuantizeLinear needs it), got {self.opset}")
         for name in ("op_types", "exclude_ops", "include_nodes", "exclude_nodes", "providers"):
@@ -81,21 +142,43 @@ class QuantConfig:
                 object.__setattr__(self, name, (value,))
             elif value is not None:
                 object.__setattr__(self, name, tuple(value))
+        import re
+
+        from onnxfp8.rules import compile_pattern
+
+        for name in ("include_nodes", "exclude_nodes"):
+            for pattern in getattr(self, name):
+                try:
+                    compile_pattern(pattern)
+                except re.error as e:
+                    raise ConfigError(f"{name}: '{pattern}' is not a valid regular expression ({e})") from None
 
     # -- derived ------------------------------------------------------------------------------------
     @property
+    def weights_auto(self) -> bool:
+        """True when weight formats are chosen per tensor from the data (format auto)."""
+        return (self.weights_format or self.format) == AUTO
+
+    @property
+    def activations_auto(self) -> bool:
+        return (self.activations_format or self.format) == AUTO
+
+    @property
     def weight_format(self) -> str:
-        return self.weights_format or self.format
+        """The weights' format; with format auto the first candidate (the fallback and calibration format)."""
+        f = self.weights_format or self.format
+        return self.formats[0] if f == AUTO else f
 
     @property
     def activation_format(self) -> str:
-        return self.activations_format or self.format
+        f = self.activations_format or self.format
+        return self.formats[0] if f == AUTO else f
 
     @property
     def selected_op_types(self) -> Tuple[str, ...]:
         if self.op_types is not None:
             return self.op_types
-        return STANDARD_OPS
+        return EXTENDED_OPS if self.scheme == "extended" else STANDARD_OPS
 
     def replace(self, **changes: Any) -> "QuantConfig":
         return dataclasses.replace(self, **changes)

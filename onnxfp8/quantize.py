@@ -66,7 +66,8 @@ def quantize(model: Union[ModelLike], calib: Any = None, config: Optional[QuantC
             raise ModelError(f"{source}: the quantized model fails the ONNX checker ({str(e).splitlines()[0]})") from e
     report = QuantReport(source=source, output=output, config=config.to_dict(), passes=ctx.records, plan=ctx.plan,
                          size_before=size_before, size_after=model_bytes(out_model),
-                         calibration=ctx.extras.get("calibration", {}))
+                         calibration=ctx.extras.get("calibration", {}),
+                         batchnorm=ctx.extras.get("bn_recalibration", {}))
     report.how_to_run = RUN_EXACTLY if config.style == "qdq" else ""
     _measure(out_model, ctx, report, config)
     if output:

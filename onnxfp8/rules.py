@@ -158,7 +158,28 @@ def quant_inputs(node: gs.Node, activation_matmul: bool = False):
         if float_const(data) and data.values.ndim == 2 and not is_const(idx) and node.attrs.get("axis", 0) == 0:
             return {0: "weight"}, ""
         return None, "Gather is not an embedding lookup on a constant 2-D table"
+    if op in PASSTHROUGH_OPS and not (op == "Resize" and node.attrs.get("mode", "nearest") != "nearest"):
+        return None, (f"{op} only carries quantized tensors through (passthrough pass); no quantized consumer "
+                      f"reads its output here")
+    if op in ("Add", "Mul", "Sub"):
+        acts = {i: "activation" for i, t in enumerate(ins[:2]) if not is_const(t) and t.name}
+        if len(acts) < 2:
+            return None, f"{op} with a constant operand (a bias or a scale) is left FP32"
+        return acts, ""
+    if op in SINGLE_INPUT_OPS:
+        if not ins or is_const(ins[0]) or not ins[0].name:
+            return None, f"{op} input is a constant"
+        return {0: "activation"}, ""  # normalisation parameters, Resize scales/sizes stay FP32
     return {i: "activation" for i, t in enumerate(ins) if not is_const(t) and t.name}, ""
+
+
+# Ops whose output holds (a selection of) the very values of their input: a tensor quantized on their input
+# stays on the same grid through them (passes/passthrough.py); Resize only in mode "nearest".
+PASSTHROUGH_OPS = ("MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Concat", "Slice",
+                   "Resize", "Identity", "Relu")
+# Ops of the extended scheme that quantize only their data input (input 0).
+SINGLE_INPUT_OPS = ("LayerNormalization", "BatchNormalization", "InstanceNormalization", "Softmax", "AveragePool",
+                    "GlobalAveragePool", "Resize")
 
 
 def weight_axis(node: gs.Node, index: int, rank: int) -> Optional[int]:
@@ -193,3 +214,142 @@ def select(nodes: Iterable[gs.Node], rules: Sequence[NodeRule], info: GraphInfo)
             included = included or d
         out[node.name] = excluded or included or Decision(False, "no rule selected it")
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# TensorRT placement (--target tensorrt)
+# --------------------------------------------------------------------------------------------------
+import numpy as np  # noqa: E402
+
+TRT_CHANNEL_MULTIPLE = 16  # FP8 Conv/GEMM kernels: channel counts (K, N) multiples of 16 (see TensorRTRule)
+TRT_MAX_FP8_FILTER = 32  # FP8 convolution kernels: kernel area kh*kw*... at most 32
+TRT_WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# ops TensorRT fuses with their input DQs (besides the weighted ones): pooling, concatenation, residual Add
+TRT_FUSABLE = TRT_WEIGHTED + ("Add", "MaxPool", "AveragePool", "GlobalAveragePool", "Concat")
+
+
+def _static_dim(t, axis: int) -> Optional[int]:
+    shape = getattr(t, "shape", None)
+    if not shape or not -len(shape) <= axis < len(shape):
+        return None
+    d = shape[axis]
+    return int(d) if isinstance(d, (int, np.integer)) and d > 0 else None
+
+
+def weighted_branch(t, depth: int = 3) -> Optional[gs.Node]:
+    """The Conv/Gemm/MatMul whose output ``t`` is, directly or through the bias Add / BatchNormalization that
+    TensorRT fuses into it (the layer an Add's Q/DQ-free input comes from), else None."""
+    for _ in range(depth):
+        if t is None or len(getattr(t, "inputs", [])) != 1:
+            return None
+        p = t.inputs[0]
+        if p.op in TRT_WEIGHTED:
+            return p
+        if p.op == "BatchNormalization" or (p.op == "Add" and any(is_const(i) for i in p.inputs)):
+            t = p.inputs[0] if not is_const(p.inputs[0]) else p.inputs[1]
+            continue
+        return None
+    return None
+
+
+def trt_weighted_problem(node: gs.Node, weight: np.ndarray, act=None) -> Optional[str]:
+    """Why TensorRT will not run this Conv/ConvTranspose/Gemm/MatMul in FP8 (channel counts, filter size,
+    GEMV), or None. ``weight`` is the weight's values, ``act`` the activation input (for the GEMV check)."""
+    m = TRT_CHANNEL_MULTIPLE
+    if node.op in ("Conv", "ConvTranspose"):
+        if weight.ndim < 3:
+            return f"{node.op} weight of rank {weight.ndim}"
+        group = int(node.attrs.get("group", 1))
+        if node.op == "Conv":
+            cout, cin = weight.shape[0], weight.shape[1] * group
+        else:
+            cin, cout = weight.shape[0], weight.shape[1] * group
+        if cin % m or cout % m:
+            return (f"{node.op} with {cin} input / {cout} output channels: TensorRT's FP8 convolution kernels need "
+                    f"channel counts that are multiples of {m}")
+        if group > 1 and weight.shape[1] % m:
+            return (f"grouped {node.op} with {weight.shape[1]} channels per group: TensorRT's FP8 convolution "
+                    f"kernels need multiples of {m} per group")
+        area = int(np.prod(weight.shape[2:]))
+        if area > TRT_MAX_FP8_FILTER:
+            return (f"{node.op} filter of {'x'.join(map(str, weight.shape[2:]))} = {area} taps: TensorRT's FP8 "
+                    f"convolution kernels take at most {TRT_MAX_FP8_FILTER}")
+        return None
+    if weight.ndim < 2:
+        return f"{node.op} weight of rank {weight.ndim}"
+    if node.op == "Gemm" and node.attrs.get("transB", 0):
+        n, k = weight.shape[-2], weight.shape[-1]
+    else:
+        k, n = weight.shape[-2], weight.shape[-1]
+    if k % m or n % m:
+        return (f"{node.op} weight [K={k}, N={n}]: TensorRT's FP8 GEMM kernels need K and N to be multiples of {m}")
+    if act is not None:
+        rank = len(act.shape) if getattr(act, "shape", None) else 0
+        rows = _static_dim(act, 0 if node.op == "Gemm" else -2) if rank >= 2 else (1 if rank == 1 else None)
+        if node.op == "Gemm" and node.attrs.get("transA", 0):
+            rows = _static_dim(act, 1)
+        if rows == 1:
+            return f"{node.op} is a GEMV (one row): FP8 tensor cores gain nothing, TensorRT runs it in high precision"
+    return None
+
+
+class TensorRTRule(SupportRule):
+    """--target tensorrt: keep only the Q/DQ placements TensorRT turns into FP8 kernels, each exclusion with
+    the reason. It also decides which inputs get Q/DQ (it is the pipeline's SupportRule when present).
+
+    Sources: TensorRT's "Working with Quantized Types" (FP8 is FP8E4M3 only, symmetric: zero point 0) and
+    "Explicit Quantization" (quantize all inputs of weighted layers - Conv, Deconv, GEMM/MatMul -, not their
+    outputs; quantize the residual input of an Add so it fuses into the preceding layer, while a Q/DQ pair
+    between the layer and the Add blocks that fusion; per-tensor activations, per-channel weights along the
+    output channel axis); NVIDIA TensorRT-Model-Optimizer, modelopt/onnx/quantization/graph_utils.py
+    (``find_nodes_from_convs_to_exclude``: FP8 Convs need >= 16 input and output channels and a filter of at most
+    32 taps; ``find_nodes_from_matmul_to_exclude``: GEMV - one row - and K/N < 16 are left in high precision).
+    Channel counts are required to be multiples of 16 (not just >= 16): FP8 Tensor Core GEMMs (cuBLASLt) need
+    16-byte aligned K and N, i.e. multiples of 16 one-byte elements.
+
+    - Conv / ConvTranspose / Gemm / MatMul with a constant weight: quantized unless channels or filter size
+      fall outside what the FP8 kernels take, or the GEMM is a GEMV (static single row);
+    - MatMul between two activations: left FP32 (TensorRT runs FP8 batched GEMMs only inside its fused
+      attention kernels);
+    - Add: only a residual Add (one input from a Conv/Gemm/MatMul, possibly through its bias Add or BN), and only
+      its residual input; bias Adds and Adds of constants are left alone;
+    - pooling and Concat: quantized inputs (TensorRT fuses them with the input DQ);
+    - any other selected op type: left FP32 (TensorRT has no FP8 kernel for it).
+    """
+
+    def __init__(self, op_types: Iterable[str] = ()):
+        super().__init__(activation_matmul=False)
+        self.op_types = tuple(op_types)
+
+    def decide(self, node, info):
+        if self.op_types and node.op not in self.op_types:
+            return None  # OpTypeRule says why
+        if node.op not in TRT_FUSABLE:
+            return Decision(False, f"TensorRT has no FP8 kernel for {node.op} (--target tensorrt)")
+        roles, _ = quant_inputs(node, False)
+        if roles is None:
+            if node.op == "MatMul" and not any(is_const(i) for i in node.inputs[:2]):
+                return Decision(False, "MatMul between two activations: TensorRT runs FP8 batched GEMMs only inside "
+                                       "its fused attention kernels (--target tensorrt)")
+            return None  # the structural SupportRule says why
+        if node.op in TRT_WEIGHTED:
+            widx = [i for i, r in roles.items() if r == "weight"]
+            aidx = [i for i, r in roles.items() if r == "activation"]
+            if widx:
+                why = trt_weighted_problem(node, node.inputs[widx[0]].values,
+                                           node.inputs[aidx[0]] if aidx else None)
+                if why:
+                    return Decision(False, f"{why} (--target tensorrt)")
+        elif node.op == "Add":
+            if any(is_const(i) for i in node.inputs):
+                return Decision(False, "Add of a constant (a bias or an epsilon), not a residual connection: "
+                                       "TensorRT fuses it into the preceding layer (--target tensorrt)")
+            branch = {i: weighted_branch(node.inputs[i]) for i in roles}
+            fused = [i for i, b in branch.items() if b is not None]
+            if len(fused) != 1:
+                what = "both inputs come from" if fused else "neither input comes from"
+                return Decision(False, f"Add where {what} a Conv/Gemm/MatMul: not the residual pattern TensorRT "
+                                       "fuses (--target tensorrt)")
+            roles = {i: r for i, r in roles.items() if i not in fused}
+        self.roles[node.name] = roles
+        return None

@@ -8,10 +8,10 @@ stay exact; what onnxruntime gets wrong today is marked ``xfail(strict=True)``, 
 
 Measured with onnxruntime 1.32 (max |ORT - reference| on the example models):
 - DISABLE_ALL and onnxfp8's BASIC: <= 1e-5 everywhere (float summation order only);
-- plain ENABLE_BASIC: INT8 Q/DQ moves by 0.10 on the CNN, 0.015 on the MLP (WeightBiasQuantization turns FP32
-  biases into INT32-quantized ones), FP8 exact;
+- plain ENABLE_BASIC: INT8 Q/DQ moves by 0.10 on the CNN (WeightBiasQuantization turns FP32 biases into
+  INT32-quantized ones; on the MLP the same rewrite stays below 1e-6), FP8 exact;
 - ENABLE_ALL: emulate style exact; qdq style on the CNN off by ~2 (E4M3), ~3 (E5M2) and 0.1 (INT8): Q/DQ fusions
-  around Conv, and INT8 on the MLP off by 0.01 (QGemm); the rest exact with onnxfp8's placement.
+  around Conv, INT8 on the MLP off by 0.01 (QGemm) and on the transformer by 0.05; the rest exact with onnxfp8's placement.
 """
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ BUILDERS = {"cnn": build_cnn, "mlp": build_mlp, "transformer": build_transformer
 FORMATS = ["e4m3", "e5m2", "e3m4", "int8"]
 TOL = 1e-5
 # qdq style at ENABLE_ALL: cases onnxruntime 1.32 computes differently from the reference (max abs error seen)
-KNOWN_WRONG_AT_ALL = {("cnn", "e4m3"): 1.97, ("cnn", "e5m2"): 2.91, ("cnn", "int8"): 0.10, ("mlp", "int8"): 0.01}
+KNOWN_WRONG_AT_ALL = {("cnn", "e4m3"): 1.97, ("cnn", "e5m2"): 2.91, ("cnn", "int8"): 0.10, ("mlp", "int8"): 0.01,
+                      ("transformer", "int8"): 0.046}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,7 @@ def test_levels_against_reference(examples, name, fmt, style):
         assert err_all > 100 * tol, f"onnxruntime now computes {name}/{fmt} qdq exactly at ENABLE_ALL"
 
 
-@pytest.mark.parametrize("name", ["cnn", "mlp"])
+@pytest.mark.parametrize("name", ["cnn"])
 def test_plain_basic_quantizes_int8_biases(examples, name):
     """Plain ENABLE_BASIC (WeightBiasQuantization on) changes INT8 Q/DQ models; onnxfp8's sessions do not."""
     model, calib, val = examples[name]

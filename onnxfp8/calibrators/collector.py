@@ -1,16 +1,31 @@
 """The streaming collector: runs the FP32 model in onnxruntime over the calibration data and feeds
 calibrators batch by batch. Nothing is stored across batches but the calibrators' statistics.
 
-Max-like methods let onnxruntime do the reduction: the collector adds ``ReduceMax``/``ReduceMin`` nodes for
-every tensor to calibrate and fetches two scalars per tensor and batch, so calibration costs about one FP32
-inference pass. Histogram methods need the tensors themselves: after the max pass they are exposed as outputs
-in groups that fit ``max_memory_mb`` per batch, one pass per group.
+**Max pass.** Max-like statistics are reduced inside onnxruntime: the collector adds reduction nodes for every
+tensor to calibrate and fetches two scalars per tensor and batch, so calibration costs about one FP32 inference
+pass. The reduction is chosen so that it does not slow the model down:
+
+* a rank >= 3 tensor is reduced with ``GlobalMaxPool`` (per channel) and then ``ReduceMax`` on the small
+  ``[N, C, 1, 1]`` result. At ``ENABLE_ALL`` onnxruntime runs convolution networks in its blocked NCHWc layout;
+  ``GlobalMaxPool`` runs in that layout, while a plain ``ReduceMax``/``ReduceMin`` on a conv activation forces
+  a reorder back to NCHW for every exposed tensor, which made calibration of a ResNet-50 cost 2-2.5x a plain
+  inference pass (see benchmarks/README.md);
+* the minimum is only reduced for tensors that can be negative. A tensor that is non-negative by construction
+  (the output of Relu, Sigmoid, Softmax, Abs, Exp..., or of a layout op / pooling / Concat of such tensors)
+  has ``max |x| == max x``; its recorded minimum is the bound 0.0 (``CollectResult.min_bounded`` lists them);
+* other tensors (rank < 3 or unknown) use ``ReduceMax`` / ``ReduceMin``.
+
+**Histogram passes.** Methods that need whole tensors (percentile, mse, entropy) get the ranges of the max pass
+(``set_ranges``), then the tensors are exposed as outputs in groups whose float32 arrays of one batch fit
+``max_memory_mb``, one pass over the data per group. Sizes come from ``Size`` outputs of the max pass, so
+dynamic dimensions (batch, sequence length varying between files) just work. When the ranges are already known
+(``known_ranges``, e.g. from a statistics cache) the max pass is skipped.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
 import numpy as np
 import onnx
@@ -25,6 +40,22 @@ MAX_SUFFIX = "__onnxfp8_max"
 MIN_SUFFIX = "__onnxfp8_min"
 SIZE_SUFFIX = "__onnxfp8_size"
 
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+_GMP_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+# outputs >= 0 whatever the input
+_NONNEG_OPS = {"Relu", "Sigmoid", "Softmax", "Abs", "Exp", "Sqrt", "Softplus", "HardSigmoid", "ReduceL1",
+               "ReduceL2", "ReduceSumSquare"}
+# outputs >= 0 when every (data) input is >= 0: they only move, select, average or add values
+_NONNEG_PRESERVING = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Flatten", "Reshape",
+                      "Transpose", "Squeeze", "Unsqueeze", "Identity", "Resize", "Upsample", "Concat",
+                      "Slice", "Gather", "Expand", "Tile", "Add", "Mul", "Max", "Min", "ReduceMax", "ReduceMean",
+                      "ReduceSum", "DepthToSpace", "SpaceToDepth"}
+# ops whose only data input is the first (the others are shapes / indices / scales)
+_FIRST_INPUT_ONLY = {"Reshape", "Squeeze", "Unsqueeze", "Slice", "Gather", "Expand", "Tile", "Resize",
+                     "Upsample", "ReduceMax", "ReduceMean", "ReduceSum"}
+
+Progress = Callable[[int, int], None]
+
 
 @dataclass
 class CollectResult:
@@ -37,17 +68,99 @@ class CollectResult:
     captured_inputs: List[Dict[str, np.ndarray]] = field(default_factory=list)
     captured_outputs: List[Dict[str, np.ndarray]] = field(default_factory=list)
     sizes: Dict[str, int] = field(default_factory=dict)  # tensor -> elements per batch (largest seen)
+    min_bounded: List[str] = field(default_factory=list)  # non-negative tensors: min is the bound 0.0
+    max_calibrator: Optional[MaxCalibrator] = None  # the max statistics (always collected or given)
 
 
-def _augment_reduce(model: onnx.ModelProto, tensors: Sequence[str], with_size: bool) -> onnx.ModelProto:
+# -- graph analysis ------------------------------------------------------------------------------------
+def _tensor_types(model: onnx.ModelProto) -> Dict[str, onnx.TypeProto]:
+    out = {}
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        out[vi.name] = vi.type
+    return out
+
+
+def _rank(tp: Optional[onnx.TypeProto]) -> Optional[int]:
+    if tp is None or not tp.HasField("tensor_type") or not tp.tensor_type.HasField("shape"):
+        return None
+    return len(tp.tensor_type.shape.dim)
+
+
+def _elem_type(tp: Optional[onnx.TypeProto]) -> Optional[int]:
+    if tp is None or not tp.HasField("tensor_type"):
+        return None
+    return tp.tensor_type.elem_type or None
+
+
+def nonnegative_tensors(model: onnx.ModelProto) -> Set[str]:
+    """Tensors that are >= 0 by construction (in graph order, so producers are seen first)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    consts: Dict[str, np.ndarray] = {}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = onnx.numpy_helper.to_array(n.attribute[0].t)
+    nonneg: Set[str] = set()
+
+    def const_nonneg(name: str) -> bool:
+        if name in inits:
+            arr = onnx.numpy_helper.to_array(inits[name])
+        elif name in consts:
+            arr = consts[name]
+        else:
+            return False
+        return arr.dtype.kind in "fiu" and bool(np.all(arr >= 0))
+
+    for n in model.graph.node:
+        op = n.op_type
+        ok = False
+        if n.domain not in ("", "ai.onnx"):
+            ok = False
+        elif op in _NONNEG_OPS:
+            ok = True
+        elif op == "Clip":
+            ok = len(n.input) > 1 and bool(n.input[1]) and const_nonneg(n.input[1])
+        elif op in _NONNEG_PRESERVING:
+            data = [n.input[0]] if op in _FIRST_INPUT_ONLY else [i for i in n.input if i]
+            ok = bool(data) and all(i in nonneg or const_nonneg(i) for i in data)
+        if ok:
+            nonneg.update(o for o in n.output if o)
+    return nonneg
+
+
+def _float_tensors(model: onnx.ModelProto, tensors: Sequence[str]) -> List[str]:
+    """Keep tensors that exist in the graph (produced by a node or a graph input) and are not known to hold
+    anything but floats."""
+    produced = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    types = _tensor_types(model)
+    out = []
+    for t in tensors:
+        et = _elem_type(types.get(t))
+        if t in produced and (et is None or et in _FLOAT_TYPES):
+            out.append(t)
+    return out
+
+
+def _augment_reduce(model: onnx.ModelProto, tensors: Sequence[str], with_size: bool,
+                    nonneg: Set[str] = frozenset()) -> onnx.ModelProto:
+    """A copy of ``model`` with per-tensor reductions as extra outputs ``<t>__onnxfp8_max`` (and ``_min``
+    unless ``t`` is in ``nonneg``, ``_size`` with ``with_size``)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
+    types = _tensor_types(model)
     for i, t in enumerate(tensors):
-        g.node.append(helper.make_node("ReduceMax", [t], [t + MAX_SUFFIX], keepdims=0, name=f"onnxfp8_calib_max_{i}"))
-        g.node.append(helper.make_node("ReduceMin", [t], [t + MIN_SUFFIX], keepdims=0, name=f"onnxfp8_calib_min_{i}"))
-        g.output.append(helper.make_tensor_value_info(t + MAX_SUFFIX, onnx.TensorProto.FLOAT, []))
-        g.output.append(helper.make_tensor_value_info(t + MIN_SUFFIX, onnx.TensorProto.FLOAT, []))
+        rank = _rank(types.get(t))
+        et = _elem_type(types.get(t))
+        src = t
+        if rank is not None and rank >= 3 and (et is None or et in _GMP_TYPES):
+            # per-channel max in onnxruntime's own layout, then a reduction of [N, C, 1...] values
+            src = t + "__onnxfp8_gmp"
+            g.node.append(helper.make_node("GlobalMaxPool", [t], [src], name=f"onnxfp8_calib_gmp_{i}"))
+        g.node.append(helper.make_node("ReduceMax", [src], [t + MAX_SUFFIX], keepdims=0, name=f"onnxfp8_calib_max_{i}"))
+        g.output.append(helper.make_tensor_value_info(t + MAX_SUFFIX, et or onnx.TensorProto.FLOAT, []))
+        if t not in nonneg:
+            g.node.append(helper.make_node("ReduceMin", [t], [t + MIN_SUFFIX], keepdims=0, name=f"onnxfp8_calib_min_{i}"))
+            g.output.append(helper.make_tensor_value_info(t + MIN_SUFFIX, et or onnx.TensorProto.FLOAT, []))
         if with_size:
             g.node.append(helper.make_node("Size", [t], [t + SIZE_SUFFIX], name=f"onnxfp8_calib_size_{i}"))
             g.output.append(helper.make_tensor_value_info(t + SIZE_SUFFIX, onnx.TensorProto.INT64, []))
@@ -58,78 +171,168 @@ def _augment_expose(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.Mode
     m = onnx.ModelProto()
     m.CopyFrom(model)
     outputs = {o.name for o in m.graph.output}
+    types = _tensor_types(model)
     for t in tensors:
         if t not in outputs:
-            m.graph.output.append(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+            m.graph.output.append(helper.make_tensor_value_info(t, _elem_type(types.get(t)) or onnx.TensorProto.FLOAT,
+                                                                None))
     return m
 
 
-def _float_tensors(model: onnx.ModelProto, tensors: Sequence[str]) -> List[str]:
-    """Keep tensors that exist in the graph (produced by a node or a graph input)."""
-    produced = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
-    return [t for t in tensors if t in produced]
+def _batch_size(batch: Dict[str, np.ndarray]) -> int:
+    v = next(iter(batch.values()))
+    return int(v.shape[0]) if v.ndim else 1
 
 
+class _Capture:
+    """Keeps copies of the inputs and FP32 outputs of the first ``limit`` samples."""
+
+    def __init__(self, limit: int, result: CollectResult):
+        self.limit, self.result, self.count = limit, result, 0
+
+    def add(self, batch: Dict[str, np.ndarray], outputs: Dict[str, np.ndarray]) -> None:
+        if self.count >= self.limit:
+            return
+        n = _batch_size(batch)
+        take = min(self.limit - self.count, n)
+        self.result.captured_inputs.append({k: np.array(v[:take]) for k, v in batch.items()})
+        self.result.captured_outputs.append({k: np.array(np.asarray(v)[:take]) for k, v in outputs.items()})
+        self.count += take
+
+    @property
+    def full(self) -> bool:
+        return self.count >= self.limit
+
+
+def _notify_passes(progress: Optional[Progress], passes: int) -> None:
+    if progress is not None and hasattr(progress, "set_passes"):
+        progress.set_passes(passes)
+
+
+# -- collection ----------------------------------------------------------------------------------------
 def collect(model: onnx.ModelProto, tensors: Sequence[str], data: CalibrationData, calibrator: Calibrator, *,
             providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0, max_memory_mb: int = 2048,
-            capture: int = 0, level: str = "all",
-            progress: Optional[Callable[[int, int], None]] = None) -> CollectResult:
+            capture: int = 0, level: str = "all", progress: Optional[Progress] = None,
+            known_ranges: Optional[MaxCalibrator] = None) -> CollectResult:
     """Calibrate ``tensors`` of ``model`` on ``data``. ``capture`` keeps the inputs and the model outputs of
-    the first ``capture`` samples (for the post-quantization summary). ``progress(samples, passes)`` is
-    called after every batch."""
+    the first ``capture`` samples (for the post-quantization summary). ``progress(samples, pass_number)`` is
+    called after every batch. ``known_ranges``: max statistics of (some of) the tensors already known (the max
+    pass then only runs for the others, and not at all for histogram methods when every range is known)."""
     start = time.perf_counter()
     tensors = _float_tensors(model, list(dict.fromkeys(tensors)))
     out_names = [o.name for o in model.graph.output]
     max_cal = calibrator if isinstance(calibrator, MaxCalibrator) else MaxCalibrator()
-    needs_hist = calibrator.needs_range or not calibrator.accepts_reduced
-    session = make_session(_augment_reduce(model, tensors, with_size=needs_hist), level=level,
-                           providers=providers, threads=threads)
-    fetch = out_names + [t + s for t in tensors for s in (MAX_SUFFIX, MIN_SUFFIX)]
-    if needs_hist:
-        fetch += [t + SIZE_SUFFIX for t in tensors]
-    result = CollectResult({}, {})
-    captured = 0
-    for batch in data.batches():
-        values = session.run(fetch, batch)
-        n = next(iter(batch.values())).shape[0]
+    if known_ranges is not None and known_ranges is not max_cal:
+        max_cal.load_state(known_ranges.state())
+    known = set(max_cal.result())
+    needs_hist = bool(tensors) and (calibrator.needs_range or not calibrator.accepts_reduced)
+    result = CollectResult({}, {}, max_calibrator=max_cal)
+    cap = _Capture(capture, result)
+    todo_max = [t for t in tensors if t not in known]
+    if needs_hist:  # the max pass also measures the sizes of every histogrammed tensor
+        run_max_pass = bool(todo_max)
+        reduced = tensors if run_max_pass else []
+    else:
+        run_max_pass = bool(todo_max) or capture > 0 or not tensors
+        reduced = todo_max
+    bounded = nonnegative_tensors(model) & set(reduced) if reduced else set()
+    result.min_bounded = [t for t in todo_max if t in bounded]
+    pass_no = 0
+    if run_max_pass:
+        pass_no += 1
+        session = make_session(_augment_reduce(model, reduced, needs_hist, bounded), level=level,
+                               providers=providers, threads=threads)
+        fetch = list(out_names)
+        slots = []
+        for t in reduced:
+            hi_i = len(fetch)
+            fetch.append(t + MAX_SUFFIX)
+            lo_i = None
+            if t not in bounded:
+                lo_i = len(fetch)
+                fetch.append(t + MIN_SUFFIX)
+            size_i = None
+            if needs_hist:
+                size_i = len(fetch)
+                fetch.append(t + SIZE_SUFFIX)
+            slots.append((t, hi_i, lo_i, size_i))
         k = len(out_names)
-        for i, t in enumerate(tensors):
-            hi, lo = values[k + 2 * i], values[k + 2 * i + 1]
-            if np.isfinite(hi) and np.isfinite(lo):
-                max_cal.observe_reduced(t, hi, lo)
-                if calibrator is not max_cal and calibrator.accepts_reduced and not needs_hist:
-                    calibrator.observe_reduced(t, hi, lo)
-        if needs_hist:
-            base = k + 2 * len(tensors)
-            for i, t in enumerate(tensors):
-                result.sizes[t] = max(result.sizes.get(t, 0), int(values[base + i]))
-        if captured < capture:
-            take = min(capture - captured, n)
-            result.captured_inputs.append({name: v[:take] for name, v in batch.items()})
-            result.captured_outputs.append({name: np.asarray(v)[:take] for name, v in zip(out_names, values[:k])})
-            captured += take
-        result.samples += n
-        result.batches += 1
-        if progress:
-            progress(result.samples, 1)
-    result.passes = 1
-    del session
+        update = set(todo_max)
+        for batch in data.batches():
+            values = session.run(fetch, batch)
+            for t, hi_i, lo_i, size_i in slots:
+                hi = float(values[hi_i])
+                lo = float(values[lo_i]) if lo_i is not None else min(0.0, hi)
+                if t in update and np.isfinite(hi) and np.isfinite(lo):
+                    max_cal.observe_reduced(t, hi, lo)
+                if size_i is not None:
+                    result.sizes[t] = max(result.sizes.get(t, 0), int(values[size_i]))
+            cap.add(batch, dict(zip(out_names, values[:k])))
+            result.samples += _batch_size(batch)
+            result.batches += 1
+            if progress:
+                progress(result.samples, pass_no)
+        del session
     if needs_hist:
-        calibrator.set_ranges(max_cal.result())
+        calibrator.set_ranges({t: r for t, r in max_cal.result().items() if t in set(tensors)})
         budget = max(1, max_memory_mb) * 2**20
-        for group in _groups(tensors, result.sizes, budget):
+        if run_max_pass:
+            groups = _groups(tensors, result.sizes, budget)
+        else:  # no max pass measured the sizes: take them from the inferred shapes
+            groups = _groups_by_static_size(model, tensors, data, budget)
+        _notify_passes(progress, pass_no + len(groups))
+        for gi, group in enumerate(groups):
+            pass_no += 1
+            need_outputs = not run_max_pass and gi == 0
+            fetch = list(group) + ([o for o in out_names if o not in group] if need_outputs else [])
             sess = make_session(_augment_expose(model, group), level=level, providers=providers, threads=threads)
+            seen = 0
             for batch in data.batches():
-                for t, v in zip(group, sess.run(group, batch)):
+                values = sess.run(fetch, batch)
+                for t, v in zip(group, values):
                     calibrator.observe(t, v)
+                if need_outputs:
+                    by_name = dict(zip(fetch, values))
+                    cap.add(batch, {o: by_name[o] for o in out_names})
+                    result.samples += _batch_size(batch)
+                    result.batches += 1
+                seen += _batch_size(batch)
+                del values
                 if progress:
-                    progress(result.samples, result.passes + 1)
-            result.passes += 1
+                    progress(seen, pass_no)
             del sess
-    result.minmax = max_cal.minmax()
-    result.ranges = calibrator.result()
+    result.passes = pass_no
+    result.minmax = {t: v for t, v in max_cal.minmax().items() if t in set(tensors)}
+    result.ranges = {t: v for t, v in calibrator.result().items() if t in set(tensors)} if tensors else {}
     for t in tensors:  # a tensor never seen finite gets range 0 (the scale code makes that safe)
         result.ranges.setdefault(t, 0.0)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def capture_outputs(model: onnx.ModelProto, data: CalibrationData, count: int, *,
+                    providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
+                    level: str = "all") -> CollectResult:
+    """Run the FP32 model on the first ``count`` samples only and keep their inputs and outputs (the summary
+    samples when the statistics come from a cache and no calibration pass runs)."""
+    start = time.perf_counter()
+    result = CollectResult({}, {})
+    if count <= 0:
+        return result
+    out_names = [o.name for o in model.graph.output]
+    sess = make_session(model, level=level, providers=providers, threads=threads)
+    cap = _Capture(count, result)
+    for batch in data.batches():
+        n = _batch_size(batch)
+        take = min(n, count - cap.count)
+        if take < n:
+            batch = {k: v[:take] for k, v in batch.items()}
+        cap.add(batch, dict(zip(out_names, sess.run(out_names, batch))))
+        result.samples += take
+        result.batches += 1
+        if cap.full:
+            break
+    result.passes = 1
     result.seconds = time.perf_counter() - start
     return result
 
@@ -150,3 +353,26 @@ def _groups(tensors: Sequence[str], sizes: Dict[str, int], budget_bytes: int) ->
     if cur:
         groups.append(cur)
     return groups
+
+
+def _groups_by_static_size(model: onnx.ModelProto, tensors: Sequence[str], data: CalibrationData,
+                           budget_bytes: int) -> List[List[str]]:
+    """Groups from the inferred shapes (batch dimension = the data's batch size) when no max pass measured the
+    sizes. A tensor with an unknown dimension counts as the whole budget (a group of its own)."""
+    types = _tensor_types(model)
+    sizes: Dict[str, int] = {}
+    for t in tensors:
+        tp = types.get(t)
+        n = None
+        if _rank(tp) is not None:
+            n = 1
+            for i, d in enumerate(tp.tensor_type.shape.dim):
+                if d.HasField("dim_value") and d.dim_value > 0:
+                    n *= d.dim_value
+                elif i == 0:
+                    n *= max(1, data.batch_size)
+                else:
+                    n = None
+                    break
+        sizes[t] = n if n is not None else budget_bytes // 4 + 1
+    return _groups(tensors, sizes, budget_bytes)

@@ -129,11 +129,9 @@ class Histogram:
             self.counts[0] += a.size
             return
         k = n / self.range
-        if a.dtype == np.float32 and k < 1e30:
-            a *= np.float32(k)
-        else:
-            a = a.astype(np.float64)
-            a *= k
+        if a.dtype != np.float32 or k >= 1e30:  # (a tiny range: the float32 factor would overflow)
+            a = a.astype(np.float64, copy=False)
+        a *= a.dtype.type(k)
         c = np.bincount(a.astype(np.intp), minlength=n)
         if c.size > n:  # values at (or a hair above) the range belong to the last bin
             c[n - 1] += c[n:].sum()
@@ -228,6 +226,17 @@ def _magnitudes(batch: Any) -> tuple:
 # ------------------------------------------------------------------------------------------ calibrator
 
 
+def _plain(v: Any) -> Any:
+    """Options as JSON-able data (Format objects by name)."""
+    if isinstance(v, Mapping):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, (str, int, float, bool, type(None))):
+        return v
+    return getattr(v, "name", str(v))
+
+
 def _check_int(name: str, value: Any, lo: int, hi: Optional[int] = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo or (
             hi is not None and value > hi):
@@ -318,7 +327,7 @@ class HistogramCalibrator(Calibrator):
 
     # -- plain data
     def state(self) -> Dict[str, Any]:
-        opts = {k: (v.name if hasattr(v, "name") and not isinstance(v, str) else v) for k, v in self.options.items()}
+        opts = {k: _plain(v) for k, v in self.options.items()}
         return {"method": self.method, "kind": "histogram", "num_bins": self.num_bins, "options": opts,
                 "tensors": {k: h.to_dict() for k, h in self._hists.items()}}
 

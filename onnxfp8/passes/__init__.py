@@ -19,9 +19,47 @@ def standard_pipeline(config: QuantConfig = None) -> Pipeline:
                                  InsertQDQ(), Cleanup()])
 
 
-PIPELINES = {"standard": standard_pipeline}
+def extended_pipeline(config: QuantConfig = None) -> Pipeline:
+    """canonicalize -> fold_batchnorm -> match_layernorm -> select_ops -> calibrate -> assign_formats ->
+    passthrough -> insert_qdq -> cleanup (the FP8 paper's extended scheme: see config.EXTENDED_OPS)"""
+    from onnxfp8.passes.assign_formats import AssignFormats
+    from onnxfp8.passes.calibrate import Calibrate
+    from onnxfp8.passes.canonicalize import Canonicalize
+    from onnxfp8.passes.cleanup import Cleanup
+    from onnxfp8.passes.fold_batchnorm import FoldBatchNorm
+    from onnxfp8.passes.insert_qdq import InsertQDQ
+    from onnxfp8.passes.match_layernorm import MatchLayerNorm
+    from onnxfp8.passes.passthrough import PassThrough
+    from onnxfp8.passes.select_ops import SelectOps
+
+    return Pipeline("extended", [Canonicalize(), FoldBatchNorm(), MatchLayerNorm(), SelectOps(), Calibrate(),
+                                 AssignFormats(), PassThrough(), InsertQDQ(), Cleanup()])
+
+
+PIPELINES = {"standard": standard_pipeline, "extended": extended_pipeline}
 
 
 def pipeline_for(config: QuantConfig) -> Pipeline:
     builder = PIPELINES.get(config.scheme, standard_pipeline)
-    return builder(config)
+    pipe = builder(config)
+    if config.dynamic and "calibrate" in pipe.names():  # run-time activation scales: no calibration, no data
+        from onnxfp8.passes.calibrate_dynamic import CalibrateDynamic
+
+        pipe.passes[pipe.names().index("calibrate")] = CalibrateDynamic()
+    if config.bn_recalibrate:  # BN left unfolded -> quantize -> recalibrate -> fold + re-quantize weights
+        from onnxfp8.passes.recalibrate_batchnorm import with_bn_recalibration
+
+        pipe = with_bn_recalibration(pipe)
+    return with_target(pipe, config)
+
+
+def with_target(pipe: Pipeline, config: QuantConfig) -> Pipeline:
+    """``target = "tensorrt"``: select_ops runs rules.TensorRTRule first (placements TensorRT fuses into FP8
+    kernels; it also decides which inputs of a residual Add get Q/DQ)."""
+    if config.target == "tensorrt":
+        from onnxfp8.rules import TensorRTRule
+
+        for p in pipe.passes:
+            if p.name == "select_ops":
+                p.extra_rules.insert(0, TensorRTRule(config.selected_op_types))
+    return pipe

@@ -8,12 +8,13 @@ amax) win. An activation produced by a Relu is quantized on the Relu's input wit
 onnxruntime from dropping a Relu that feeds an FP8 QuantizeLinear."""
 from __future__ import annotations
 
-from typing import Dict, List
+import math
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxfp8.errors import ConfigError
+from onnxfp8.errors import ConfigError, DataError
 from onnxfp8.formats import get_format
 from onnxfp8.pipeline import Pass, PassContext, PassResult
 from onnxfp8.plan import QuantSpec
@@ -51,9 +52,19 @@ class AssignFormats(Pass):
                     if d.node not in act_consumers[t.name]:
                         act_consumers[t.name].append(d.node)
         notes = []
+        hists = None
+        if cfg.activations_auto and not cfg.dynamic:
+            todo = [n for n in act_consumers if "format" not in cfg.overrides.get(n, {})]
+            hists = activation_histograms(graph, ctx, todo) if todo else None
         for name, uses in weight_axes.items():
             over = dict(cfg.overrides.get(name, {}))
             fmt = get_format(over.get("format", cfg.weight_format))
+            chosen = None
+            if cfg.weights_auto and "format" not in over:
+                axes0 = {ax for _, ax in uses}
+                ax0 = over.get("axis", axes0.pop() if len(axes0) == 1 else None)
+                chosen = choose_weight_format(weight_consts[name].values, ax0, cfg.formats)
+                fmt = get_format(chosen[0])
             axes = {ax for _, ax in uses}
             axis = axes.pop() if len(axes) == 1 else None
             if len({ax for _, ax in uses}) > 1:
@@ -68,26 +79,192 @@ class AssignFormats(Pass):
             scale = np.asarray(over["scale"], np.float32) if "scale" in over else fmt.scale_for(amax)
             plan.tensors[name] = QuantSpec(name, "weight", fmt.name, _tolist(scale), axis, _tolist(amax),
                                            [n for n, _ in uses])
+            if chosen is not None:
+                plan.tensors[name].candidates = chosen[1]
+                plan.tensors[name].notes.append(auto_note(chosen[1], chosen[2]))
         for name, consumers in act_consumers.items():
             over = dict(cfg.overrides.get(name, {}))
             fmt = get_format(over.get("format", cfg.activation_format))
             stats = ctx.stats.get(name, {})
             amax = float(over.get("amax", stats.get("amax", 0.0)))
+            chosen = None
+            if hists is not None and "format" not in over and name in hists["hists"] and "amax" not in over:
+                chosen = choose_activation_format(name, hists, cfg, amax)
+                fmt, amax = get_format(chosen[0]), chosen[3]
             scale = float(over["scale"]) if "scale" in over else float(fmt.scale_for(np.float32(amax)))
             spec = QuantSpec(name, "activation", fmt.name, scale, None, amax, consumers)
+            if chosen is not None:
+                spec.candidates = chosen[1]
+                spec.notes.append(auto_note(chosen[1], chosen[2]))
+            elif hists is not None and "format" not in over:
+                spec.notes.append(f"format auto: no histogram of this tensor (never finite on the data), "
+                                  f"{fmt.name} used")
+            if cfg.dynamic and "scale" not in over:
+                spec.scale, spec.amax = None, None
+                info = dynamic_info(name, consumers, by_name, plan, cfg.dynamic_granularity)
+                ctx.extras.setdefault("dynamic", {})[name] = info
+                spec.notes.append(info.pop("note"))
             tensor = graph.tensors().get(name)
             producer = tensor.inputs[0] if tensor is not None and len(tensor.inputs) == 1 else None
             if producer is not None and producer.op == "Relu" and name not in [o.name for o in graph.outputs]:
                 spec.placement = f"before:{producer.name}"
                 spec.notes.append("quantized on the Relu input (relu(q(x)) == q(relu(x)))")
-            if amax == 0.0 or not np.isfinite(amax):
+            if spec.scale is not None and (amax == 0.0 or not np.isfinite(amax)):
                 spec.notes.append(f"range {amax}: safe scale {scale}")
             plan.tensors[name] = spec
         unknown = sorted(set(cfg.overrides) - set(plan.tensors))
         if unknown:
             raise ConfigError(f"{ctx.source}: override for '{unknown[0]}', which is not a quantized tensor")
         notes.insert(0, f"{len(weight_axes)} weight(s), {len(act_consumers)} activation(s) planned")
+        if cfg.weights_auto or (cfg.activations_auto and not cfg.dynamic):
+            won: Dict[str, int] = {}
+            for sp in plan.tensors.values():
+                if sp.candidates:
+                    won[sp.format] = won.get(sp.format, 0) + 1
+            notes.append("format auto: " + ", ".join(f"{f} chosen for {k} tensor(s)" for f, k in sorted(won.items()))
+                         + (" (INT8 wins tensors whose values are spread evenly)" if "int8" in won else ""))
+        if cfg.dynamic:
+            notes.append(f"dynamic quantization: {len(act_consumers)} activation scale(s) computed at run time "
+                         f"(granularity {cfg.dynamic_granularity})")
         return PassResult(False, notes)
+
+
+def sqnr_db(signal: float, noise: float) -> float:
+    if noise <= 0.0:
+        return math.inf
+    if signal <= 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def choose_weight_format(w: np.ndarray, axis, candidates: Sequence[str]) -> Tuple[str, Dict[str, float], str]:
+    """The candidate format with the highest SQNR of the weight with max scaling (per channel along ``axis``):
+    (format, {format: SQNR dB}, a remark on the data). Ties go to the earlier candidate."""
+    w = np.asarray(w, dtype=np.float32)
+    amax = channel_amax(w, axis)
+    signal = float(np.sum(w.astype(np.float64) ** 2))
+    errs: Dict[str, float] = {}
+    for f in candidates:
+        fmt = get_format(f)
+        fq = fmt.fake_quant(w, fmt.scale_for(amax), axis if np.ndim(amax) else None)
+        errs[fmt.name] = round(sqnr_db(signal, float(np.sum((w.astype(np.float64) - fq) ** 2))), 3)
+    rms = math.sqrt(signal / max(w.size, 1))
+    crest = float(np.max(np.abs(w))) / rms if rms > 0 else 0.0
+    return _best(errs), errs, _shape_remark(crest)
+
+
+def _best(errs: Dict[str, float]) -> str:
+    top = max(errs.values())
+    return next(f for f, e in errs.items() if e >= top - 1e-9)
+
+
+def _shape_remark(crest: float) -> str:
+    if crest >= 12:
+        return f"this tensor has outliers (max/rms {crest:.1f})"
+    if crest and crest < 4:
+        return f"this tensor is evenly spread (max/rms {crest:.1f})"
+    return f"max/rms {crest:.1f}"
+
+
+def auto_note(errs: Dict[str, float], remark: str) -> str:
+    """'format auto: this tensor has outliers (max/rms 25.3): E4M3 beats E3M4 by 6.1 dB (SQNR e4m3 31.2, ...)'"""
+    ranked = sorted(errs.items(), key=lambda kv: -kv[1])
+    best, e0 = ranked[0]
+    text = f"format auto: {remark}: {best.upper()}"
+    if len(ranked) > 1:
+        second, e1 = ranked[1]
+        text += f" beats {second.upper()} by {e0 - e1:.1f} dB"
+    text += " (SQNR " + ", ".join(f"{f} {e:.1f}" for f, e in errs.items()) + " dB)"
+    if best == "int8":
+        text += "; INT8 wins this tensor"
+    return text
+
+
+def activation_histograms(graph: gs.Graph, ctx: PassContext, names: List[str]) -> Dict[str, object]:
+    """Histograms of |x| for the activations whose format is chosen from data. Reuses a histogram calibrator
+    the calibrate pass left in ``ctx.extras["calibrator"]`` when it holds every tensor, else runs one
+    histogram collection (an MSE calibrator, so that with --calibration mse each format gets its own range)."""
+    from onnxfp8.calibrators.histogram import HistogramCalibrator
+
+    cal = ctx.extras.get("calibrator")
+    if isinstance(cal, HistogramCalibrator) and set(names) <= set(cal.histograms()):
+        return {"hists": cal.histograms(), "calibrator": cal}
+    if ctx.calib is None:
+        raise DataError(f"{ctx.source}: format auto needs calibration data for {len(names)} activation(s): "
+                        f"pass --calib DIR")
+    from onnxfp8.calibrators.base import make_calibrator
+    from onnxfp8.calibrators.collector import collect
+    from onnxfp8.modelio import to_model
+
+    cfg = ctx.config
+    cal = make_calibrator("mse", format=cfg.activation_format)
+    collect(to_model(graph.copy()), names, ctx.calib, cal, providers=cfg.providers, threads=cfg.threads,
+            max_memory_mb=cfg.max_memory_mb, level="all")
+    return {"hists": cal.histograms(), "calibrator": cal}
+
+
+def choose_activation_format(name: str, hists: Dict[str, object], cfg, amax: float
+                             ) -> Tuple[str, Dict[str, float], str, float]:
+    """Per candidate format, the SQNR the tensor's histogram predicts for saturating fake quantization with
+    that format's range (the calibrated amax; with --calibration mse the format's own MSE-optimal range),
+    computed with the MSE calibrator's exact in-bin error integral. Returns (format, {format: SQNR dB},
+    remark, amax of the winner)."""
+    from onnxfp8.calibrators.mse import MSECalibrator, _Bins
+
+    h = hists["hists"][name]
+    cal = hists["calibrator"]
+    if h.max <= 0:
+        f = cfg.formats[0]
+        return f, {f: math.inf}, "all-zero tensor", amax
+    bins = _Bins(h)
+    counts = h.counts.astype(np.float64)
+    top = int(np.flatnonzero(counts)[-1])
+    centers = (np.arange(top) + 0.5) * h.width
+    signal = float(np.sum(counts[:top] * (centers ** 2 + h.width ** 2 / 12.0)) + counts[top] * h.max ** 2)
+    errs: Dict[str, float] = {}
+    ranges: Dict[str, float] = {}
+    for f in cfg.formats:
+        fmt = get_format(f)
+        a = amax
+        if cfg.calibration == "mse" and isinstance(cal, MSECalibrator):
+            a = cal.amax_for(name, fmt)
+        a = a if a > 0 else h.max
+        ranges[fmt.name] = float(a)
+        mse = float(bins.mse(fmt, np.asarray([a]))[0]) * bins.total
+        errs[fmt.name] = round(sqnr_db(signal, mse), 3)
+    rms = math.sqrt(signal / max(bins.total, 1.0))
+    best = _best(errs)
+    return best, errs, _shape_remark(h.max / rms if rms > 0 else 0.0), ranges[best]
+
+
+def dynamic_info(name: str, consumers: List[str], by_name, plan, granularity: str) -> Dict[str, object]:
+    """How the run-time scale of activation ``name`` is computed: per tensor, or (granularity token) per row
+    when every quantized consumer reads it as a MatMul / Gemm operand reduced along the same axis (left
+    operand: its last axis, one scale per row/token; right operand: axis -2, one scale per column)."""
+    if granularity == "token":
+        axes = set()
+        for c in consumers:
+            node = by_name.get(c)
+            d = plan.nodes.get(c)
+            for idx, t in enumerate(node.inputs if node is not None else []):
+                if t.name != name or d is None or d.inputs.get(idx) != "activation":
+                    continue
+                if node.op == "MatMul":
+                    axes.add(-1 if idx == 0 else -2)
+                elif node.op == "Gemm" and idx == 0 and not node.attrs.get("transA", 0):
+                    axes.add(-1)
+                else:
+                    axes.add(None)
+        if len(axes) == 1 and None not in axes:
+            axis = axes.pop()
+            what = "row (token)" if axis == -1 else "column"
+            return {"granularity": "token", "axis": axis, "signed": False,
+                    "note": f"dynamic: scale per {what} computed at run time (ReduceMax(Abs(x)) over axis {axis})"}
+        return {"granularity": "tensor", "axis": None, "signed": False,
+                "note": "dynamic: scale per tensor computed at run time (consumers are not all MatMul/Gemm "
+                        "operands reduced along one axis, so no per-token scale)"}
+    return {"granularity": "tensor", "axis": None, "signed": False,
+            "note": "dynamic: scale per tensor computed at run time (ReduceMax(Abs(x)) / format max)"}
 
 
 def _tolist(a):

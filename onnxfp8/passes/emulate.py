@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxfp8.formats import Format
+from onnxfp8.formats import SCALE_MIN, Format
 from onnxfp8.plan import QuantSpec
 
 
@@ -66,13 +66,24 @@ class QDQEmitter(Emitter):
                     _const(f"{w.name}.zero_point", zp)], [out], **attrs)
         return out
 
-    def activation(self, x: gs.Variable, spec: QuantSpec, fmt: Format, tag: str) -> gs.Variable:
-        scale = np.asarray(spec.scale, dtype=np.float32)
+    def activation(self, x: gs.Variable, spec: QuantSpec, fmt: Format, tag: str, scale=None) -> gs.Variable:
+        """Q -> DQ of ``x``. ``scale``: a run-time scale tensor (dynamic quantization) instead of spec.scale;
+        a per-row one (``DynamicScale.per_row``) is applied as ``Div -> Q(1) -> DQ(1) -> Mul``, the same
+        function (QuantizeLinear divides by 1 exactly), since QuantizeLinear's scale is 1-D at most."""
         zp = np.zeros((), dtype=fmt.storage_dtype)
-        s = _const(f"{tag}.scale", scale)
         z = _const(f"{tag}.zero_point", zp)
         q = gs.Variable(f"{tag}.q", dtype=fmt.storage_dtype, shape=getattr(x, "shape", None))
         out = self._var(f"{tag}.dq", x)
+        if isinstance(scale, DynamicScale) and scale.per_row:
+            v = gs.Variable(f"{tag}.scaled", dtype=np.float32)
+            self._node("Div", f"{tag}/Div", [x, scale.tensor], [v])
+            one = _const(f"{tag}.unit_scale", np.float32(1.0))
+            r = gs.Variable(f"{tag}.rounded", dtype=np.float32)
+            self._node("QuantizeLinear", f"{tag}/QuantizeLinear", [v, one, z], [q])
+            self._node("DequantizeLinear", f"{tag}/DequantizeLinear", [q, one, z], [r])
+            self._node("Mul", f"{tag}/Mul", [r, scale.tensor], [out])
+            return out
+        s = scale.tensor if isinstance(scale, DynamicScale) else _const(f"{tag}.scale", np.asarray(spec.scale, np.float32))
         self._node("QuantizeLinear", f"{tag}/QuantizeLinear", [x, s, z], [q])
         self._node("DequantizeLinear", f"{tag}/DequantizeLinear", [q, s, z], [out])
         return out
@@ -98,9 +109,11 @@ class EmulateEmitter(Emitter):
         self._node("Mul", f"{w.name}/Scale", [decoded, s], [out])
         return out
 
-    def activation(self, x: gs.Variable, spec: QuantSpec, fmt: Format, tag: str) -> gs.Variable:
-        scale = np.asarray(spec.scale, dtype=np.float32)
-        s = _const(f"{tag}.scale", scale)
+    def activation(self, x: gs.Variable, spec: QuantSpec, fmt: Format, tag: str, scale=None) -> gs.Variable:
+        if isinstance(scale, DynamicScale):
+            s = scale.tensor
+        else:
+            s = _const(f"{tag}.scale", np.asarray(spec.scale, dtype=np.float32))
         v = gs.Variable(f"{tag}.scaled", dtype=np.float32)
         self._node("Div", f"{tag}/Div", [x, s], [v])
         r = gs.Variable(f"{tag}.rounded", dtype=np.float32)
@@ -140,6 +153,35 @@ def emit_e3m4_round(em: Emitter, v: gs.Variable, out: gs.Variable, tag: str, fmt
     em._node("Div", f"{tag}/DivStep", [c, step], [d])
     em._node("Round", f"{tag}/Round", [d], [rd])
     em._node("Mul", f"{tag}/MulStep", [rd, step], [out])
+
+
+class DynamicScale:
+    """A scale computed in the graph at run time (dynamic quantization)::
+
+        amax  = ReduceMax(Abs(x))            (ReduceMax(x) when ``signed``: the max of relu(x))
+        scale = Max(amax / format max, 2^-126)
+
+    over the whole tensor (a scalar) or, with ``axis``, over that axis only with keepdims (one scale per
+    row / token: ``axis=-1`` for the left MatMul operand, ``-2`` for the right one). ``amax / max`` in float32
+    is what Format.scale_for computes; the floor keeps an all-zero tensor finite (it quantizes to 0 anyway,
+    where scale_for would pick 1.0)."""
+
+    def __init__(self, em: Emitter, x: gs.Tensor, fmt: Format, tag: str, axis=None, signed: bool = False):
+        self.per_row = axis is not None
+        src = x
+        if not signed:
+            src = gs.Variable(f"{tag}.abs", dtype=np.float32)
+            em._node("Abs", f"{tag}/DynAbs", [x], [src])
+        amax = gs.Variable(f"{tag}.amax", dtype=np.float32)
+        if axis is None:
+            em._node("ReduceMax", f"{tag}/DynReduceMax", [src], [amax], keepdims=0)
+        else:
+            em._node("ReduceMax", f"{tag}/DynReduceMax", [src, _const(f"{tag}.reduce_axes", np.asarray([axis], np.int64))],
+                     [amax], keepdims=1)
+        ratio = gs.Variable(f"{tag}.ratio", dtype=np.float32)
+        em._node("Div", f"{tag}/DynDiv", [amax, _const(f"{tag}.fmt_max", np.float32(fmt.max))], [ratio])
+        self.tensor = gs.Variable(f"{tag}.scale", dtype=np.float32)
+        em._node("Max", f"{tag}/DynScale", [ratio, _const(f"{tag}.scale_floor", np.float32(SCALE_MIN))], [self.tensor])
 
 
 def emitter_for(style: str, fmt: Format, graph: gs.Graph) -> Emitter:

@@ -2,7 +2,13 @@
 
 ``ErrorStats`` accumulates, batch by batch, the sums that SQNR, cosine similarity, relative L2 error and the
 absolute errors need, so memory does not grow with the data. SQNR = 10 log10(sum(ref^2) / sum((ref - q)^2)),
-infinite when the tensors are equal.
+infinite when the tensors are equal. Elements where either side is not finite are left out of the sums and
+counted (``nonfinite``; ``q_nonfinite`` counts those where only the quantized side is NaN/Inf, which a check
+must treat as a failure). A batch is reduced in blocks of ``BLOCK`` elements, so the float64 temporaries stay
+small whatever the tensor size.
+
+``ClassifierStats`` does the same for classifier-like outputs ([N, C], C >= 2): top-1 and top-5 agreement of
+the quantized model with FP32 and, with labels, the task accuracy of both.
 """
 from __future__ import annotations
 
@@ -23,15 +29,27 @@ class ErrorStats:
     max_abs: float = 0.0
     count: int = 0
     nonfinite: int = 0
+    q_nonfinite: int = 0  # elements finite in the reference but NaN/Inf in the quantized tensor
+
+    BLOCK = 1 << 20
 
     def update(self, ref: np.ndarray, q: np.ndarray) -> "ErrorStats":
-        r = np.asarray(ref, dtype=np.float64).reshape(-1)
-        x = np.asarray(q, dtype=np.float64).reshape(-1)
-        if r.shape != x.shape:
+        r_all = np.asarray(ref).reshape(-1)
+        x_all = np.asarray(q).reshape(-1)
+        if r_all.shape != x_all.shape or np.shape(ref) != np.shape(q):
             raise ValueError(f"shape mismatch: {np.shape(ref)} vs {np.shape(q)}")
-        bad = ~(np.isfinite(r) & np.isfinite(x))
+        for start in range(0, max(r_all.size, 1), self.BLOCK):
+            self._update_block(r_all[start:start + self.BLOCK], x_all[start:start + self.BLOCK])
+        return self
+
+    def _update_block(self, ref: np.ndarray, q: np.ndarray) -> None:
+        r = ref.astype(np.float64)
+        x = q.astype(np.float64)
+        rf, xf = np.isfinite(r), np.isfinite(x)
+        bad = ~(rf & xf)
         if bad.any():
             self.nonfinite += int(bad.sum())
+            self.q_nonfinite += int((rf & ~xf).sum())
             r, x = r[~bad], x[~bad]
         d = r - x
         self.signal += float(r @ r)
@@ -42,10 +60,9 @@ class ErrorStats:
         self.abs_sum += float(ad.sum())
         self.max_abs = max(self.max_abs, float(ad.max()) if ad.size else 0.0)
         self.count += int(r.size)
-        return self
 
     def merge(self, other: "ErrorStats") -> "ErrorStats":
-        for f in ("signal", "noise", "dot", "qq", "abs_sum", "count", "nonfinite"):
+        for f in ("signal", "noise", "dot", "qq", "abs_sum", "count", "nonfinite", "q_nonfinite"):
             setattr(self, f, getattr(self, f) + getattr(other, f))
         self.max_abs = max(self.max_abs, other.max_abs)
         return self
@@ -79,7 +96,104 @@ class ErrorStats:
     def to_dict(self) -> Dict[str, Any]:
         return {"sqnr_db": _num(self.sqnr_db), "cosine": _num(self.cosine), "rel_l2": _num(self.rel_l2),
                 "max_abs": _num(self.max_abs), "mean_abs": _num(self.mean_abs), "count": self.count,
-                "nonfinite": self.nonfinite}
+                "nonfinite": self.nonfinite, "q_nonfinite": self.q_nonfinite}
+
+
+def is_classifier(shape) -> bool:
+    """Classifier-like output: 2-D [N, C] with C >= 2 (scores or logits per class)."""
+    return len(shape) == 2 and isinstance(shape[1], (int, np.integer)) and shape[1] >= 2
+
+
+@dataclass
+class ClassifierStats:
+    """Streaming agreement and accuracy of a classifier output. Top-1 agreement: the quantized model's
+    arg-max equals FP32's; top-5 agreement: FP32's arg-max is among the quantized model's 5 highest scores
+    (only defined for more than 5 classes). Accuracy: arg-max equals the label."""
+
+    samples: int = 0
+    top1_agree: int = 0
+    top5_agree: int = 0
+    classes: int = 0
+    labelled: int = 0
+    correct_ref: int = 0
+    correct_q: int = 0
+
+    def update(self, ref: np.ndarray, q: np.ndarray, labels: "np.ndarray | None" = None) -> "ClassifierStats":
+        ref = np.asarray(ref)
+        q = np.asarray(q)
+        if ref.shape != q.shape or ref.ndim != 2:
+            raise ValueError(f"classifier outputs must be [N, C] and agree: {ref.shape} vs {q.shape}")
+        n, c = ref.shape
+        self.classes = c
+        r1 = _argmax(ref)
+        q1 = _argmax(q)
+        self.samples += n
+        self.top1_agree += int((r1 == q1).sum())
+        if c > 5:
+            qs = np.where(np.isnan(q), -np.inf, q)
+            top5 = np.argpartition(-qs, 4, axis=1)[:, :5]
+            self.top5_agree += int((top5 == r1[:, None]).any(axis=1).sum())
+        if labels is not None:
+            lab = np.asarray(labels).reshape(-1)
+            if lab.shape[0] != n:
+                raise ValueError(f"{lab.shape[0]} labels for {n} samples")
+            self.labelled += n
+            self.correct_ref += int((r1 == lab).sum())
+            self.correct_q += int((q1 == lab).sum())
+        return self
+
+    @property
+    def top1_agreement(self) -> float:
+        return self.top1_agree / self.samples if self.samples else math.nan
+
+    @property
+    def top5_agreement(self) -> "float | None":
+        return self.top5_agree / self.samples if self.samples and self.classes > 5 else None
+
+    @property
+    def accuracy_fp32(self) -> "float | None":
+        return self.correct_ref / self.labelled if self.labelled else None
+
+    @property
+    def accuracy_quant(self) -> "float | None":
+        return self.correct_q / self.labelled if self.labelled else None
+
+    @property
+    def accuracy_loss(self) -> "float | None":
+        """Relative accuracy loss (acc_fp32 - acc_quant) / acc_fp32 (the FP8 paper's criterion: < 1%).
+        0 when both are 0."""
+        if not self.labelled:
+            return None
+        if self.correct_ref == 0:
+            return 0.0 if self.correct_q == 0 else -math.inf
+        return (self.correct_ref - self.correct_q) / self.correct_ref
+
+    def to_dict(self) -> Dict[str, Any]:
+        d: Dict[str, Any] = {"classes": self.classes, "top1_agreement": _num(self.top1_agreement),
+                             "top5_agreement": self.top5_agreement}
+        if self.labelled:
+            d.update({"labelled": self.labelled, "accuracy_fp32": self.accuracy_fp32,
+                      "accuracy_quant": self.accuracy_quant, "accuracy_loss": _num(self.accuracy_loss)})
+        return d
+
+
+def _argmax(x: np.ndarray) -> np.ndarray:
+    """Arg-max per row; NaN never wins (a row of NaN gives -1, which agrees with nothing)."""
+    x = np.where(np.isnan(x), -np.inf, x)
+    out = np.argmax(x, axis=1)
+    return np.where(np.isneginf(x).all(axis=1), -1, out)
+
+
+def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest |a - b| (NaN where exactly one side is NaN counts as inf; NaN on both sides agrees)."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    both_nan = np.isnan(a) & np.isnan(b)
+    with np.errstate(invalid="ignore"):
+        d = np.abs(a - b)
+    d = np.where(both_nan | ((a == b) & np.isinf(a)), 0.0, d)
+    d = np.where(np.isnan(d), np.inf, d)
+    return float(d.max()) if d.size else 0.0
 
 
 def sqnr_db(ref: np.ndarray, q: np.ndarray) -> float:

@@ -10,9 +10,11 @@ from typing import Any, Dict, List, Optional
 from onnxfp8.pipeline import PassRecord
 from onnxfp8.plan import QuantPlan
 
-RUN_EXACTLY = ("run it in onnxruntime with SessionOptions.graph_optimization_level = ORT_ENABLE_BASIC: at the default "
-               "ENABLE_ALL, onnxruntime fuses FP8 Q/DQ around Conv/Gemm into kernels the CPU lacks and drops a Relu "
-               "feeding an FP8 QuantizeLinear (or quantize with --style emulate, exact at every level)")
+RUN_EXACTLY = ("run it in onnxruntime with SessionOptions.graph_optimization_level = ORT_ENABLE_BASIC and "
+               "InferenceSession(..., disabled_optimizers=['WeightBiasQuantization']) (onnxfp8.modelio.make_session "
+               "does both): at the default ENABLE_ALL onnxruntime's Q/DQ fusions around Conv/Gemm change the numbers, "
+               "and WeightBiasQuantization turns INT8 biases into INT32; or quantize with --style emulate, which is "
+               "exact at every level")
 
 
 @dataclass
@@ -29,6 +31,7 @@ class QuantReport:
     calibration: Dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     how_to_run: str = ""
+    batchnorm: Dict[str, Any] = field(default_factory=dict)  # BN recalibration: per-layer shifts, SQNR without/with
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -40,6 +43,7 @@ class QuantReport:
             "size_before": self.size_before, "size_after": self.size_after,
             "outputs": self.outputs, "summary_samples": self.summary_samples,
             "calibration": self.calibration, "seconds": round(self.seconds, 4), "how_to_run": self.how_to_run,
+            "batchnorm": _json_safe(self.batchnorm),
         }
 
     def to_json(self, indent: int = 1) -> str:
@@ -65,6 +69,10 @@ class QuantReport:
         for r, names in sorted(interesting.items(), key=lambda kv: -len(kv[1])):
             more = f" (+{len(names) - 4} more)" if len(names) > 4 else ""
             lines.append(f"  {len(names):4d} x {r}: {', '.join(names[:4])}{more}")
+        matched = [n for p in self.passes if p.name == "select_ops" for n in p.notes
+                   if n.startswith(("--include-node", "--exclude-node"))]
+        if matched:  # what each node-name pattern matched (select_ops fails on a pattern matching nothing)
+            lines.append("node patterns: " + "; ".join(matched))
         if self.size_before:
             ratio = self.size_after / self.size_before if self.size_before else 0
             lines.append(f"file size: {_mb(self.size_before)} -> {_mb(self.size_after)} ({ratio:.2f}x)")
@@ -76,6 +84,8 @@ class QuantReport:
                 s = m["sqnr_db"]
                 s = f"{s:.2f} dB" if isinstance(s, float) and math.isfinite(s) else str(s)
                 lines.append(f"  {name}: SQNR {s}, cosine {m['cosine']:.6f}, max |err| {m['max_abs']:.4g}")
+        if self.batchnorm:
+            lines.extend(batchnorm_lines(self.batchnorm))
         if self.how_to_run:
             lines.append(f"to compute it exactly: {self.how_to_run}")
         return "\n".join(lines)
@@ -83,3 +93,36 @@ class QuantReport:
 
 def _mb(n: int) -> str:
     return f"{n / 2**20:.2f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
+
+
+def batchnorm_lines(bn: Dict[str, Any]) -> List[str]:
+    """Summary of BatchNorm recalibration: per layer the mean shift (in old standard deviations, mean and max
+    over channels) and the variance ratio new/old, then the output SQNR without and with recalibration."""
+    aug = f", augmented {','.join(bn['augment'])}" if bn.get("augment") else ""
+    lines = [f"BatchNorm recalibration ({bn.get('mode', 'replace')} mode, {bn.get('statistics', 'pooled')} statistics) "
+             f"on {bn.get('samples', 0)} "
+             f"sample(s) in {bn.get('batches', 0)} batch(es){aug}:"]
+    for name, d in bn.get("layers", {}).items():
+        lines.append(f"  {name}: mean shift {d['mean_shift']:.4f} sigma (max {d['max_mean_shift']:.4f}), variance "
+                     f"x{d['var_ratio']:.4f} (range {d['min_var_ratio']:.4f}-{d['max_var_ratio']:.4f}), "
+                     f"{d['channels']} channel(s)")
+    without, with_ = bn.get("sqnr_without") or {}, bn.get("sqnr_with") or {}
+    for out in without:
+        if out in with_:
+            lines.append(f"  output {out}: SQNR vs FP32 without recalibration {_db(without[out])}, "
+                         f"with {_db(with_[out])}")
+    return lines
+
+
+def _db(v: Any) -> str:
+    return f"{v:.2f} dB" if isinstance(v, float) and math.isfinite(v) else str(v)
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "inf" if obj > 0 else ("-inf" if obj < 0 else "nan")
+    return obj

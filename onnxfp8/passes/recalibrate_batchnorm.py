@@ -1,0 +1,291 @@
+"""recalibrate_batchnorm: re-estimate BatchNormalization statistics from quantized upstream values.
+
+Quantization shifts the mean and variance of the tensors BatchNormalization normalizes, so the running
+statistics stored at training time no longer match (the FP8 paper, arXiv 2309.14592, section on BN
+recalibration). This pass runs after ``insert_qdq`` on a graph whose BatchNormalization nodes were left
+unfolded:
+
+1. On a working copy (exported to an ONNX model, never the pipeline's graph), every inference-mode
+   BatchNormalization is replaced by its training-mode computation from explicit ONNX ops::
+
+       axes = [0] + [2 .. rank-1]                  (N and the spatial axes, computed in-graph: any rank)
+       mean = ReduceMean(x, axes, keepdims=1);  d = x - mean;  var = ReduceMean(d * d, axes, keepdims=1)
+       y    = d / Sqrt(var + eps) * gamma + beta
+
+   so every downstream layer (and the downstream BatchNorms) sees values normalized with statistics of
+   the quantized upstream values, as a framework's train-mode forward does. ``mean``, ``var`` and
+   ``Size(x)`` of every BN are extra outputs.
+2. One onnxruntime pass per batch (``ORT_ENABLE_BASIC``, as for every quantized model) over the
+   recalibration data: ``--bn-calib`` or else the calibration data, at most ``--bn-samples`` samples,
+   optionally augmented (``--augment``, calibrators/augment.py).
+3. Per channel, the batch statistics are **pooled exactly** (Chan et al.'s parallel update of count,
+   mean and sum of squared deviations, in float64): the result is the mean and the (population) variance of
+   all the values the BN saw, O(channels) memory. We pool rather than average per-batch statistics as
+   PyTorch's cumulative update (``momentum=None``) does, because averaging per-batch variances leaves out
+   the spread of the batch means (``Var = E[var_b] + Var[mean_b]``), so it underestimates the variance by an
+   amount that depends on the batch size, and it weights a short last batch like a full one; pooling gives
+   the statistics of the whole recalibration set whatever the batching. (Training-mode normalization of
+   *upstream* BNs still uses each batch's own statistics, as in any train-mode recalibration; the batch is
+   therefore at least 64 samples unless the model fixes it.)
+4. The pooled mean and variance are written into the original BN's ``input_mean`` / ``input_var``
+   initializers (new ones when they are shared); the working copy is dropped.
+
+What changed is recorded in ``ctx.extras["bn_recalibration"]``: per BN layer the mean shift (in units of
+the old standard deviation) and the variance ratio, and the output SQNR of the quantized model against FP32
+on the captured calibration samples before recalibration (``sqnr_without``); ``fold_quantized_batchnorm``
+adds ``sqnr_with`` after folding. The report (verify/report.py) prints them.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import helper, numpy_helper
+
+from onnxfp8.calibrators.data import CalibrationData, input_specs
+from onnxfp8.errors import DataError
+from onnxfp8.modelio import make_session, to_model
+from onnxfp8.pipeline import Pass, PassContext, PassResult, Pipeline
+from onnxfp8.verify.compare import ErrorStats
+
+MIN_BATCH = 64
+SUFFIX = "__onnxfp8_bnrecal"
+
+
+class PooledMoments:
+    """Exact streaming pooling of per-channel (count, mean, M2 = sum of squared deviations), float64."""
+
+    def __init__(self, channels: int):
+        self.n = 0.0
+        self.mean = np.zeros(channels, np.float64)
+        self.m2 = np.zeros(channels, np.float64)
+
+    def update(self, n: float, mean: np.ndarray, var: np.ndarray) -> None:
+        """Fold in a batch of ``n`` values per channel with (population) ``mean`` and ``var``."""
+        if n <= 0:
+            return
+        mean = np.asarray(mean, np.float64).reshape(-1)
+        var = np.asarray(var, np.float64).reshape(-1)
+        total = self.n + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + var * n + delta * delta * (self.n * n / total)
+        self.n = total
+
+    @property
+    def var(self) -> np.ndarray:
+        return self.m2 / self.n if self.n else np.zeros_like(self.m2)
+
+
+def batchnorms(graph: gs.Graph) -> List[gs.Node]:
+    """Inference-mode BatchNormalization nodes with constant parameters (the ones we can recalibrate)."""
+    out = []
+    for n in graph.nodes:
+        if n.op != "BatchNormalization" or n.attrs.get("training_mode", 0):
+            continue
+        if all(isinstance(t, gs.Constant) for t in n.inputs[1:5]):
+            out.append(n)
+    return out
+
+
+def training_mode_model(graph: gs.Graph, names: List[str]) -> onnx.ModelProto:
+    """Export a copy of ``graph`` with the named BatchNormalization nodes in training-mode form (explicit
+    ops), each exposing ``<bn>__onnxfp8_bnrecal_{mean,var,size}`` as graph outputs."""
+    model = to_model(graph.copy())
+    g = model.graph
+    wanted = set(names)
+    nodes = list(g.node)
+    del g.node[:]
+    i64 = lambda name, v: numpy_helper.from_array(np.asarray(v, np.int64), name)  # noqa: E731
+    for node in nodes:
+        if node.op_type != "BatchNormalization" or node.name not in wanted:
+            g.node.append(node)
+            continue
+        x, gamma, beta = node.input[0], node.input[1], node.input[2]
+        y = node.output[0]
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        p = node.name + SUFFIX
+        g.initializer.extend([i64(f"{p}_zero", [0]), i64(f"{p}_two", 2), i64(f"{p}_one", 1),
+                              numpy_helper.from_array(np.asarray(eps, np.float32), f"{p}_eps")])
+
+        def add(op, ins, outs, **attrs):
+            g.node.append(helper.make_node(op, ins, outs, name=f"{p}/{op}_{len(g.node)}", **attrs))
+
+        add("Shape", [x], [f"{p}_shape"])
+        add("Size", [f"{p}_shape"], [f"{p}_rank"])
+        add("Range", [f"{p}_two", f"{p}_rank", f"{p}_one"], [f"{p}_spatial"])
+        add("Concat", [f"{p}_zero", f"{p}_spatial"], [f"{p}_axes"], axis=0)
+        add("ReduceMean", [x, f"{p}_axes"], [f"{p}_mean"], keepdims=1)
+        add("Sub", [x, f"{p}_mean"], [f"{p}_d"])
+        add("Mul", [f"{p}_d", f"{p}_d"], [f"{p}_d2"])
+        add("ReduceMean", [f"{p}_d2", f"{p}_axes"], [f"{p}_var"], keepdims=1)
+        add("Add", [f"{p}_var", f"{p}_eps"], [f"{p}_vareps"])
+        add("Sqrt", [f"{p}_vareps"], [f"{p}_std"])
+        add("Shape", [f"{p}_mean"], [f"{p}_cshape"])
+        add("Reshape", [gamma, f"{p}_cshape"], [f"{p}_gamma"])
+        add("Reshape", [beta, f"{p}_cshape"], [f"{p}_beta"])
+        add("Div", [f"{p}_d", f"{p}_std"], [f"{p}_xhat"])
+        add("Mul", [f"{p}_xhat", f"{p}_gamma"], [f"{p}_scaled"])
+        add("Add", [f"{p}_scaled", f"{p}_beta"], [y])
+        add("Size", [x], [f"{p}_size"])
+        g.output.extend([helper.make_tensor_value_info(f"{p}_mean", onnx.TensorProto.FLOAT, None),
+                         helper.make_tensor_value_info(f"{p}_var", onnx.TensorProto.FLOAT, None),
+                         helper.make_tensor_value_info(f"{p}_size", onnx.TensorProto.INT64, [])])
+    return model
+
+
+def recalibration_data(model: onnx.ModelProto, ctx: PassContext):
+    """The data stream for recalibration: --bn-calib or the calibration data, --bn-samples, --augment."""
+    cfg = ctx.config
+    specs = input_specs(model)
+    static = {s.static_batch for s in specs.values() if s.static_batch}
+    bs = max(cfg.batch_size, MIN_BATCH)
+    limit = None if cfg.augment else cfg.bn_samples
+    if cfg.bn_calib:
+        data = CalibrationData(cfg.bn_calib, specs, batch_size=bs, limit=limit, what="BatchNorm recalibration data")
+    elif ctx.calib is not None:
+        source = getattr(ctx.calib, "source", ctx.calib)
+        data = CalibrationData(source, specs, batch_size=bs, limit=limit, what="calibration data")
+    else:
+        raise DataError(f"{ctx.source}: BatchNorm recalibration needs data: pass --calib DIR or --bn-calib DIR")
+    if static:
+        data.batch_size = static.pop()
+    if cfg.augment:
+        from onnxfp8.calibrators.augment import AugmentedData
+
+        return AugmentedData(data, cfg.augment, seed=cfg.augment_seed, samples=cfg.bn_samples, source=ctx.source)
+    return data
+
+
+def output_sqnr(graph: gs.Graph, ctx: PassContext) -> Optional[Dict[str, float]]:
+    """Output SQNR (dB) of ``graph`` against the FP32 outputs captured during calibration, or None."""
+    inputs = ctx.extras.get("captured_inputs") or []
+    refs = ctx.extras.get("captured_outputs") or []
+    if not inputs:
+        return None
+    sess = make_session(to_model(graph.copy()), level="basic", providers=ctx.config.providers,
+                        threads=ctx.config.threads)
+    names = [o.name for o in sess.get_outputs()]
+    stats = {n: ErrorStats() for n in names}
+    for feed, ref in zip(inputs, refs):
+        for n, v in zip(names, sess.run(names, feed)):
+            if n in ref:
+                stats[n].update(ref[n], v)
+    return {n: s.sqnr_db for n, s in stats.items() if s.count}
+
+
+def _set_param(bn: gs.Node, index: int, values: np.ndarray, suffix: str) -> None:
+    old = bn.inputs[index]
+    dtype = old.values.dtype
+    name = old.name if len(old.outputs) <= 1 else f"{bn.name}.{suffix}"
+    bn.inputs[index] = gs.Constant(name, np.asarray(values, dtype=dtype).reshape(old.values.shape))
+
+
+def layer_shift(mean0, var0, mean1, var1, eps: float) -> Dict[str, Any]:
+    """How far the statistics moved: |mean shift| in units of the old standard deviation, variance ratio."""
+    std0 = np.sqrt(np.asarray(var0, np.float64) + eps)
+    shift = np.abs(np.asarray(mean1, np.float64) - mean0) / std0
+    ratio = (np.asarray(var1, np.float64) + eps) / (np.asarray(var0, np.float64) + eps)
+    return {"channels": int(np.size(mean0)), "mean_shift": float(shift.mean()), "max_mean_shift": float(shift.max()),
+            "var_ratio": float(ratio.mean()), "min_var_ratio": float(ratio.min()), "max_var_ratio": float(ratio.max())}
+
+
+class RecalibrateBatchNorm(Pass):
+    name = "recalibrate_batchnorm"
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        start = time.perf_counter()
+        bns = batchnorms(graph)
+        skipped = [n.name for n in graph.nodes if n.op == "BatchNormalization" and n not in bns]
+        notes = [f"{name}: training mode or non-constant parameters, not recalibrated" for name in skipped]
+        if not bns:
+            return PassResult(False, ["no BatchNormalization to recalibrate"] + notes)
+        cfg = ctx.config
+        mode = cfg.bn_mode
+        names = [n.name for n in bns]
+        model = training_mode_model(graph, names)
+        data = recalibration_data(model, ctx)
+        sessions = [make_session(model, level="basic", providers=cfg.providers, threads=cfg.threads)]
+        fp32 = ctx.extras.get("fp32_graph")
+        if mode == "shift":
+            if fp32 is None:
+                notes.append("bn_mode shift: no FP32 graph kept (the pass ran outside the bn_recalibrate pipeline); "
+                             "the graph itself is the reference, so the statistics stay as they are")
+            else:
+                fp32_names = {n.name for n in batchnorms(fp32)}
+                missing = [nm for nm in names if nm not in fp32_names]
+                if missing:
+                    raise ValueError(f"bn_mode shift: {missing[0]} is not in the kept FP32 graph")
+                sessions.append(make_session(training_mode_model(fp32, names), level="basic",
+                                             providers=cfg.providers, threads=cfg.threads))
+        fetch = [f"{n.name}{SUFFIX}_{k}" for n in bns for k in ("mean", "var", "size")]
+        pooled = [{n.name: PooledMoments(int(np.size(n.inputs[3].values))) for n in bns} for _ in sessions]
+        samples = batches = 0
+        for batch in data.batches():
+            for sess, acc_of in zip(sessions, pooled):
+                values = sess.run(fetch, batch)
+                for i, n in enumerate(bns):
+                    mean, var, size = values[3 * i], values[3 * i + 1], int(values[3 * i + 2])
+                    acc = acc_of[n.name]
+                    if mean.size != acc.mean.size:
+                        raise DataError(f"{ctx.source}: {n.name} has {acc.mean.size} channels but its input has "
+                                        f"{mean.size}")
+                    acc.update(size / mean.size, mean, var)
+            samples += next(iter(batch.values())).shape[0]
+            batches += 1
+        del sessions, model  # drop the working copies
+        if samples == 0:
+            raise DataError(f"{ctx.source}: the BatchNorm recalibration data holds no samples")
+        before = output_sqnr(graph, ctx)
+        layers: Dict[str, Any] = {}
+        for n in bns:
+            acc = pooled[0][n.name]
+            eps = float(n.attrs.get("epsilon", 1e-5))
+            mean0 = n.inputs[3].values.astype(np.float64).reshape(-1)
+            var0 = n.inputs[4].values.astype(np.float64).reshape(-1)
+            if len(pooled) == 2:  # shift: old statistics moved by what quantization changed on the same data
+                ref = pooled[1][n.name]
+                new_mean = mean0 + (acc.mean - ref.mean)
+                new_var = var0 * ((acc.var + eps) / (ref.var + eps))
+            elif mode == "shift":
+                new_mean, new_var = mean0, var0
+            else:
+                new_mean, new_var = acc.mean, acc.var
+            if not (np.isfinite(new_mean).all() and np.isfinite(new_var).all()):
+                notes.append(f"{n.name}: non-finite statistics from the data, kept the old ones")
+                continue
+            _set_param(n, 3, new_mean, "running_mean")
+            _set_param(n, 4, new_var, "running_var")
+            layers[n.name] = layer_shift(mean0, var0, new_mean, new_var, eps)
+            layers[n.name].update(mean_before=mean0.tolist(), var_before=var0.tolist(),
+                                  mean_after=new_mean.tolist(), var_after=new_var.tolist(),
+                                  mean_data=acc.mean.tolist(), var_data=acc.var.tolist())
+        ctx.extras.pop("fp32_graph", None)
+        ctx.extras["bn_recalibration"] = {
+            "samples": samples, "batches": batches, "source": getattr(data, "describe", lambda: "")(),
+            "augment": list(cfg.augment), "statistics": "pooled", "mode": mode, "layers": layers,
+            "sqnr_without": before, "seconds": time.perf_counter() - start}
+        worst = max(layers.values(), key=lambda d: d["max_mean_shift"], default=None)
+        notes.insert(0, f"recalibrated {len(layers)} BatchNormalization node(s) on {samples} sample(s) in {batches} "
+                        f"batch(es)" + (f"; largest mean shift {worst['max_mean_shift']:.3f} sigma" if worst else ""))
+        return PassResult(bool(layers), notes)
+
+
+def with_bn_recalibration(pipe: Pipeline) -> Pipeline:
+    """Turn a pipeline into its BN-recalibrating form: BatchNormalization is left unfolded while quantizing,
+    the FP32 weights feeding a BN are kept before ``insert_qdq``, and after it come recalibration and the
+    fold (which recomputes the folded weights' scales and re-quantizes them)."""
+    from onnxfp8.passes.fold_quantized_batchnorm import FoldQuantizedBatchNorm, StashFP32Weights
+
+    names = pipe.names()
+    if "recalibrate_batchnorm" in names:
+        return pipe
+    if "fold_batchnorm" in names:
+        pipe.remove("fold_batchnorm")
+    pipe.insert_before("insert_qdq", StashFP32Weights())
+    pipe.insert_after("insert_qdq", RecalibrateBatchNorm())
+    pipe.insert_after("recalibrate_batchnorm", FoldQuantizedBatchNorm())
+    return pipe

@@ -1,0 +1,367 @@
+"""Per-layer error attribution: where in the quantized graph the error comes from.
+
+Tensors of the quantized graph are matched to FP32 tensors by name. insert_qdq keeps every original tensor name
+on its FP32 producer's output (the dequantized copy of an activation is ``<tensor>.dq``; a dequantized weight
+keeps the weight's name; a Relu that the quantizer moved behind a Q/DQ keeps its output name), so:
+
+* a **quantized layer** is a node of the quantized graph, outside the quantization fragments, that reads at
+  least one quantized value (a DequantizeLinear output, an emulated fake-quant output, or a Relu of one);
+* its **fragment** is what lies between the layer and the tensors it shares with the FP32 graph: the
+  Q/DQ (or emulation) nodes of its inputs, the weight decode, a commuting Relu, read back until a tensor that
+  the FP32 graph computes too (the *boundary*) or a constant;
+* **cumulative SQNR**: the layer's output in the quantized model vs the same tensor in the FP32 model: the
+  error of everything up to and including the layer;
+* **own SQNR** (the error the layer adds itself): the layer with its fragment run on the FP32 values of its
+  boundary tensors, vs the FP32 output. A layer with a bad scale shows a low own SQNR however good the
+  layers before it are, so sorting by it puts the culprits on top.
+
+Memory: the tensors are exposed as outputs in chunks whose per-batch bytes (FP32 reference, quantized output,
+own output and the boundaries fed to the isolated layers) fit ``max_memory_mb``; each chunk is one streamed
+pass over the data, reduced to ``ErrorStats`` batch by batch and dropped. Sizes come from one batch of a
+cheap pass that fetches only ``Size`` scalars.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnxfp8.modelio import make_session
+from onnxfp8.verify.compare import ErrorStats, _num
+
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+COMMUTING_OPS = ("Relu",)  # ops the quantizer may move behind a Q/DQ ("before:" placement)
+LOCAL_PREFIX = "__onnxfp8_own/"
+SIZE_SUFFIX = "__onnxfp8_size"
+
+
+@dataclass
+class Layer:
+    """A quantized layer and the quantized-graph nodes needed to run it alone on FP32 inputs."""
+
+    node: str
+    op_type: str
+    output: str  # the compared tensor (the layer's first output, a name the FP32 graph has)
+    quantized_inputs: List[str]  # input tensors of the layer that carry quantized values (quant-graph names)
+    boundaries: List[str]  # FP32 tensors the isolated layer reads
+    nodes: List[onnx.NodeProto]  # fragment nodes and the layer, in graph order
+    constants: List[str]  # initializers of the quantized graph the isolated layer reads
+    index: int = 0  # position in the quantized graph
+
+
+@dataclass
+class LayerResult:
+    node: str
+    op_type: str
+    output: str
+    quantized_inputs: List[str]
+    cumulative: ErrorStats
+    own: Optional[ErrorStats]
+    own_note: str = ""
+
+    @property
+    def cumulative_sqnr_db(self) -> float:
+        return self.cumulative.sqnr_db
+
+    @property
+    def own_sqnr_db(self) -> Optional[float]:
+        return self.own.sqnr_db if self.own is not None else None
+
+    def sort_key(self) -> Tuple[float, float]:
+        own = self.own_sqnr_db
+        own = math.inf if own is None or math.isnan(own) else own
+        return own, self.cumulative_sqnr_db
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"node": self.node, "op_type": self.op_type, "output": self.output,
+                "quantized_inputs": self.quantized_inputs,
+                "own_sqnr_db": _num(self.own_sqnr_db) if self.own is not None else None,
+                "cumulative_sqnr_db": _num(self.cumulative_sqnr_db),
+                "cumulative": self.cumulative.to_dict(), "own": self.own.to_dict() if self.own is not None else None,
+                **({"own_note": self.own_note} if self.own_note else {})}
+
+
+# -- finding the layers ------------------------------------------------------------------------------
+def _fp32_variables(model: onnx.ModelProto) -> Set[str]:
+    """Tensors the FP32 graph computes from its inputs (not initializers, not Constant outputs)."""
+    inits = {t.name for t in model.graph.initializer}
+    names = {i.name for i in model.graph.input if i.name not in inits}
+    for n in model.graph.node:
+        if n.op_type != "Constant":
+            names.update(o for o in n.output if o)
+    return names
+
+
+def find_layers(fp32: onnx.ModelProto, quant: onnx.ModelProto) -> Tuple[List[Layer], List[Dict[str, str]]]:
+    """The quantized layers of ``quant`` that can be compared with ``fp32``, and the ones that cannot
+    (``[{"node", "reason"}]``)."""
+    fp32_vars = _fp32_variables(fp32)
+    g = quant.graph
+    inits = {t.name for t in g.initializer}
+    producer: Dict[str, Tuple[int, onnx.NodeProto]] = {}
+    for i, n in enumerate(g.node):
+        for o in n.output:
+            if o:
+                producer[o] = (i, n)
+
+    fragment: Dict[int, bool] = {}
+    quantized: Dict[int, bool] = {}  # fragment nodes whose output carries a quantized value
+
+    def is_fragment(i: int, n: onnx.NodeProto) -> bool:
+        if i in fragment:
+            return fragment[i]
+        if n.op_type in QDQ_OPS or n.op_type == "Constant":
+            res = True
+        elif n.op_type in COMMUTING_OPS:
+            src = producer.get(n.input[0]) if n.input else None
+            res = src is not None and is_fragment(*src) and carries_quantized(*src)
+            res = res or not any(o in fp32_vars for o in n.output)
+        else:  # emulation nodes and weight decodes write tensors the FP32 graph does not compute
+            res = not any(o in fp32_vars for o in n.output if o)
+        fragment[i] = res
+        return res
+
+    fp32_inits = {t.name for t in fp32.graph.initializer}
+
+    def carries_quantized(i: int, n: onnx.NodeProto) -> bool:
+        """A fragment node whose output is a quantized value: a DequantizeLinear, the last node of an emulated
+        fake-quant (``<tensor>.dq``) or weight decode (the weight's name), a Relu of a quantized value."""
+        if i in quantized:
+            return quantized[i]
+        quantized[i] = False  # cycle guard
+        if n.op_type == "DequantizeLinear":
+            res = True
+        elif n.op_type in ("QuantizeLinear", "Constant"):
+            res = False
+        elif n.op_type in COMMUTING_OPS and n.input and n.input[0] in producer:
+            src = producer[n.input[0]]
+            res = is_fragment(*src) and carries_quantized(*src)
+        else:
+            res = any(o.endswith((".dq", ".relu_q")) or o in fp32_inits for o in n.output if o)
+        quantized[i] = res
+        return res
+
+    layers: List[Layer] = []
+    skipped: List[Dict[str, str]] = []
+    for i, n in enumerate(g.node):
+        if is_fragment(i, n):
+            continue
+        q_inputs = [t for t in n.input if t and t in producer and is_fragment(*producer[t])
+                    and carries_quantized(*producer[t])]
+        if not q_inputs:
+            continue
+        out = n.output[0] if n.output else ""
+        if out not in fp32_vars:
+            skipped.append({"node": n.name, "reason": f"output '{out}' has no FP32 tensor of the same name"})
+            continue
+        nodes: Dict[int, onnx.NodeProto] = {i: n}
+        boundaries: List[str] = []
+        constants: List[str] = []
+        missing: List[str] = []
+        stack = [t for t in n.input if t]
+        seen: Set[str] = set()
+        while stack:
+            t = stack.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            if t in inits:
+                constants.append(t)
+            elif t in producer and is_fragment(*producer[t]):
+                j, p = producer[t]
+                if j not in nodes:
+                    nodes[j] = p
+                    stack.extend(x for x in p.input if x)
+            elif t in fp32_vars:
+                boundaries.append(t)
+            else:
+                missing.append(t)
+        if missing:
+            skipped.append({"node": n.name, "reason": f"input '{missing[0]}' has no FP32 tensor of the same name"})
+            continue
+        layers.append(Layer(n.name, n.op_type, out, q_inputs, sorted(boundaries),
+                            [nodes[j] for j in sorted(nodes)], sorted(constants), index=i))
+    return layers, skipped
+
+
+# -- models for one chunk -----------------------------------------------------------------------------
+def _value_types(model: onnx.ModelProto) -> Dict[str, int]:
+    types: Dict[str, int] = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model) if model.ByteSize() < 2**31 else model
+    except Exception:
+        inferred = model
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    return types
+
+
+def expose(model: onnx.ModelProto, tensors: Sequence[str], types: Dict[str, int]) -> onnx.ModelProto:
+    """A copy of ``model`` with ``tensors`` added as graph outputs (the copy shares nothing with the input)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for t in tensors:
+        if t not in have:
+            m.graph.output.append(helper.make_tensor_value_info(t, types.get(t, onnx.TensorProto.FLOAT), None))
+            have.add(t)
+    return m
+
+
+def own_model(quant: onnx.ModelProto, layers: Sequence[Layer], input_types: Dict[str, int]) -> onnx.ModelProto:
+    """A model that runs ``layers`` alone: inputs are their FP32 boundary tensors, every node of their
+    fragments is copied from the quantized graph with its outputs renamed under ``LOCAL_PREFIX``; outputs are
+    ``LOCAL_PREFIX + layer.output``."""
+    inits = {t.name: t for t in quant.graph.initializer}
+    boundaries = sorted({b for l in layers for b in l.boundaries})
+    bset = set(boundaries)
+    renamed: Dict[str, str] = {}
+    nodes: Dict[str, onnx.NodeProto] = {}
+    constants: Set[str] = set()
+    order: List[Tuple[int, str]] = []
+    for l in layers:
+        constants.update(l.constants)
+        for n in l.nodes:
+            key = n.name or "|".join(n.output)
+            if key in nodes:
+                continue
+            nodes[key] = n
+            for o in n.output:
+                if o:
+                    renamed[o] = LOCAL_PREFIX + o
+    graph_nodes = []
+    # keep the quantized graph's (topological) order
+    position = {(n.name or "|".join(n.output)): i for i, n in enumerate(quant.graph.node)}
+    for key in sorted(nodes, key=lambda k: position.get(k, 0)):
+        n = nodes[key]
+        c = onnx.NodeProto()
+        c.CopyFrom(n)
+        c.name = LOCAL_PREFIX + n.name
+        del c.input[:]
+        for t in n.input:
+            if not t or t in bset or t in constants:
+                c.input.append(t)
+            else:
+                c.input.append(renamed.get(t, t))
+        del c.output[:]
+        c.output.extend(renamed.get(o, o) if o else o for o in n.output)
+        graph_nodes.append(c)
+    g = helper.make_graph(
+        graph_nodes, "onnxfp8_own_layers",
+        [helper.make_tensor_value_info(b, input_types.get(b, onnx.TensorProto.FLOAT), None) for b in boundaries],
+        [helper.make_tensor_value_info(LOCAL_PREFIX + l.output, onnx.TensorProto.FLOAT, None) for l in layers],
+        [inits[c] for c in sorted(constants)])
+    m = helper.make_model(g, opset_imports=list(quant.opset_import))
+    m.ir_version = quant.ir_version
+    return m
+
+
+def _size_model(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for i, t in enumerate(tensors):
+        m.graph.node.append(helper.make_node("Size", [t], [t + SIZE_SUFFIX], name=f"onnxfp8_check_size_{i}"))
+        m.graph.output.append(helper.make_tensor_value_info(t + SIZE_SUFFIX, onnx.TensorProto.INT64, []))
+    return m
+
+
+def chunks(layers: Sequence[Layer], nbytes: Dict[str, int], budget: int) -> List[List[Layer]]:
+    """Pack layers (in graph order) into chunks whose exposed bytes per batch fit ``budget``: the reference,
+    quantized and own copies of each output, plus the boundary tensors (each counted once per chunk). A layer
+    over the budget gets a chunk of its own."""
+    out: List[List[Layer]] = []
+    cur: List[Layer] = []
+    cur_bounds: Set[str] = set()
+    used = 0
+    for l in layers:
+        cost = 3 * nbytes.get(l.output, 0) + sum(nbytes.get(b, 0) for b in l.boundaries if b not in cur_bounds)
+        if cur and used + cost > budget:
+            out.append(cur)
+            cur, cur_bounds, used = [], set(), 0
+            cost = 3 * nbytes.get(l.output, 0) + sum(nbytes.get(b, 0) for b in l.boundaries)
+        cur.append(l)
+        cur_bounds.update(l.boundaries)
+        used += cost
+    if cur:
+        out.append(cur)
+    return out
+
+
+# -- running ------------------------------------------------------------------------------------------
+@dataclass
+class LayerRun:
+    results: List[LayerResult]
+    skipped: List[Dict[str, str]] = field(default_factory=list)
+    chunks: int = 0
+    passes: int = 0
+    bytes_per_batch: int = 0  # largest exposed bytes per batch of any chunk
+
+
+def compare_layers(fp32: onnx.ModelProto, quant: onnx.ModelProto, data, *, max_memory_mb: int = 64,
+                   providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
+                   progress: Optional[Callable[[str], None]] = None) -> LayerRun:
+    """Cumulative and own error of every quantized layer of ``quant`` against ``fp32`` over ``data`` (a
+    CalibrationData: re-iterable batches). Results are sorted worst own SQNR first."""
+    layers, skipped = find_layers(fp32, quant)
+    run = LayerRun([], skipped)
+    if not layers:
+        return run
+    fp32_inputs = {i.name for i in fp32.graph.input} - {t.name for t in fp32.graph.initializer}
+    first = next(iter(data.batches()))
+    # element counts per batch, from Size scalars of one batch of the quantized model
+    wanted = sorted({l.output for l in layers} | {b for l in layers for b in l.boundaries if b not in fp32_inputs})
+    size_sess = make_session(_size_model(quant, wanted), level="basic", providers=providers, threads=threads)
+    sizes = dict(zip(wanted, (int(v) for v in size_sess.run([t + SIZE_SUFFIX for t in wanted], first))))
+    del size_sess
+    for name, arr in first.items():
+        sizes[name] = int(np.asarray(arr).size)
+    types = _value_types(fp32)
+    for name, arr in first.items():
+        types.setdefault(name, helper.np_dtype_to_tensor_dtype(np.asarray(arr).dtype))
+    nbytes = {t: n * _itemsize(types.get(t, onnx.TensorProto.FLOAT)) for t, n in sizes.items()}
+    del first
+    groups = chunks(layers, nbytes, max(1, max_memory_mb) * 2**20)
+    run.chunks = len(groups)
+    cum = {l.node: ErrorStats() for l in layers}
+    own = {l.node: ErrorStats() for l in layers}
+    for gi, group in enumerate(groups):
+        outs = [l.output for l in group]
+        bounds = sorted({b for l in group for b in l.boundaries})
+        run.bytes_per_batch = max(run.bytes_per_batch, sum(3 * nbytes.get(o, 0) for o in outs)
+                                  + sum(nbytes.get(b, 0) for b in bounds))
+        ref_fetch = list(dict.fromkeys(outs + [b for b in bounds if b not in fp32_inputs]))
+        fp32_sess = make_session(expose(fp32, ref_fetch, types), level="basic", providers=providers, threads=threads)
+        q_sess = make_session(expose(quant, outs, {}), level="basic", providers=providers, threads=threads)
+        own_sess = make_session(own_model(quant, group, types), level="basic", providers=providers, threads=threads)
+        own_outs = [LOCAL_PREFIX + o for o in outs]
+        for batch in data.batches():
+            ref = dict(zip(ref_fetch, fp32_sess.run(ref_fetch, batch)))
+            feed = {b: (batch[b] if b in batch else ref[b]) for b in bounds}
+            mine = own_sess.run(own_outs, feed)
+            del feed
+            for l, v in zip(group, mine):
+                own[l.node].update(ref[l.output], v)
+            del mine
+            got = q_sess.run(outs, batch)
+            for l, v in zip(group, got):
+                cum[l.node].update(ref[l.output], v)
+            del got, ref
+        del fp32_sess, q_sess, own_sess
+        run.passes += 1
+        if progress:
+            progress(f"layers: chunk {gi + 1}/{len(groups)} ({len(group)} layer(s))")
+    run.results = sorted((LayerResult(l.node, l.op_type, l.output, l.quantized_inputs, cum[l.node], own[l.node])
+                          for l in layers), key=LayerResult.sort_key)
+    return run
+
+
+def _itemsize(elem_type: int) -> int:
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
+    except Exception:
+        return 4

@@ -1,0 +1,194 @@
+"""calibrators/data.py: reading .npz / .npy calibration sets, re-batching, the sample limit, and one-line
+DataErrors naming the file and the input."""
+import numpy as np
+import onnx
+import pytest
+
+from onnxfp8.calibrators.data import CalibrationData, as_data, input_specs
+from onnxfp8.errors import DataError
+
+rng = np.random.default_rng(3)
+
+
+def _model(inputs: str, outputs: str, body: str) -> onnx.ModelProto:
+    return onnx.parser.parse_model(f'<ir_version: 8, opset_import: ["" : 19]>\ng ({inputs}) => ({outputs}) {{ {body} }}')
+
+
+ONE = _model("float[N,4] x", "float[N,4] y", "y = Relu (x)")
+TWO = _model("float[N,4] a, int64[N,S] ids", "float[N,4] y", "y = Relu (a)")
+STATIC = _model("float[2,4] x", "float[2,4] y", "y = Relu (x)")
+
+
+def _batches(model, src, **kw):
+    return list(as_data(src, model, **kw).batches())
+
+
+def _x(n):
+    return rng.normal(0, 1, (n, 4)).astype(np.float32)
+
+
+def test_npz_one_sample_and_batches_along_axis0(tmp_path):
+    xs = [_x(1)[0], _x(3), _x(1)]  # one sample without batch axis, a batch of 3, a batch of 1
+    for i, x in enumerate(xs):
+        np.savez(tmp_path / f"{i}.npz", x=x)
+    got = _batches(ONE, tmp_path, batch_size=16)
+    assert len(got) == 1
+    np.testing.assert_array_equal(got[0]["x"], np.concatenate([xs[0][None], xs[1], xs[2]]))
+
+
+def test_npy_single_input(tmp_path):
+    x = _x(5)
+    np.save(tmp_path / "a.npy", x)
+    got = _batches(ONE, tmp_path, batch_size=2)
+    assert [b["x"].shape[0] for b in got] == [2, 2, 1]
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in got]), x)
+
+
+@pytest.mark.parametrize("bs", [1, 3, 16])
+def test_rebatching_across_files(tmp_path, bs):
+    parts = [_x(n) for n in (2, 5, 1, 4)]
+    for i, p in enumerate(parts):
+        np.savez(tmp_path / f"{i:02d}.npz", x=p)
+    got = _batches(ONE, tmp_path, batch_size=bs)
+    sizes = [b["x"].shape[0] for b in got]
+    assert all(s == bs for s in sizes[:-1]) and sum(sizes) == 12 and sizes[-1] <= bs
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in got]), np.concatenate(parts))
+
+
+def test_static_batch_dimension_wins(tmp_path):
+    for i in range(3):
+        np.savez(tmp_path / f"{i}.npz", x=_x(2))
+    got = _batches(STATIC, tmp_path, batch_size=4)
+    assert [b["x"].shape[0] for b in got] == [2, 2, 2]
+
+
+@pytest.mark.xfail(strict=True, reason="data.py checks dimension 0 against a static batch size instead of "
+                   "re-batching a file that holds several batches (reported to the lead)")
+def test_static_batch_file_with_several_batches(tmp_path):
+    np.savez(tmp_path / "a.npz", x=_x(6))
+    got = _batches(STATIC, tmp_path, batch_size=4)
+    assert [b["x"].shape[0] for b in got] == [2, 2, 2]
+
+
+def test_dynamic_sequence_lengths_are_not_mixed(tmp_path):
+    np.savez(tmp_path / "0.npz", a=_x(2), ids=np.zeros((2, 5), np.int64))
+    np.savez(tmp_path / "1.npz", a=_x(2), ids=np.ones((2, 7), np.int64))
+    got = _batches(TWO, tmp_path, batch_size=16)
+    assert [b["ids"].shape for b in got] == [(2, 5), (2, 7)]
+
+
+@pytest.mark.parametrize("limit,want", [(1, 1), (4, 4), (7, 7), (100, 9)])
+def test_calib_samples_limit(tmp_path, limit, want):
+    for i in range(3):
+        np.savez(tmp_path / f"{i}.npz", x=_x(3))
+    data = as_data(tmp_path, ONE, batch_size=2, limit=limit)
+    assert data.count() == want
+
+
+def test_iterable_and_dict_sources():
+    items = [{"x": _x(2)}, {"x": _x(3)}]
+    got = _batches(ONE, items, batch_size=4)
+    assert [b["x"].shape[0] for b in got] == [4, 1]
+    got = _batches(ONE, {"x": _x(3)}, batch_size=4)
+    assert got[0]["x"].shape == (3, 4)
+    with pytest.raises(DataError, match="one-shot iterator"):
+        as_data(iter(items), ONE)
+
+
+def test_labels_collected(tmp_path):
+    np.savez(tmp_path / "a.npz", x=_x(3), label=np.array([1, 2, 3]))
+    (batch, labels), = list(as_data(tmp_path, ONE).batches(with_labels=True))
+    np.testing.assert_array_equal(labels, [1, 2, 3])
+
+
+def test_input_specs():
+    specs = input_specs(TWO)
+    assert list(specs) == ["a", "ids"]
+    assert specs["ids"].dtype == np.int64 and specs["a"].shape == ("N", 4)
+
+
+def _error(model, folder, **kw):
+    with pytest.raises(DataError) as e:
+        _batches(model, folder, **kw)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_error_missing_input(tmp_path):
+    np.savez(tmp_path / "a.npz", a=_x(1))
+    msg = _error(TWO, tmp_path)
+    assert "a.npz" in msg and "missing input 'ids'" in msg
+
+
+def test_error_unknown_key(tmp_path):
+    np.savez(tmp_path / "a.npz", x=_x(1), extra=_x(1))
+    msg = _error(ONE, tmp_path)
+    assert "a.npz" in msg and "unknown input 'extra'" in msg
+
+
+@pytest.mark.parametrize("shape", [(2, 5), (2, 4, 1), (4, 4, 4)])
+def test_error_wrong_shape(tmp_path, shape):
+    np.savez(tmp_path / "a.npz", x=np.zeros(shape, np.float32))
+    msg = _error(ONE, tmp_path)
+    assert "a.npz" in msg and "'x'" in msg and "shape" in msg
+
+
+def test_error_wrong_dtype(tmp_path):
+    np.savez(tmp_path / "a.npz", a=_x(1), ids=np.zeros((1, 3), np.float32))
+    msg = _error(TWO, tmp_path)
+    assert "a.npz" in msg and "'ids'" in msg and "float32" in msg and "int64" in msg
+
+
+def test_error_integer_overflow_on_cast(tmp_path):
+    model = _model("int8[N,2] x", "int8[N,2] y", "y = Identity (x)")
+    np.savez(tmp_path / "a.npz", x=np.array([[1, 300]], np.int64))
+    msg = _error(model, tmp_path)
+    assert "a.npz" in msg and "'x'" in msg and "do not fit" in msg
+
+
+def test_error_empty_folder(tmp_path):
+    with pytest.raises(DataError, match="no .npz or .npy files") as e:
+        as_data(tmp_path, ONE)
+    assert str(tmp_path) in str(e.value)
+
+
+def test_error_missing_folder(tmp_path):
+    with pytest.raises(DataError, match="no such file or folder"):
+        as_data(tmp_path / "nope", ONE)
+
+
+@pytest.mark.parametrize("bad,word", [(np.nan, "NaN"), (np.inf, "Inf"), (-np.inf, "Inf")])
+def test_error_nan_inf(tmp_path, bad, word):
+    np.savez(tmp_path / "a.npz", x=_x(2))
+    x = _x(2)
+    x[1, 2] = bad
+    np.savez(tmp_path / "b.npz", x=x)
+    msg = _error(ONE, tmp_path)
+    assert "b.npz" in msg and "'x'" in msg and word in msg
+
+
+def test_error_npy_for_multi_input_model(tmp_path):
+    np.save(tmp_path / "a.npy", _x(1))
+    with pytest.raises(DataError) as e:
+        as_data(tmp_path, TWO)
+    msg = str(e.value)
+    assert "a.npy" in msg and "single-input" in msg and "a, ids" in msg and "\n" not in msg
+
+
+def test_error_unreadable_file(tmp_path):
+    (tmp_path / "a.npz").write_bytes(b"garbage")
+    msg = _error(ONE, tmp_path)
+    assert "a.npz" in msg and "cannot read" in msg
+
+
+def test_error_samples_disagree(tmp_path):
+    np.savez(tmp_path / "a.npz", a=_x(2), ids=np.zeros((3, 4), np.int64))
+    msg = _error(TWO, tmp_path)
+    assert "a.npz" in msg and "disagree" in msg
+
+
+def test_in_memory_error_names_the_item():
+    with pytest.raises(DataError, match=r"calibration data\[1\]: missing input 'x'"):
+        _batches(ONE, [{"x": _x(1)}, {}])
+    assert isinstance(as_data([{"x": _x(1)}], ONE), CalibrationData)

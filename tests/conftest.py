@@ -1,0 +1,77 @@
+"""Shared fixtures: the example models and their data, built once per test session into a temporary folder."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+EXAMPLE_NAMES = ("cnn", "mlp", "transformer")
+
+
+@pytest.fixture(scope="session")
+def example_models(tmp_path_factory):
+    """``{name: {"model": Path, "calib": Path (dir), "val": Path (dir), ...}}`` for cnn, mlp, transformer,
+    with 32 calibration and 32 validation samples each (one sample per .npz file)."""
+    from models.build import build_all
+
+    out = tmp_path_factory.mktemp("examples")
+    return build_all(out_dir=out, calib=32, val=32)
+
+
+@pytest.fixture(scope="session")
+def load_feeds():
+    """``load_feeds(folder, n=None)``: the .npz files of a data folder stacked into one batch per input."""
+    import numpy as np
+
+    def load(folder, n=None):
+        files = sorted(Path(folder).glob("*.npz"))[:n]
+        parts = [dict(np.load(f)) for f in files]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def run_passes():
+    """``run_passes(model, names, config=None, calib=None)``: prepare ``model`` (a ModelProto) like quantize()
+    does and run the standard pipeline's passes named in ``names`` (in pipeline order). Returns
+    ``(graph, ctx, results)`` with ``results[name]`` the PassResult of each pass."""
+    from onnxfp8.calibrators.data import as_data
+    from onnxfp8.config import QuantConfig
+    from onnxfp8.modelio import prepare_model, to_graph
+    from onnxfp8.passes import standard_pipeline
+    from onnxfp8.pipeline import PassContext
+
+    def run(model, names, config=None, calib=None):
+        config = config or QuantConfig()
+        proto = prepare_model(model, opset=config.opset)
+        graph = to_graph(proto)
+        ctx = PassContext(config=config, source="test.onnx")
+        if calib is not None:
+            ctx.calib = as_data(calib, proto, batch_size=config.batch_size, limit=config.calib_samples)
+        results = {}
+        for p in standard_pipeline(config).passes:
+            if p.name in names:
+                p.requires(graph, ctx)
+                results[p.name] = p.run(graph, ctx)
+                p.ensures(graph, ctx)
+        return graph, ctx, results
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def ort_run():
+    """``ort_run(model, feeds, level="disable")``: run a ModelProto in onnxruntime (CPU) at an optimization
+    level (through onnxfp8.modelio.make_session); returns the list of outputs."""
+    from onnxfp8.modelio import make_session
+
+    def run(model, feeds, level="disable"):
+        return make_session(model, level=level).run(None, feeds)
+
+    return run

@@ -1,0 +1,222 @@
+"""recalibrate_batchnorm / fold_quantized_batchnorm on a Conv -> BN -> Relu -> Conv -> BN graph:
+
+- recalibrated statistics equal numpy statistics computed from the quantized upstream values (train-mode
+  normalization of the upstream BN per batch, exact pooling across uneven batches);
+- without quantization, recalibrating on the data the BN was fitted to leaves the statistics unchanged;
+- the folded model passes the checker (full_check) and matches its unfolded twin numerically, in every
+  format and style.
+"""
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import onnxfp8
+from onnxfp8.calibrators.data import as_data
+from onnxfp8.config import QuantConfig
+from onnxfp8.errors import ConfigError, DataError
+from onnxfp8.formats import get_format
+from onnxfp8.modelio import make_session, prepare_model, to_graph, to_model
+from onnxfp8.passes import pipeline_for
+from onnxfp8.passes.assign_formats import AssignFormats, channel_amax
+from onnxfp8.passes.calibrate import Calibrate
+from onnxfp8.passes.canonicalize import Canonicalize
+from onnxfp8.passes.cleanup import Cleanup
+from onnxfp8.passes.fold_quantized_batchnorm import FoldQuantizedBatchNorm, StashFP32Weights
+from onnxfp8.passes.insert_qdq import InsertQDQ
+from onnxfp8.passes.recalibrate_batchnorm import PooledMoments, RecalibrateBatchNorm
+from onnxfp8.passes.select_ops import SelectOps
+from onnxfp8.pipeline import PassContext, Pipeline
+
+EPS = 1e-5
+N, CIN, C1, C2, HW = 96, 2, 4, 3, 6
+
+
+def conv(x, w, b):
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    win = np.lib.stride_tricks.sliding_window_view(xp, (3, 3), axis=(2, 3))  # n c h w i j
+    return np.einsum("nchwij,ocij->nohw", win, w.astype(np.float64)) + b[None, :, None, None]
+
+
+def stats(y):
+    return y.mean(axis=(0, 2, 3)), y.var(axis=(0, 2, 3))
+
+
+def bn(y, gamma, beta, mean, var):
+    r = lambda a: np.asarray(a)[None, :, None, None]  # noqa: E731
+    return (y - r(mean)) / np.sqrt(r(var) + EPS) * r(gamma) + r(beta)
+
+
+@pytest.fixture(scope="module")
+def case():
+    """The model with BN statistics fitted (inference mode, population statistics) to its data."""
+    rng = np.random.default_rng(0)
+    x = (rng.normal(0.3, 1.0, (N, CIN, HW, HW))).astype(np.float32)
+    p = {"w1": rng.normal(0, 0.5, (C1, CIN, 3, 3)), "b1": rng.normal(0, 0.3, C1),
+         "g1": rng.uniform(0.5, 1.5, C1), "be1": rng.normal(0, 0.5, C1),
+         "w2": rng.normal(0, 0.3, (C2, C1, 3, 3)), "b2": rng.normal(0, 0.3, C2),
+         "g2": rng.uniform(0.5, 1.5, C2), "be2": rng.normal(0, 0.5, C2)}
+    p = {k: v.astype(np.float32) for k, v in p.items()}
+    y1 = conv(x, p["w1"], p["b1"])
+    p["m1"], p["v1"] = (a.astype(np.float32) for a in stats(y1))
+    h = np.maximum(bn(y1, p["g1"], p["be1"], p["m1"], p["v1"]), 0)
+    y2 = conv(h, p["w2"], p["b2"])
+    p["m2"], p["v2"] = (a.astype(np.float32) for a in stats(y2))
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", "g1", "be1", "m1", "v1"], ["bn1_out"], name="bn1", epsilon=EPS),
+        helper.make_node("Relu", ["bn1_out"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c2", "g2", "be2", "m2", "v2"], ["y"], name="bn2", epsilon=EPS),
+    ]
+    graph = helper.make_graph(nodes, "cbrcb", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", CIN, HW, HW])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", C2, HW, HW])],
+                              [numpy_helper.from_array(v, k) for k, v in p.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model.ir_version = 9
+    onnx.checker.check_model(model, full_check=True)
+    return model, x, p
+
+
+def _run_passes(model, x, passes, **cfg):
+    proto = prepare_model(model)
+    graph = to_graph(proto)
+    ctx = PassContext(config=QuantConfig(**cfg))
+    ctx.calib = as_data([{"x": x[i:i + 16]} for i in range(0, len(x), 16)], proto)
+    Pipeline("test", passes).run(graph, ctx)
+    return graph, ctx
+
+
+def _quantize_unfolded(model, x, **cfg):
+    return _run_passes(model, x, [Canonicalize(), SelectOps(), Calibrate(), AssignFormats(), StashFP32Weights(),
+                                  InsertQDQ(), RecalibrateBatchNorm()], bn_recalibrate=True, **cfg)
+
+
+def _bn_stats(graph, name):
+    node = next(n for n in graph.nodes if n.name == name)
+    return node.inputs[3].values.astype(np.float64), node.inputs[4].values.astype(np.float64)
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "int8", "e3m4"])
+def test_recalibrated_stats_equal_numpy_stats_of_quantized_upstream(case, fmt):
+    model, x, p = case
+    graph, ctx = _quantize_unfolded(model, x, format=fmt, bn_mode="replace")
+    f = get_format(fmt)
+    plan = ctx.plan.tensors
+    assert ctx.extras["bn_recalibration"]["batches"] == 2  # 96 samples in batches of 64 and 32
+    fq = lambda v, name: f.fake_quant(v.astype(np.float32), plan[name].scale_array(), plan[name].axis)  # noqa: E731
+    w1, w2 = fq(p["w1"], "w1"), fq(p["w2"], "w2")
+    assert not np.array_equal(w1, p["w1"])  # quantization really happened
+    y1s, y2s = [], []
+    for start in (0, 64):  # the pass's batches; the upstream BN normalizes with each batch's own statistics
+        xb = fq(x[start:start + 64], "x")
+        y1 = conv(xb, w1, p["b1"]).astype(np.float32)
+        m, v = stats(y1.astype(np.float64))
+        h = bn(y1, p["g1"], p["be1"], m, v).astype(np.float32)
+        h = np.maximum(fq(h, "r1"), 0)  # r1 is quantized on the Relu input
+        y2s.append(conv(h, w2, p["b2"]))
+        y1s.append(y1.astype(np.float64))
+    for name, ys in (("bn1", y1s), ("bn2", y2s)):
+        want_m, want_v = stats(np.concatenate(ys))  # exact pooling over all samples
+        got_m, got_v = _bn_stats(graph, name)
+        np.testing.assert_allclose(got_m, want_m, rtol=1e-4, atol=1e-4, err_msg=name)
+        np.testing.assert_allclose(got_v, want_v, rtol=1e-4, atol=1e-5, err_msg=name)
+    # and they differ from the FP32 statistics the model came with
+    assert np.max(np.abs(_bn_stats(graph, "bn2")[0] - p["m2"])) > 1e-4
+
+
+def test_fp32_recalibration_on_fitting_data_leaves_stats_unchanged(case):
+    model, x, p = case
+    graph, ctx = _run_passes(model, x, [Canonicalize(), RecalibrateBatchNorm()], bn_recalibrate=True,
+                             bn_mode="replace", batch_size=128)
+    for name, m, v in (("bn1", p["m1"], p["v1"]), ("bn2", p["m2"], p["v2"])):  # one batch: exact
+        got_m, got_v = _bn_stats(graph, name)
+        np.testing.assert_allclose(got_m, m, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got_v, v, rtol=1e-5, atol=1e-6)
+    graph, ctx = _run_passes(model, x, [Canonicalize(), RecalibrateBatchNorm()], bn_recalibrate=True,
+                             bn_mode="replace")  # batches 64 + 32: BN1 still exact, BN2 within tolerance
+    np.testing.assert_allclose(_bn_stats(graph, "bn1")[0], p["m1"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_bn_stats(graph, "bn1")[1], p["v1"], rtol=1e-5)
+    got_m, got_v = _bn_stats(graph, "bn2")
+    assert np.max(np.abs(got_m - p["m2"]) / np.sqrt(p["v2"])) < 0.05
+    np.testing.assert_allclose(got_v, p["v2"], rtol=0.05)
+
+
+def test_shift_mode_without_quantization_is_exactly_a_no_op(case):
+    model, x, p = case
+    res = onnxfp8.quantize(model, [{"x": x}], config=QuantConfig(op_types=("NoSuchOp",), bn_recalibrate=True,
+                                                                  fold_batchnorm=False))
+    inits = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    for k in ("m1", "v1", "m2", "v2"):
+        np.testing.assert_allclose(inits[k], p[k], rtol=1e-6, atol=1e-7)
+    assert res.report.batchnorm["mode"] == "shift"
+
+
+@pytest.mark.parametrize("fmt,style", [("e4m3", "qdq"), ("e4m3", "emulate"), ("int8", "qdq"), ("e3m4", "qdq"),
+                                       ("e5m2", "emulate")])
+def test_folded_model_checks_and_matches_unfolded_twin(case, fmt, style):
+    model, x, p = case
+    graph, ctx = _quantize_unfolded(model, x, format=fmt, style=style)
+    twin = to_model(graph.copy())
+    assert sum(n.op_type == "BatchNormalization" for n in twin.graph.node) == 2
+    Pipeline("fold", [FoldQuantizedBatchNorm(), Cleanup()]).run(graph, ctx)
+    folded = to_model(graph)
+    onnx.checker.check_model(folded, full_check=True)
+    assert not any(n.op_type == "BatchNormalization" for n in folded.graph.node)
+    # the folded weights are stored quantized with scales recomputed from the folded FP32 weight
+    inits = {t.name: t for t in folded.graph.initializer}
+    spec = ctx.plan.tensors["w2"]
+    assert inits["w2.quantized"].data_type != onnx.TensorProto.FLOAT
+    g, v = p["g2"].astype(np.float64), ctx.extras["bn_recalibration"]["layers"]["bn2"]["var_after"]
+    folded_w = p["w2"] * (g / np.sqrt(np.asarray(v) + EPS))[:, None, None, None]
+    np.testing.assert_allclose(spec.scale, get_format(fmt).scale_for(channel_amax(folded_w.astype(np.float32), 0)),
+                               rtol=1e-6)
+    a = make_session(twin).run(["y"], {"x": x})[0]
+    b = make_session(folded).run(["y"], {"x": x})[0]
+    err = np.abs(a - b)
+    # identical up to float rounding; an activation landing on the other side of a rounding boundary moves
+    # by one quantization step at most, in very few places
+    assert np.mean(err < 1e-4) > 0.995
+    assert 10 * np.log10(np.sum(a.astype(np.float64) ** 2) / max(np.sum(err.astype(np.float64) ** 2), 1e-30)) > 45
+
+
+def test_pipeline_order_and_report(case):
+    model, x, _ = case
+    cfg = QuantConfig(format="e4m3", bn_recalibrate=True)
+    names = pipeline_for(cfg).names()
+    assert "fold_batchnorm" not in names
+    assert names.index("stash_fp32_weights") < names.index("insert_qdq") < names.index("recalibrate_batchnorm") \
+        < names.index("fold_quantized_batchnorm")
+    res = onnxfp8.quantize(model, [{"x": x}], config=cfg)
+    bn = res.report.batchnorm
+    assert set(bn["layers"]) == {"bn1", "bn2"} and bn["samples"] == N
+    assert set(bn["sqnr_without"]) == {"y"} and set(bn["sqnr_with"]) == {"y"}
+    text = res.report.summary()
+    assert "BatchNorm recalibration (shift mode, pooled statistics)" in text and "bn2: mean shift" in text
+    assert "SQNR vs FP32 without recalibration" in text
+    assert '"batchnorm"' in res.report.to_json()
+
+
+def test_pooled_moments_are_exact_and_differ_from_batch_averaging():
+    rng = np.random.default_rng(1)
+    parts = [rng.normal(m, s, (n, 3)) for m, s, n in ((0.0, 1.0, 50), (2.0, 0.5, 7), (-1.0, 2.0, 200))]
+    acc = PooledMoments(3)
+    for part in parts:
+        acc.update(len(part), part.mean(0), part.var(0))
+    allv = np.concatenate(parts)
+    np.testing.assert_allclose(acc.mean, allv.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(acc.var, allv.var(0), rtol=1e-12)
+    averaged = np.mean([part.var(0) for part in parts], axis=0)  # PyTorch's cumulative average of batch stats
+    assert np.all(averaged < acc.var * 0.8)  # leaves out the spread of the batch means
+
+
+def test_errors(case):
+    model, x, _ = case
+    with pytest.raises(ConfigError, match="bn_mode"):
+        QuantConfig(bn_recalibrate=True, bn_mode="average")
+    with pytest.raises(ConfigError, match="needs bn_recalibrate"):
+        QuantConfig(augment=("flip",))
+    with pytest.raises(ConfigError, match="unknown augmentation 'rotate'"):
+        QuantConfig(bn_recalibrate=True, augment=("rotate",))
+    with pytest.raises(DataError, match="nowhere: no such file"):
+        onnxfp8.quantize(model, [{"x": x}], config=QuantConfig(bn_recalibrate=True, bn_calib="nowhere"))

@@ -1,0 +1,117 @@
+"""select_ops: node selection by op type, name glob / regex, position and --exclude-op, every skip with its
+reason; a name pattern that matches nothing is a ConfigError."""
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from onnxfp8.config import QuantConfig
+from onnxfp8.errors import ConfigError
+
+rng = np.random.default_rng(5)
+
+TEXT = """<ir_version: 8, opset_import: ["" : 19]>
+g (float[1,3,8,8] x, float[1,4,8,8] wdyn) => (float[1,10] y, float[1,4,8,8] z) {
+    a = Conv <pads = [1,1,1,1]> (x, w1)
+    conv_a = Identity (a)
+    b = Conv <pads = [1,1,1,1]> (conv_a, w2)
+    c = Relu (b)
+    p = GlobalAveragePool (c)
+    f = Flatten (p)
+    h = Gemm <transB = 1> (f, w3, b3)
+    q = MatMul (h, h2)
+    y = Gemm <transB = 1> (q, w4, b4)
+    z = Conv <pads = [1,1,1,1]> (x, wdyn_c)
+}"""
+
+
+def _model():
+    m = onnx.parser.parse_model(TEXT)
+    names = ["conv_a", "id", "conv_b", "relu", "gap", "flatten", "fc1", "mm_act", "fc_head", "conv_dyn"]
+    for n, name in zip(m.graph.node, names):
+        n.name = name
+    # the last Conv reads a weight that is a graph input (not a constant): rename its input
+    m.graph.node[-1].input[1] = "wdyn"
+    # MatMul between two activations: its second input is the first Gemm's output again
+    m.graph.node[7].input[1] = "h"
+    m.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 10
+    inits = {"w1": (4, 3, 3, 3), "w2": (4, 4, 3, 3), "w3": (16, 4), "b3": (16,), "w4": (10, 16), "b4": (10,)}
+    for name, shape in inits.items():
+        m.graph.initializer.append(numpy_helper.from_array(rng.normal(0, 1, shape).astype(np.float32), name))
+    m.graph.node[8].input[0] = "q"
+    return m
+
+
+MODEL = _model()
+
+
+def _select(run_passes, **cfg):
+    graph, ctx, res = run_passes(MODEL, ["canonicalize", "select_ops"], config=QuantConfig(**cfg))
+    return ctx.plan.nodes, res["select_ops"].notes
+
+
+def _quantized(nodes):
+    return sorted(n for n, d in nodes.items() if d.quantized)
+
+
+def test_default_selection_and_structural_reasons(run_passes):
+    nodes, notes = _select(run_passes)
+    assert _quantized(nodes) == ["conv_a", "conv_b", "fc1", "fc_head"]
+    assert nodes["relu"].reason == "op type Relu is not quantized by this scheme"
+    assert nodes["mm_act"].reason == "MatMul between two activations (extended scheme only)"
+    assert nodes["conv_dyn"].reason == "Conv weight is not a constant"
+    assert notes[0] == "4 of 10 node(s) selected for quantization"
+    assert nodes["conv_a"].inputs == {0: "activation", 1: "weight"}
+    assert all(d.reason for d in nodes.values())
+
+
+def test_by_op_type(run_passes):
+    nodes, _ = _select(run_passes, op_types=("Gemm",))
+    assert _quantized(nodes) == ["fc1", "fc_head"]
+    assert nodes["conv_a"].reason == "op type Conv is not quantized by this scheme"
+
+
+def test_exclude_op(run_passes):
+    nodes, _ = _select(run_passes, exclude_ops=("Conv",))
+    assert _quantized(nodes) == ["fc1", "fc_head"]
+    assert nodes["conv_b"].reason == "op type Conv excluded (--exclude-op)"
+
+
+@pytest.mark.parametrize("pattern", ["conv_*", "/^conv_[ab]$/", "re:conv_(a|b)"])
+def test_exclude_by_name(run_passes, pattern):
+    nodes, notes = _select(run_passes, exclude_nodes=(pattern,))
+    assert _quantized(nodes) == ["fc1", "fc_head"]
+    assert nodes["conv_a"].reason == f"name matches --exclude-node '{pattern}'"
+    matched = [n for n in notes if n.startswith(f"--exclude-node '{pattern}' matched")]
+    assert matched and "conv_a" in matched[0] and "conv_b" in matched[0]
+
+
+def test_glob_is_whole_name_and_regex_searches(run_passes):
+    with pytest.raises(ConfigError, match="'fc' matches no node"):
+        _select(run_passes, exclude_nodes=("fc",))  # a glob must match the whole name
+    nodes, _ = _select(run_passes, exclude_nodes=("/fc/",))  # a regex is searched
+    assert _quantized(nodes) == ["conv_a", "conv_b"]
+
+
+def test_include_by_name(run_passes):
+    nodes, notes = _select(run_passes, include_nodes=("fc_*",))
+    assert _quantized(nodes) == ["fc_head"]
+    assert nodes["fc1"].reason == "name does not match any --include-node pattern"
+    assert any(n.startswith("--include-node 'fc_*' matched 1 node(s): fc_head") for n in notes)
+
+
+def test_keep_first_last(run_passes):
+    nodes, _ = _select(run_passes, keep_first_last=True)
+    kept = {n: d.reason for n, d in nodes.items() if "compute layer kept FP32" in d.reason}
+    assert kept["conv_a"] == "first compute layer kept FP32 (--keep-first-last)"
+    (last, reason), = [(n, r) for n, r in kept.items() if n != "conv_a"]
+    assert reason == "last compute layer kept FP32 (--keep-first-last)"
+    assert _quantized(nodes) == sorted({"conv_b", "fc1", "fc_head"} - {last})
+
+
+@pytest.mark.parametrize("key", ["exclude_nodes", "include_nodes"])
+@pytest.mark.parametrize("pattern", ["nothing_*", "/^nope$/"])
+def test_pattern_matching_nothing_is_config_error(run_passes, key, pattern):
+    with pytest.raises(ConfigError, match="matches no node") as e:
+        _select(run_passes, **{key: (pattern,)})
+    assert pattern in str(e.value) and "\n" not in str(e.value)

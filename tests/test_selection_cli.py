@@ -1,0 +1,105 @@
+"""Selection rules from the command line: --exclude-node / --include-node with globs, /regex/ and re:regex
+(what each matched in the summary and the report; a pattern matching nothing exits 2 with one line),
+--exclude-op, --keep-first-last, --target tensorrt."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from onnxfp8.cli import cli
+
+
+@pytest.fixture(scope="module")
+def tr(example_models):
+    return example_models["transformer"]
+
+
+def _quantize(ex, tmp_path, *args):
+    out = tmp_path / "q.onnx"
+    report = tmp_path / "report.json"
+    res = CliRunner().invoke(cli, ["quantize", str(ex["model"]), "--calib", str(ex["calib"]), "-o", str(out),
+                                   "--calib-samples", "8", "--report", str(report), *args])
+    rep = json.loads(report.read_text()) if res.exit_code == 0 else None
+    return res, rep
+
+
+def _decisions(rep):
+    return {d["node"]: d for d in rep["plan"]["nodes"]}
+
+
+def test_exclude_patterns_report_what_they_matched(tr, tmp_path):
+    res, rep = _quantize(tr, tmp_path, "--exclude-node", "layer0/attn/*_proj", "--exclude-node", "/ffn/fc[12]$/",
+                         "--exclude-node", "re:^classifier$")
+    assert res.exit_code == 0, res.output
+    line = next(l for l in res.output.splitlines() if l.startswith("node patterns: "))
+    assert ("--exclude-node 'layer0/attn/*_proj' matched 4 node(s): layer0/attn/q_proj, layer0/attn/k_proj, "
+            "layer0/attn/v_proj, layer0/attn/out_proj") in line
+    assert "--exclude-node '/ffn/fc[12]$/' matched 2 node(s): layer0/ffn/fc1, layer0/ffn/fc2" in line
+    assert "--exclude-node 're:^classifier$' matched 1 node(s): classifier" in line
+    d = _decisions(rep)
+    assert not d["layer0/attn/q_proj"]["quantized"]
+    assert d["layer0/attn/q_proj"]["reason"] == "name matches --exclude-node 'layer0/attn/*_proj'"
+    assert d["layer0/ffn/fc2"]["reason"] == "name matches --exclude-node '/ffn/fc[12]$/'"
+    quantized = {n for n, x in d.items() if x["quantized"]}
+    assert quantized == {"embeddings/word_embeddings"}
+    notes = next(p["notes"] for p in rep["passes"] if p["name"] == "select_ops")
+    assert any(n.startswith("--exclude-node 're:^classifier$' matched 1") for n in notes)
+
+
+def test_include_node_restricts(tr, tmp_path):
+    res, rep = _quantize(tr, tmp_path, "--include-node", "*/ffn/*")
+    assert res.exit_code == 0, res.output
+    d = _decisions(rep)
+    assert {n for n, x in d.items() if x["quantized"]} == {"layer0/ffn/fc1", "layer0/ffn/fc2"}
+    assert d["layer0/attn/q_proj"]["reason"] == "name does not match any --include-node pattern"
+    assert "--include-node '*/ffn/*' matched" in res.output
+
+
+@pytest.mark.parametrize("flag, pattern", [("--exclude-node", "layer9/*"), ("--include-node", "/^attn/"),
+                                           ("--exclude-node", "re:q_porj")])
+def test_pattern_matching_nothing_exits_2(tr, tmp_path, flag, pattern):
+    res, _ = _quantize(tr, tmp_path, flag, pattern)
+    assert res.exit_code == 2
+    lines = res.stderr.strip().splitlines()
+    assert lines == [f"error: {tr['model']}: {flag} pattern '{pattern}' matches no node"]
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_bad_regex_exits_2(tr, tmp_path):
+    res, _ = _quantize(tr, tmp_path, "--exclude-node", "/fc[/")
+    assert res.exit_code == 2
+    assert res.stderr.strip().splitlines() == [
+        "error: exclude_nodes: '/fc[/' is not a valid regular expression (unterminated character set at position 2)"]
+
+
+def test_regex_with_comma_is_not_split(tr, tmp_path):
+    res, rep = _quantize(tr, tmp_path, "--exclude-node", "/^layer0/ffn/fc[0-9]{1,2}$/")
+    assert res.exit_code == 0, res.output
+    assert "matched 2 node(s): layer0/ffn/fc1, layer0/ffn/fc2" in res.output
+
+
+def test_exclude_op_and_keep_first_last(example_models, tmp_path):
+    ex = example_models["mlp"]
+    res, rep = _quantize(ex, tmp_path, "--keep-first-last")
+    assert res.exit_code == 0, res.output
+    d = _decisions(rep)
+    assert d["fc1"]["reason"] == "first compute layer kept FP32 (--keep-first-last)"
+    assert d["fc3"]["reason"] == "last compute layer kept FP32 (--keep-first-last)"
+    assert d["fc2"]["quantized"]
+    res, rep = _quantize(ex, tmp_path, "--exclude-op", "Gemm")
+    d = _decisions(rep)
+    assert d["fc1"]["reason"] == "op type Gemm excluded (--exclude-op)" and d["fc2"]["quantized"]
+
+
+def test_target_tensorrt_flag(example_models, tmp_path):
+    ex = example_models["cnn"]
+    res, rep = _quantize(ex, tmp_path, "--target", "tensorrt")
+    assert res.exit_code == 0, res.output
+    d = _decisions(rep)
+    assert d["conv1"]["reason"].startswith("Conv with 3 input / 32 output channels")
+    assert d["conv2"]["quantized"]
+    assert rep["config"]["target"] == "tensorrt"
+    res = CliRunner().invoke(cli, ["lint", str(tmp_path / "q.onnx")])
+    assert res.exit_code == 0, res.output
