@@ -11,6 +11,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import external_data_helper
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from onnxfp8.errors import ModelError
@@ -72,6 +73,15 @@ def prepare_model(model: onnx.ModelProto, opset: int = 19, source: str = "model"
     return model
 
 
+def _save_external(model: onnx.ModelProto, path: str, location: str) -> None:
+    """Save with the tensors in one external file ``location`` beside ``path``, and leave ``model`` whole:
+    onnx.save_model moves the tensors' bytes out of the proto it saves, so read them back from the file
+    (no second in-memory copy of a >2 GB model)."""
+    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=location,
+                    size_threshold=1024)
+    external_data_helper.load_external_data_for_model(model, os.path.dirname(path))
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shape inference that also works for models over 2 GB (through a temporary file)."""
     try:
@@ -80,7 +90,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         with tempfile.TemporaryDirectory() as tmp:
             src = os.path.join(tmp, "in.onnx")
             dst = os.path.join(tmp, "out.onnx")
-            onnx.save_model(model, src, save_as_external_data=True, location="in.data")
+            _save_external(model, src, "in.data")
             onnx.shape_inference.infer_shapes_path(src, dst)
             return onnx.load(dst, load_external_data=True)
     except Exception as e:  # inference is a convenience: a model that fails it can still be quantized
@@ -144,12 +154,13 @@ def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], protect: I
     try:
         tmp_model = os.path.join(tmpdir, os.path.basename(target))
         if big:
-            onnx.save_model(model, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-            os.replace(os.path.join(tmpdir, data_name), os.path.join(folder, data_name))
+            _save_external(model, tmp_model, data_name)
+            if os.path.exists(os.path.join(tmpdir, data_name)):
+                os.replace(os.path.join(tmpdir, data_name), os.path.join(folder, data_name))
+            os.replace(tmp_model, target)
         else:
             onnx.save_model(model, tmp_model)
-        os.replace(tmp_model, target)
+            os.replace(tmp_model, target)
     except OSError as e:
         raise ModelError(f"{path}: cannot write the output model ({e.strerror or e})") from None
     finally:
@@ -213,7 +224,7 @@ def make_session(model: Union[onnx.ModelProto, str], level: str = "basic",
         tmpdir = tempfile.mkdtemp(prefix="onnxfp8-session-")
         try:
             p = os.path.join(tmpdir, "model.onnx")
-            onnx.save_model(model, p, save_as_external_data=True, location="model.data")
+            _save_external(model, p, "model.data")
             return ort.InferenceSession(p, so, providers=list(providers), disabled_optimizers=list(DISABLED_OPTIMIZERS))
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)

@@ -46,6 +46,8 @@ def quantize(model: Union[ModelLike], calib: Any = None, config: Optional[QuantC
     config = config or QuantConfig()
     start = time.perf_counter()
     source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model"
+    if output and source != "model" and os.path.abspath(os.fspath(output)) == os.path.abspath(source):
+        raise ModelError(f"{output}: refusing to overwrite the input model; choose another output with -o")
     proto = load_model(model)
     size_before = model_bytes(proto)
     proto = prepare_model(proto, opset=config.opset, source=source)

@@ -1,0 +1,130 @@
+"""Loading and saving at the edges: opset upgrade, IR version, node naming, external data (the >2 GB path,
+exercised by lowering the threshold), atomic writes and never overwriting the input."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+import onnxfp8
+from onnxfp8 import modelio
+from onnxfp8.cli import cli
+from onnxfp8.errors import ModelError
+from onnxfp8.modelio import load_model, make_session, prepare_model, save_model
+
+
+def _mlp(opset=13, ir_version=7, named=True):
+    """x[4,16] -> MatMul -> Relu -> Gemm: unnamed nodes when ``named`` is False."""
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 0.3, (16, 128)).astype(np.float32)  # 2 KB as FP8: external data when the limit is low
+    w2 = rng.normal(0, 0.1, (8, 128)).astype(np.float32)
+    inits = [onnx.numpy_helper.from_array(w1, "w1"), onnx.numpy_helper.from_array(w2, "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm" if named else ""),
+             helper.make_node("Relu", ["h"], ["r"], name="relu" if named else ""),
+             helper.make_node("Gemm", ["r", "w2"], ["y"], transB=1, name="gemm" if named else "")]
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)
+
+
+def _calib(n=8, seed=1):
+    return [{"x": np.random.default_rng(seed).normal(0, 1, (n, 16)).astype(np.float32)}]
+
+
+def test_opset13_model_is_upgraded_and_quantizes():
+    res = onnxfp8.quantize(_mlp(opset=13), _calib(), onnxfp8.QuantConfig(summary_samples=0))
+    assert modelio.ai_onnx_opset(res.model) >= 19
+    assert modelio.MIN_IR_VERSION <= res.model.ir_version <= modelio.MAX_IR_VERSION
+    onnx.checker.check_model(res.model, full_check=True)
+    x = _calib(seed=2)[0]
+    ref = make_session(_mlp(opset=13)).run(None, x)[0]
+    got = make_session(res.model).run(None, x)[0]
+    assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
+
+
+def test_old_opset_is_refused_in_one_line():
+    with pytest.raises(ModelError, match=r"^m\.onnx: opset 11 is not supported; export with opset 13 or newer$"):
+        prepare_model(_mlp(opset=11), source="m.onnx")
+
+
+def test_unnamed_nodes_get_unique_stable_names():
+    m = prepare_model(_mlp(named=False))
+    names = [n.name for n in m.graph.node]
+    assert names == ["MatMul_0", "Relu_1", "Gemm_2"]
+
+
+def test_newer_ir_version_clamped_to_what_onnxruntime_loads():
+    m = _mlp(opset=19, ir_version=11)
+    assert prepare_model(m).ir_version == modelio.MAX_IR_VERSION
+
+
+def test_bad_model_files_one_line(tmp_path):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00not a model at all\xff" * 10)
+    with pytest.raises(ModelError, match=r"junk\.onnx: not a readable ONNX model"):
+        load_model(str(junk))
+    with pytest.raises(ModelError, match=r"nope\.onnx: no such file"):
+        load_model(str(tmp_path / "nope.onnx"))
+    with pytest.raises(ModelError, match="is a directory"):
+        load_model(str(tmp_path))
+
+
+def test_refuses_to_overwrite_input_before_any_work(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save_model(_mlp(), str(path))
+    before = path.read_bytes()
+    with pytest.raises(ModelError, match="refusing to overwrite the input model"):
+        onnxfp8.quantize(str(path), _calib(), output=str(path))
+    assert path.read_bytes() == before
+    np.savez(tmp_path / "c.npz", x=_calib()[0]["x"])
+    r = CliRunner().invoke(cli, ["quantize", str(path), "--calib", str(tmp_path / "c.npz"), "-o", str(path)])
+    assert r.exit_code == 2 and "refusing to overwrite the input model" in r.output
+    assert r.output.count("\n") == 1 and "Traceback" not in r.output
+    assert path.read_bytes() == before
+
+
+def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    out = tmp_path / "out.onnx"
+
+    def broken_save(model, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(modelio.onnx, "save_model", broken_save)
+    with pytest.raises(ModelError, match=r"out\.onnx: cannot write the output model \(No space left on device\)"):
+        save_model(_mlp(), str(out))
+    assert os.listdir(tmp_path) == []  # neither the output nor the temporary folder
+
+
+def test_existing_output_replaced_atomically(tmp_path):
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"old")
+    save_model(_mlp(), str(out))
+    assert onnx.load(str(out)).graph.name == "mlp"
+    assert sorted(os.listdir(tmp_path)) == ["out.onnx"]
+
+
+def test_external_data_paths(tmp_path, monkeypatch):
+    """The >2 GB code paths, with the threshold lowered to a few KB: an input with external data loads, the
+    session runs it through a temporary file, and the output is written with its data beside it."""
+    src = tmp_path / "in" / "model.onnx"
+    src.parent.mkdir()
+    onnx.save_model(_mlp(), str(src), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    assert (src.parent / "model.onnx.data").exists()
+    monkeypatch.setattr(modelio, "TWO_GB", 4096)
+    out = tmp_path / "out" / "model.e4m3.onnx"
+    out.parent.mkdir()
+    res = onnxfp8.quantize(str(src), _calib(), onnxfp8.QuantConfig(summary_samples=8), output=str(out))
+    assert sorted(os.listdir(out.parent)) == ["model.e4m3.onnx", "model.e4m3.onnx.data"]
+    assert os.path.getsize(out) < 4096  # the weights are in the data file
+    reloaded = load_model(str(out))
+    x = _calib(seed=2)[0]
+    want = make_session(res.model).run(None, x)[0]
+    np.testing.assert_array_equal(make_session(str(out)).run(None, x)[0], want)
+    np.testing.assert_array_equal(make_session(reloaded).run(None, x)[0], want)  # via the temporary file
+    assert np.isfinite(res.report.outputs["y"]["sqnr_db"])
