@@ -84,10 +84,13 @@ def config_options(fn):
         click.option("--providers", multiple=True, help="onnxruntime execution providers (comma separated)."),
         click.option("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)."),
         click.option("--max-memory", "max_memory_mb", type=int, help="Memory budget in MB for tensors exposed per batch during calibration."),
+        click.option("--save-stats", type=click.Path(), help="Write the calibration statistics (min/max and histograms of every calibrated tensor, tied to this graph and data) to FILE, so that other formats or methods can --load-stats them."),
+        click.option("--load-stats", type=click.Path(), help="Use statistics written by --save-stats instead of running calibration (refused when FILE belongs to another model or data)."),
         click.option("--bn-recalibrate/--no-bn-recalibrate", default=None, help="Re-estimate BatchNorm statistics on the quantized model (BN left unfolded while quantizing), then fold BN and re-quantize the folded weights."),
         click.option("--bn-calib", type=click.Path(), help="Data for --bn-recalibrate (default: the calibration data)."),
         click.option("--bn-samples", type=int, help="Samples for --bn-recalibrate (default 4096, or all the data holds; with --augment the data is gone over again)."),
         click.option("--bn-mode", type=click.Choice(["shift", "replace"]), help="shift (default): move the stored statistics by the shift quantization causes on the data; replace: the quantized model's statistics on the data."),
+        click.option("--bn-guard/--no-bn-guard", default=None, help="With --bn-recalibrate: keep the stored statistics when recalibration lowers accuracy (labels), top-1 agreement or output SQNR vs FP32 on the held-out calibration samples (default on)."),
         click.option("--bn-ranges/--no-bn-ranges", default=None, help="After --bn-recalibrate, re-measure activation ranges on the quantized model (max calibration)."),
         click.option("--augment", multiple=True, help="Augment the --bn-recalibrate data (NCHW images): flip,crop,jitter (comma separated)."),
         click.option("--augment-seed", type=int, help="Seed of --augment (default 0)."),
@@ -226,13 +229,19 @@ def quantize(model, calib, output, plan_path, report_path, quiet, do_check, val,
     check_memory = kw.get("max_memory_mb") or 64  # --max-memory given: it bounds the --layers exposure too
     config = build_config(kw)
     output = output or default_output(model, config)
-    result = run(model, calib, config=config, output=output)
+    from onnxfp8.progress import progress_for
+
+    result = run(model, calib, config=config, output=output, progress=progress_for(sys.stderr, quiet))
     if plan_path:
         _write_text(plan_path, result.plan.to_json())
     if report_path:
         _write_text(report_path, result.report.to_json())
     if not quiet:
         click.echo(result.report.summary())
+        from onnxfp8.passes.assign_formats import auto_summary
+
+        for line in auto_summary(result.plan):  # --format auto: what won where, and by how much
+            click.echo(line)
         click.echo(f"wrote {output}")
     if do_check:
         code = _run_check(model, result.model, val, ck, check_json, quiet, batch_size=config.batch_size,

@@ -27,7 +27,10 @@ AUTO_CANDIDATES = ("e4m3", "e3m4", "e5m2", "int8")
 GRANULARITIES = ("tensor", "token")
 LEVELS = ("disable", "basic", "extended", "all")
 BN_MODES = ("replace", "shift")
+CALIBRATION_METHODS = ("max", "percentile", "mse", "entropy")
 TARGETS = ("tensorrt",)
+# what a per-tensor override (``[overrides."tensor"]`` in a recipe) may set; anything else is rejected by name
+OVERRIDE_KEYS = ("format", "scale", "amax", "axis", "calibration", "percentile")
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,10 @@ class QuantConfig:
     providers: Tuple[str, ...] = ("CPUExecutionProvider",)
     threads: int = 0
     max_memory_mb: int = 2048
+    # statistics cache (calibrators/cache.py): write min/max + histograms of every calibrated tensor here /
+    # read them instead of calibrating (refused when the file belongs to another graph or data)
+    save_stats: Optional[str] = None
+    load_stats: Optional[str] = None
     opset: int = 19
     target: Optional[str] = None  # "tensorrt": only placements TensorRT fuses into FP8 kernels (rules.TensorRTRule)
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -80,6 +87,7 @@ class QuantConfig:
     augment_seed: int = 0
     bn_ranges: bool = False  # after folding, re-measure activation ranges on the quantized model (max)
     bn_mode: str = "shift"  # shift: old statistics + the shift quantization causes; replace: the quantized statistics
+    bn_guard: bool = True  # keep the stored statistics when recalibration is worse on held-out samples
 
     def __post_init__(self) -> None:
         from onnxfp8.formats import get_format
@@ -117,6 +125,18 @@ class QuantConfig:
             raise ConfigError(f"calib_samples must be >= 1, got {self.calib_samples}")
         if not 0 < self.percentile <= 100:
             raise ConfigError(f"percentile must be in (0, 100], got {self.percentile}")
+        if self.calibration not in CALIBRATION_METHODS:
+            raise ConfigError(f"calibration: unknown method '{self.calibration}'; choose one of "
+                              f"{', '.join(CALIBRATION_METHODS)}")
+        for tensor, over in self.overrides.items():  # per-tensor calibration method (passes/calibrate.py)
+            method = over.get("calibration") if isinstance(over, Mapping) else None
+            if method is not None and method not in CALIBRATION_METHODS:
+                raise ConfigError(f"overrides.{tensor}.calibration: unknown method '{method}'; choose one of "
+                                  f"{', '.join(CALIBRATION_METHODS)}")
+            pct = over.get("percentile") if isinstance(over, Mapping) else None
+            if pct is not None and (isinstance(pct, bool) or not isinstance(pct, (int, float)) or not 0 < pct <= 100):
+                raise ConfigError(f"overrides.{tensor}.percentile must be in (0, 100], got {pct!r}")
+        check_overrides(self.overrides)
         if self.bn_mode not in BN_MODES:
             raise ConfigError(f"bn_mode: unknown mode '{self.bn_mode}'; choose one of {', '.join(BN_MODES)}")
         if self.bn_samples is not None and self.bn_samples < 1:
@@ -209,6 +229,38 @@ class QuantConfig:
         data = load_recipe_file(path)
         data.update(overrides)
         return cls.from_dict(data, source=path)
+
+
+def check_overrides(overrides: Any, source: str = "") -> None:
+    """Per-tensor overrides: a table per tensor holding only OVERRIDE_KEYS, a known format (not auto), a
+    positive scale/amax, an integer axis. ``source`` (a recipe file) prefixes the one-line error."""
+    pre = f"{source}: " if source else ""
+    if not isinstance(overrides, Mapping):
+        raise ConfigError(f"{pre}overrides: expected a table of tensor names, got {type(overrides).__name__}")
+    from onnxfp8.formats import get_format
+
+    for tensor, over in overrides.items():
+        if not isinstance(over, Mapping):
+            raise ConfigError(f"{pre}overrides.{tensor}: expected a table of {', '.join(OVERRIDE_KEYS)}, got {over!r}")
+        bad = sorted(set(over) - set(OVERRIDE_KEYS))
+        if bad:
+            raise ConfigError(f"{pre}overrides.{tensor}: unknown key(s) {', '.join(bad)}; known keys: "
+                              f"{', '.join(OVERRIDE_KEYS)}")
+        if "format" in over:
+            try:
+                get_format(over["format"])
+            except (ValueError, TypeError, AttributeError) as e:
+                raise ConfigError(f"{pre}overrides.{tensor}.format: {e}") from None
+        for key in ("scale", "amax"):
+            if key in over:
+                v = over[key]
+                vals = v if isinstance(v, (list, tuple)) else [v]
+                if not vals or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0 or x == float("inf")
+                                   for x in vals):
+                    raise ConfigError(f"{pre}overrides.{tensor}.{key} must be a finite number > 0 (or a list of "
+                                      f"them per channel), got {v!r}")
+        if "axis" in over and (isinstance(over["axis"], bool) or not isinstance(over["axis"], int)):
+            raise ConfigError(f"{pre}overrides.{tensor}.axis must be an integer, got {over['axis']!r}")
 
 
 def load_recipe_file(path: str) -> Dict[str, Any]:

@@ -140,10 +140,10 @@ def _float_tensors(model: onnx.ModelProto, tensors: Sequence[str]) -> List[str]:
     return out
 
 
-def _augment_reduce(model: onnx.ModelProto, tensors: Sequence[str], with_size: bool,
+def _augment_reduce(model: onnx.ModelProto, tensors: Sequence[str], sized: Set[str] = frozenset(),
                     nonneg: Set[str] = frozenset()) -> onnx.ModelProto:
     """A copy of ``model`` with per-tensor reductions as extra outputs ``<t>__onnxfp8_max`` (and ``_min``
-    unless ``t`` is in ``nonneg``, ``_size`` with ``with_size``)."""
+    unless ``t`` is in ``nonneg``, ``_size`` when ``t`` is in ``sized``)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
@@ -161,7 +161,7 @@ def _augment_reduce(model: onnx.ModelProto, tensors: Sequence[str], with_size: b
         if t not in nonneg:
             g.node.append(helper.make_node("ReduceMin", [t], [t + MIN_SUFFIX], keepdims=0, name=f"onnxfp8_calib_min_{i}"))
             g.output.append(helper.make_tensor_value_info(t + MIN_SUFFIX, et or onnx.TensorProto.FLOAT, []))
-        if with_size:
+        if t in sized:
             g.node.append(helper.make_node("Size", [t], [t + SIZE_SUFFIX], name=f"onnxfp8_calib_size_{i}"))
             g.output.append(helper.make_tensor_value_info(t + SIZE_SUFFIX, onnx.TensorProto.INT64, []))
     return m
@@ -213,11 +213,14 @@ def _notify_passes(progress: Optional[Progress], passes: int) -> None:
 def collect(model: onnx.ModelProto, tensors: Sequence[str], data: CalibrationData, calibrator: Calibrator, *,
             providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0, max_memory_mb: int = 2048,
             capture: int = 0, level: str = "all", progress: Optional[Progress] = None,
-            known_ranges: Optional[MaxCalibrator] = None) -> CollectResult:
+            known_ranges: Optional[MaxCalibrator] = None,
+            hist_tensors: Optional[Sequence[str]] = None) -> CollectResult:
     """Calibrate ``tensors`` of ``model`` on ``data``. ``capture`` keeps the inputs and the model outputs of
     the first ``capture`` samples (for the post-quantization summary). ``progress(samples, pass_number)`` is
     called after every batch. ``known_ranges``: max statistics of (some of) the tensors already known (the max
-    pass then only runs for the others, and not at all for histogram methods when every range is known)."""
+    pass then only runs for the others, and not at all for histogram methods when every range is known).
+    ``hist_tensors``: with a histogram calibrator, the subset of ``tensors`` it histograms (default: all);
+    the others only get max statistics (``result.max_calibrator``), from the same max pass."""
     start = time.perf_counter()
     tensors = _float_tensors(model, list(dict.fromkeys(tensors)))
     out_names = [o.name for o in model.graph.output]
@@ -225,22 +228,31 @@ def collect(model: onnx.ModelProto, tensors: Sequence[str], data: CalibrationDat
     if known_ranges is not None and known_ranges is not max_cal:
         max_cal.load_state(known_ranges.state())
     known = set(max_cal.result())
-    needs_hist = bool(tensors) and (calibrator.needs_range or not calibrator.accepts_reduced)
+    hist_calibrator = bool(tensors) and (calibrator.needs_range or not calibrator.accepts_reduced)
+    if not hist_calibrator:
+        hist: List[str] = []
+    elif hist_tensors is None:
+        hist = list(tensors)
+    else:
+        wanted = set(hist_tensors)
+        hist = [t for t in tensors if t in wanted]
+    needs_hist = bool(hist)
     result = CollectResult({}, {}, max_calibrator=max_cal)
     cap = _Capture(capture, result)
     todo_max = [t for t in tensors if t not in known]
     if needs_hist:  # the max pass also measures the sizes of every histogrammed tensor
         run_max_pass = bool(todo_max)
-        reduced = tensors if run_max_pass else []
+        reduced = list(dict.fromkeys(todo_max + hist)) if run_max_pass else []
     else:
         run_max_pass = bool(todo_max) or capture > 0 or not tensors
         reduced = todo_max
     bounded = nonnegative_tensors(model) & set(reduced) if reduced else set()
     result.min_bounded = [t for t in todo_max if t in bounded]
+    sized = set(hist)
     pass_no = 0
     if run_max_pass:
         pass_no += 1
-        session = make_session(_augment_reduce(model, reduced, needs_hist, bounded), level=level,
+        session = make_session(_augment_reduce(model, reduced, sized, bounded), level=level,
                                providers=providers, threads=threads)
         fetch = list(out_names)
         slots = []
@@ -252,7 +264,7 @@ def collect(model: onnx.ModelProto, tensors: Sequence[str], data: CalibrationDat
                 lo_i = len(fetch)
                 fetch.append(t + MIN_SUFFIX)
             size_i = None
-            if needs_hist:
+            if t in sized:
                 size_i = len(fetch)
                 fetch.append(t + SIZE_SUFFIX)
             slots.append((t, hi_i, lo_i, size_i))
@@ -274,12 +286,12 @@ def collect(model: onnx.ModelProto, tensors: Sequence[str], data: CalibrationDat
                 progress(result.samples, pass_no)
         del session
     if needs_hist:
-        calibrator.set_ranges({t: r for t, r in max_cal.result().items() if t in set(tensors)})
+        calibrator.set_ranges({t: r for t, r in max_cal.result().items() if t in sized})
         budget = max(1, max_memory_mb) * 2**20
         if run_max_pass:
-            groups = _groups(tensors, result.sizes, budget)
+            groups = _groups(hist, result.sizes, budget)
         else:  # no max pass measured the sizes: take them from the inferred shapes
-            groups = _groups_by_static_size(model, tensors, data, budget)
+            groups = _groups_by_static_size(model, hist, data, budget)
         _notify_passes(progress, pass_no + len(groups))
         for gi, group in enumerate(groups):
             pass_no += 1
@@ -303,7 +315,9 @@ def collect(model: onnx.ModelProto, tensors: Sequence[str], data: CalibrationDat
             del sess
     result.passes = pass_no
     result.minmax = {t: v for t, v in max_cal.minmax().items() if t in set(tensors)}
-    result.ranges = {t: v for t, v in calibrator.result().items() if t in set(tensors)} if tensors else {}
+    result.ranges = {t: v for t, v in max_cal.result().items() if t in set(tensors)} if tensors else {}
+    if needs_hist:
+        result.ranges.update({t: v for t, v in calibrator.result().items() if t in sized})
     for t in tensors:  # a tensor never seen finite gets range 0 (the scale code makes that safe)
         result.ranges.setdefault(t, 0.0)
     result.seconds = time.perf_counter() - start

@@ -1,0 +1,185 @@
+"""A progress bar for long runs (calibration): samples done, samples/s and ETA, redrawn in place on stderr.
+
+It only draws on a terminal: :func:`progress_for` returns ``None`` (no bar at all) when the stream is not a
+TTY (CI logs, pipes, files) or with ``--quiet``. No dependency: one ``\\r``-redrawn line, at most every
+``min_interval`` seconds, cleared and ended with a newline by :meth:`ProgressBar.close`.
+
+The collector calls the bar as ``bar(samples_done_in_this_pass, pass_number)`` after every batch and
+``bar.set_passes(n)`` once it knows how many passes over the data it will make (one max pass, then one per
+group of histogrammed tensors). ``bar.begin(label, total)`` gives the number of samples per pass (from the
+array headers, see :func:`count_samples`), which the ETA needs; without it the bar shows the rate only.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import zipfile
+from typing import Any, Callable, Optional, TextIO
+
+import numpy as np
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(round(max(seconds, 0.0)))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
+
+
+class ProgressBar:
+    """``[#######.......] 448/1024 samples  pass 1/2  85.3 samples/s  ETA 0:17`` on one line."""
+
+    def __init__(self, stream: Optional[TextIO] = None, width: int = 24, min_interval: float = 0.1,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.width = width
+        self.min_interval = min_interval
+        self.clock = clock
+        self.label = "calibrating"
+        self.total: Optional[int] = None
+        self.passes = 1
+        self._start: Optional[float] = None
+        self._last_draw = -1e9
+        self._done_before = 0  # samples of the finished passes
+        self._pass = 1
+        self._in_pass = 0
+        self._drawn = 0  # length of the line on screen
+        self._base = 0  # samples done at the first report
+
+    # -- what the runner tells us
+    def begin(self, label: str, total: Optional[int]) -> None:
+        self.label = label
+        self.total = total if total and total > 0 else None
+        self.passes = 1
+        self._start = None
+        self._done_before = 0
+        self._pass, self._in_pass = 1, 0
+
+    def set_passes(self, passes: int) -> None:
+        self.passes = max(int(passes), self._pass)
+
+    def __call__(self, samples: int, pass_no: int = 1) -> None:
+        now = self.clock()
+        if self._start is None:  # the rate counts from the first report (session creation excluded)
+            self._start = now
+            self._base = int(samples) if pass_no == self._pass else 0
+        if pass_no != self._pass:
+            self._done_before += self.total if self.total else self._in_pass
+            self._pass = pass_no
+            self.passes = max(self.passes, pass_no)
+        self._in_pass = int(samples)
+        finished = self.total is not None and self._pass >= self.passes and self._in_pass >= self.total
+        if finished or now - self._last_draw >= self.min_interval:
+            self._draw(now)
+
+    # -- drawing
+    def line(self, now: Optional[float] = None) -> str:
+        now = self.clock() if now is None else now
+        elapsed = max(now - (self._start if self._start is not None else now), 1e-9)
+        done = self._done_before + self._in_pass
+        rate = (done - self._base) / elapsed if self._start is not None and elapsed > 1e-6 else 0.0
+        parts = [self.label]
+        if self.total:
+            frac = min(1.0, self._in_pass / self.total)
+            fill = int(round(frac * self.width))
+            parts.append("[" + "#" * fill + "." * (self.width - fill) + "]")
+            parts.append(f"{min(self._in_pass, self.total)}/{self.total} samples")
+        else:
+            parts.append(f"{self._in_pass} samples")
+        if self.passes > 1:
+            parts.append(f"pass {self._pass}/{self.passes}")
+        parts.append(f"{rate:.1f} samples/s" if rate else "-- samples/s")
+        if self.total and rate > 0:
+            left = self.total * self.passes - done
+            parts.append(f"ETA {_fmt_time(left / rate)}")
+        return "  ".join(parts)
+
+    def _draw(self, now: float) -> None:
+        text = self.line(now)
+        pad = max(0, self._drawn - len(text))
+        self.stream.write("\r" + text + " " * pad)
+        self.stream.flush()
+        self._drawn = len(text)
+        self._last_draw = now
+
+    def close(self) -> None:
+        """Draw the final state and end the line (nothing when nothing was drawn)."""
+        if self._start is not None:
+            self._draw(self.clock())
+            self.stream.write("\n")
+            self.stream.flush()
+        self._start = None
+        self._drawn = 0
+
+
+def is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def progress_for(stream: Optional[TextIO] = None, quiet: bool = False) -> Optional[ProgressBar]:
+    """A bar on ``stream`` (stderr) when it is a terminal and not ``quiet``; else None (no output at all)."""
+    stream = stream if stream is not None else sys.stderr
+    if quiet or not is_terminal(stream) or os.environ.get("TERM") == "dumb":
+        return None
+    return ProgressBar(stream)
+
+
+def _header_shape(f: Any) -> tuple:
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return tuple(read(f)[0])
+
+
+def _file_shape(path: str, only: Optional[str]) -> Optional[tuple]:
+    """(input name, shape) of the first model input in a .npz / .npy file, from its header (no data read)."""
+    try:
+        if path.endswith(".npy"):
+            with open(path, "rb") as f:
+                return only, _header_shape(f)
+        with zipfile.ZipFile(path) as z:
+            name = next(n for n in z.namelist() if n.endswith(".npy") and n[:-4] not in ("label", "labels"))
+            with z.open(name) as f:
+                return name[:-4], _header_shape(f)
+    except Exception:
+        return None
+
+
+def count_samples(data: Any) -> Optional[int]:
+    """Samples one pass over calibration data yields (bounded by its limit), cheaply: array headers of the
+    files (a file one rank short of the model input is one sample, as the reader treats it), or the arrays of
+    an in-memory list. None when it cannot be known without reading the data."""
+    limit = getattr(data, "limit", None)
+    files = getattr(data, "_files", None)
+    specs = getattr(data, "specs", {}) or {}
+
+    def rows(name: Optional[str], shape: tuple) -> int:
+        spec = specs.get(name) if name is not None else None
+        if spec is not None and spec.shape and len(shape) == len(spec.shape) - 1:
+            return 1
+        return int(shape[0]) if len(shape) else 1
+
+    total = 0
+    if files is not None:
+        only = next(iter(specs)) if len(specs) == 1 else None
+        for f in files:
+            found = _file_shape(f, only)
+            if found is None:
+                return limit
+            total += rows(*found)
+            if limit is not None and total >= limit:
+                return limit
+        return total
+    src = getattr(data, "source", None)
+    if isinstance(src, (list, tuple)):
+        for item in src:
+            try:
+                name = next(iter(item.keys()))
+                total += rows(name, np.shape(item[name]))
+            except Exception:
+                return limit
+        return min(total, limit) if limit is not None else total
+    return limit
