@@ -51,6 +51,15 @@ class StashFP32Weights(Pass):
 
     name = "stash_fp32_weights"
 
+    def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
+        if ctx.config.augment:  # refuse --augment on non-image inputs before quantizing
+            from onnxfp8.calibrators.augment import check_image_inputs
+            from onnxfp8.calibrators.data import InputSpec
+
+            specs = {t.name: InputSpec(t.name, np.dtype(t.dtype or np.float32), tuple(t.shape or ()))
+                     for t in graph.inputs}
+            check_image_inputs(specs, ctx.config.augment, ctx.source)
+
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         stash: Dict[str, np.ndarray] = ctx.extras.setdefault("fp32_weights", {})
         for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
@@ -129,11 +138,6 @@ class FoldQuantizedBatchNorm(Pass):
                         f"re-quantized with new scales)" + (f", {plain} into FP32 ops" if plain else ""))
         if getattr(cfg, "bn_ranges", False):
             notes.append(recalibrate_ranges(graph, ctx))
-        info = ctx.extras.get("bn_recalibration")
-        if info is not None:
-            from onnxfp8.passes.recalibrate_batchnorm import output_sqnr
-
-            info["sqnr_with"] = output_sqnr(graph, ctx)
         ctx.extras.pop("fp32_weights", None)
         return PassResult(bool(requant or plain), notes)
 

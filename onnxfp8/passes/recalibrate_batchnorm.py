@@ -137,22 +137,79 @@ def training_mode_model(graph: gs.Graph, names: List[str]) -> onnx.ModelProto:
     return model
 
 
-def recalibration_data(model: onnx.ModelProto, ctx: PassContext):
-    """The data stream for recalibration: --bn-calib or the calibration data, --bn-samples, --augment."""
+class HeldOut:
+    """The stream of ``data`` without its first ``skip`` samples, re-batched to ``data.batch_size``: the
+    recalibration data when the first samples (those captured during calibration for the FP32 comparison)
+    are held out to judge recalibration."""
+
+    def __init__(self, data, skip: int):
+        self.data, self.skip = data, int(skip)
+        self.specs, self.batch_size = data.specs, data.batch_size
+
+    def batches(self, with_labels: bool = False):
+        skip, bs = self.skip, self.batch_size
+        buf: List[Any] = []  # (batch, labels) parts, all of one sample shape
+
+        def emit(n):
+            nonlocal buf
+            batch = {k: np.concatenate([b[k] for b, _ in buf]) for k in buf[0][0]}
+            labels = None if any(lab is None for _, lab in buf) else np.concatenate([lab for _, lab in buf])
+            rest = {k: v[n:] for k, v in batch.items()}
+            buf = [(rest, labels[n:] if labels is not None else None)] if len(next(iter(rest.values()))) else []
+            out = ({k: v[:n] for k, v in batch.items()}, labels[:n] if labels is not None else None)
+            return out if with_labels else out[0]
+
+        count = lambda: sum(len(next(iter(b.values()))) for b, _ in buf)  # noqa: E731
+        for batch, labels in self.data.batches(with_labels=True):
+            n = len(next(iter(batch.values())))
+            if skip >= n:
+                skip -= n
+                continue
+            if skip:
+                batch = {k: v[skip:] for k, v in batch.items()}
+                labels = labels[skip:] if labels is not None else None
+                skip = 0
+            if buf and any(buf[0][0][k].shape[1:] != v.shape[1:] for k, v in batch.items()):
+                yield emit(count())
+            buf.append((batch, labels))
+            while count() >= bs:
+                yield emit(bs)
+        if buf:
+            yield emit(count())
+
+    def __iter__(self):
+        return self.batches()
+
+    def describe(self) -> str:
+        return f"{self.data.describe()} without its first {self.skip} sample(s)"
+
+
+def recalibration_data(model: onnx.ModelProto, ctx: PassContext, hold_out: int = 0):
+    """The data stream for recalibration: --bn-calib or the calibration data, --bn-samples, --augment.
+    ``hold_out``: leave out the first samples of the calibration data (not of --bn-calib data)."""
     cfg = ctx.config
     specs = input_specs(model)
     static = {s.static_batch for s in specs.values() if s.static_batch}
     bs = max(cfg.batch_size, MIN_BATCH)
     limit = None if cfg.augment else cfg.bn_samples
+    if cfg.augment:  # refuse non-image inputs before reading any data
+        from onnxfp8.calibrators.augment import check_image_inputs
+
+        check_image_inputs(specs, cfg.augment, ctx.source)
     if cfg.bn_calib:
+        hold_out = 0
         data = CalibrationData(cfg.bn_calib, specs, batch_size=bs, limit=limit, what="BatchNorm recalibration data")
     elif ctx.calib is not None:
         source = getattr(ctx.calib, "source", ctx.calib)
+        if hold_out and limit is not None:
+            limit += hold_out
         data = CalibrationData(source, specs, batch_size=bs, limit=limit, what="calibration data")
     else:
         raise DataError(f"{ctx.source}: BatchNorm recalibration needs data: pass --calib DIR or --bn-calib DIR")
     if static:
         data.batch_size = static.pop()
+    if hold_out:
+        data = HeldOut(data, hold_out)
     if cfg.augment:
         from onnxfp8.calibrators.augment import AugmentedData
 
@@ -160,21 +217,84 @@ def recalibration_data(model: onnx.ModelProto, ctx: PassContext):
     return data
 
 
-def output_sqnr(graph: gs.Graph, ctx: PassContext) -> Optional[Dict[str, float]]:
-    """Output SQNR (dB) of ``graph`` against the FP32 outputs captured during calibration, or None."""
+def evaluation_set(ctx: PassContext):
+    """The samples that judge recalibration: the inputs and FP32 outputs captured during calibration (the
+    first ``summary_samples`` calibration samples) and, when the calibration data has a ``label`` key, their
+    labels. Returns (inputs, fp32 outputs, labels or None, count)."""
     inputs = ctx.extras.get("captured_inputs") or []
     refs = ctx.extras.get("captured_outputs") or []
-    if not inputs:
-        return None
+    count = sum(next(iter(f.values())).shape[0] for f in inputs) if inputs else 0
+    labels = None
+    if count and ctx.calib is not None and hasattr(ctx.calib, "batches"):
+        parts, got = [], 0
+        try:
+            for _, lab in ctx.calib.batches(with_labels=True):
+                if lab is None:
+                    parts = []
+                    break
+                parts.append(lab)
+                got += len(lab)
+                if got >= count:
+                    break
+        except TypeError:  # a data source without labels support
+            parts = []
+        if parts and got >= count:
+            labels = np.concatenate(parts)[:count]
+    return inputs, refs, labels, count
+
+
+def evaluate(graph: gs.Graph, ctx: PassContext, inputs, refs, labels) -> Dict[str, Any]:
+    """Output SQNR (dB) per output against FP32 and, for classifier outputs ([N, C]), top-1 agreement with
+    FP32 and (with labels) accuracy, of ``graph`` on the evaluation samples."""
+    from onnxfp8.verify.compare import ClassifierStats, is_classifier
+
     sess = make_session(to_model(graph.copy()), level="basic", providers=ctx.config.providers,
                         threads=ctx.config.threads)
     names = [o.name for o in sess.get_outputs()]
     stats = {n: ErrorStats() for n in names}
+    cls: Dict[str, ClassifierStats] = {}
+    start = 0
     for feed, ref in zip(inputs, refs):
+        n_feed = next(iter(feed.values())).shape[0]
+        lab = labels[start:start + n_feed] if labels is not None else None
+        start += n_feed
         for n, v in zip(names, sess.run(names, feed)):
-            if n in ref:
-                stats[n].update(ref[n], v)
-    return {n: s.sqnr_db for n, s in stats.items() if s.count}
+            if n not in ref:
+                continue
+            stats[n].update(ref[n], v)
+            if is_classifier(np.shape(v)):
+                cls.setdefault(n, ClassifierStats()).update(ref[n], v, lab)
+    out: Dict[str, Any] = {"sqnr": {n: s.sqnr_db for n, s in stats.items() if s.count}}
+    out["top1_agreement"] = {n: c.top1_agreement for n, c in cls.items()}
+    out["accuracy"] = {n: c.accuracy_quant for n, c in cls.items() if c.labelled}
+    return out
+
+
+def output_sqnr(graph: gs.Graph, ctx: PassContext) -> Optional[Dict[str, float]]:
+    """Output SQNR (dB) of ``graph`` against the FP32 outputs captured during calibration, or None."""
+    inputs, refs, _, count = evaluation_set(ctx)
+    return evaluate(graph, ctx, inputs, refs, None)["sqnr"] if count else None
+
+
+def worse(with_: Dict[str, Any], without: Dict[str, Any]) -> Optional[str]:
+    """Why the recalibrated model is worse on the evaluation samples, or None: lower accuracy (with labels),
+    else lower top-1 agreement with FP32 of a classifier, else a lower mean output SQNR."""
+    for key, what in (("accuracy", "accuracy"), ("top1_agreement", "top-1 agreement with FP32")):
+        a, b = without.get(key) or {}, with_.get(key) or {}
+        common = [n for n in a if n in b]
+        if common:
+            ma, mb = np.mean([a[n] for n in common]), np.mean([b[n] for n in common])
+            if mb < ma:
+                return f"{what} {ma:.4f} -> {mb:.4f}"
+            if mb > ma:
+                return None
+    a, b = without.get("sqnr") or {}, with_.get("sqnr") or {}
+    common = [n for n in a if n in b and np.isfinite(a[n]) and np.isfinite(b[n])]
+    if common:
+        ma, mb = float(np.mean([a[n] for n in common])), float(np.mean([b[n] for n in common]))
+        if mb < ma:
+            return f"output SQNR vs FP32 {ma:.2f} dB -> {mb:.2f} dB"
+    return None
 
 
 def _set_param(bn: gs.Node, index: int, values: np.ndarray, suffix: str) -> None:
@@ -206,8 +326,19 @@ class RecalibrateBatchNorm(Pass):
         cfg = ctx.config
         mode = cfg.bn_mode
         names = [n.name for n in bns]
+        inputs, refs, labels, n_eval = evaluation_set(ctx)
+        # hold the evaluation samples out of recalibration when it reads the calibration data and the data
+        # holds at least as many other samples (else the judgement is in-sample, and the report says so)
+        hold_out = 0
+        if n_eval and not cfg.bn_calib and ctx.calib is not None and hasattr(ctx.calib, "batches"):
+            available = 0
+            for b in ctx.calib.batches():
+                available += next(iter(b.values())).shape[0]
+                if available >= 2 * n_eval:
+                    break
+            hold_out = n_eval if available >= 2 * n_eval else 0
         model = training_mode_model(graph, names)
-        data = recalibration_data(model, ctx)
+        data = recalibration_data(model, ctx, hold_out=hold_out)
         sessions = [make_session(model, level="basic", providers=cfg.providers, threads=cfg.threads)]
         fp32 = ctx.extras.get("fp32_graph")
         if mode == "shift":
@@ -225,7 +356,7 @@ class RecalibrateBatchNorm(Pass):
         pooled = [{n.name: PooledMoments(int(np.size(n.inputs[3].values))) for n in bns} for _ in sessions]
         samples = batches = 0
         for batch in data.batches():
-            for sess, acc_of in zip(sessions, pooled):
+            for sess, acc_of in zip(sessions, pooled):  # one run per batch (shift: and one of the FP32 copy)
                 values = sess.run(fetch, batch)
                 for i, n in enumerate(bns):
                     mean, var, size = values[3 * i], values[3 * i + 1], int(values[3 * i + 2])
@@ -239,8 +370,9 @@ class RecalibrateBatchNorm(Pass):
         del sessions, model  # drop the working copies
         if samples == 0:
             raise DataError(f"{ctx.source}: the BatchNorm recalibration data holds no samples")
-        before = output_sqnr(graph, ctx)
+        before = evaluate(graph, ctx, inputs, refs, labels) if n_eval else None
         layers: Dict[str, Any] = {}
+        old_params = {}
         for n in bns:
             acc = pooled[0][n.name]
             eps = float(n.attrs.get("epsilon", 1e-5))
@@ -257,21 +389,43 @@ class RecalibrateBatchNorm(Pass):
             if not (np.isfinite(new_mean).all() and np.isfinite(new_var).all()):
                 notes.append(f"{n.name}: non-finite statistics from the data, kept the old ones")
                 continue
+            old_params[n.name] = (n, n.inputs[3], n.inputs[4])
             _set_param(n, 3, new_mean, "running_mean")
             _set_param(n, 4, new_var, "running_var")
             layers[n.name] = layer_shift(mean0, var0, new_mean, new_var, eps)
             layers[n.name].update(mean_before=mean0.tolist(), var_before=var0.tolist(),
                                   mean_after=new_mean.tolist(), var_after=new_var.tolist(),
                                   mean_data=acc.mean.tolist(), var_data=acc.var.tolist())
+            if len(pooled) == 2:
+                layers[n.name].update(mean_data_fp32=pooled[1][n.name].mean.tolist(),
+                                      var_data_fp32=pooled[1][n.name].var.tolist())
+        after = evaluate(graph, ctx, inputs, refs, labels) if n_eval and layers else None
+        kept = "recalibrated" if layers else "stored"
+        reason = worse(after, before) if (before and after) else None
+        if reason and cfg.bn_guard:  # keep the better statistics, judged on the evaluation samples
+            for node, m, v in old_params.values():
+                node.inputs[3], node.inputs[4] = m, v
+            kept = "stored"
+            notes.append(f"kept the stored BatchNorm statistics: recalibration lowered {reason} on {n_eval} "
+                         f"{'held-out' if hold_out else 'calibration'} sample(s)")
+        elif reason:
+            notes.append(f"recalibration lowered {reason} on {n_eval} sample(s); kept anyway (bn_guard off)")
         ctx.extras.pop("fp32_graph", None)
         ctx.extras["bn_recalibration"] = {
             "samples": samples, "batches": batches, "source": getattr(data, "describe", lambda: "")(),
             "augment": list(cfg.augment), "statistics": "pooled", "mode": mode, "layers": layers,
-            "sqnr_without": before, "seconds": time.perf_counter() - start}
+            "applied": kept == "recalibrated", "guard": cfg.bn_guard, "worse": reason,
+            "eval_samples": n_eval, "eval_held_out": bool(hold_out), "eval_labelled": labels is not None,
+            "sqnr_without": before["sqnr"] if before else None, "sqnr_with": after["sqnr"] if after else None,
+            "top1_without": before["top1_agreement"] if before else None,
+            "top1_with": after["top1_agreement"] if after else None,
+            "accuracy_without": before["accuracy"] if before and labels is not None else None,
+            "accuracy_with": after["accuracy"] if after and labels is not None else None,
+            "seconds": time.perf_counter() - start}
         worst = max(layers.values(), key=lambda d: d["max_mean_shift"], default=None)
         notes.insert(0, f"recalibrated {len(layers)} BatchNormalization node(s) on {samples} sample(s) in {batches} "
                         f"batch(es)" + (f"; largest mean shift {worst['max_mean_shift']:.3f} sigma" if worst else ""))
-        return PassResult(bool(layers), notes)
+        return PassResult(kept == "recalibrated", notes)
 
 
 def with_bn_recalibration(pipe: Pipeline) -> Pipeline:

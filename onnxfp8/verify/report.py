@@ -106,11 +106,23 @@ def batchnorm_lines(bn: Dict[str, Any]) -> List[str]:
         lines.append(f"  {name}: mean shift {d['mean_shift']:.4f} sigma (max {d['max_mean_shift']:.4f}), variance "
                      f"x{d['var_ratio']:.4f} (range {d['min_var_ratio']:.4f}-{d['max_var_ratio']:.4f}), "
                      f"{d['channels']} channel(s)")
+    n_eval = bn.get("eval_samples") or 0
+    where = (f"{n_eval} held-out calibration sample(s)" if bn.get("eval_held_out")
+             else f"{n_eval} calibration sample(s), also used for recalibration")
     without, with_ = bn.get("sqnr_without") or {}, bn.get("sqnr_with") or {}
     for out in without:
         if out in with_:
-            lines.append(f"  output {out}: SQNR vs FP32 without recalibration {_db(without[out])}, "
-                         f"with {_db(with_[out])}")
+            line = f"  output {out}: SQNR vs FP32 without recalibration {_db(without[out])}, with {_db(with_[out])}"
+            for key, what in (("top1", "top-1 agreement"), ("accuracy", "accuracy")):
+                a, b = (bn.get(f"{key}_without") or {}).get(out), (bn.get(f"{key}_with") or {}).get(out)
+                if a is not None and b is not None:
+                    line += f"; {what} {100 * a:.2f}% -> {100 * b:.2f}%"
+            lines.append(line + f" (on {where})")
+    if bn.get("layers") and not bn.get("applied", True):
+        lines.append(f"  kept the stored statistics: recalibration lowered {bn.get('worse')} (the shifts above "
+                     f"were measured, not applied; --no-bn-guard applies them)")
+    elif bn.get("worse"):
+        lines.append(f"  recalibration lowered {bn['worse']}; applied anyway (--no-bn-guard)")
     return lines
 
 

@@ -4,15 +4,21 @@
   normalization of the upstream BN per batch, exact pooling across uneven batches);
 - without quantization, recalibrating on the data the BN was fitted to leaves the statistics unchanged;
 - the folded model passes the checker (full_check) and matches its unfolded twin numerically, in every
-  format and style.
+  format and style;
+- the guard keeps the stored statistics when recalibration is worse on held-out samples;
+- the CLI flags (--bn-recalibrate, --bn-calib, --bn-samples, --bn-mode, --bn-guard, --augment) and their errors.
 """
+import json
+
 import numpy as np
 import onnx
 import pytest
+from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
 import onnxfp8
 from onnxfp8.calibrators.data import as_data
+from onnxfp8.cli import cli
 from onnxfp8.config import QuantConfig
 from onnxfp8.errors import ConfigError, DataError
 from onnxfp8.formats import get_format
@@ -24,7 +30,7 @@ from onnxfp8.passes.canonicalize import Canonicalize
 from onnxfp8.passes.cleanup import Cleanup
 from onnxfp8.passes.fold_quantized_batchnorm import FoldQuantizedBatchNorm, StashFP32Weights
 from onnxfp8.passes.insert_qdq import InsertQDQ
-from onnxfp8.passes.recalibrate_batchnorm import PooledMoments, RecalibrateBatchNorm
+from onnxfp8.passes.recalibrate_batchnorm import HeldOut, PooledMoments, RecalibrateBatchNorm
 from onnxfp8.passes.select_ops import SelectOps
 from onnxfp8.pipeline import PassContext, Pipeline
 
@@ -88,6 +94,7 @@ def _run_passes(model, x, passes, **cfg):
 
 
 def _quantize_unfolded(model, x, **cfg):
+    cfg.setdefault("bn_guard", False)  # these tests check the recalibrated statistics themselves
     return _run_passes(model, x, [Canonicalize(), SelectOps(), Calibrate(), AssignFormats(), StashFP32Weights(),
                                   InsertQDQ(), RecalibrateBatchNorm()], bn_recalibrate=True, **cfg)
 
@@ -220,3 +227,139 @@ def test_errors(case):
         QuantConfig(bn_recalibrate=True, augment=("rotate",))
     with pytest.raises(DataError, match="nowhere: no such file"):
         onnxfp8.quantize(model, [{"x": x}], config=QuantConfig(bn_recalibrate=True, bn_calib="nowhere"))
+
+
+def test_held_out_stream_drops_the_first_samples_and_rebatches(case):
+    model, x, _ = case
+    data = as_data([{"x": x[i:i + 16]} for i in range(0, len(x), 16)], model, batch_size=40)
+    held = HeldOut(data, 20)
+    assert [len(b["x"]) for b in held.batches()] == [40, 36]
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in held.batches()]), x[20:])
+    assert [len(b["x"]) for b in HeldOut(data, 80).batches()] == [16]
+
+
+def _shifted_calibration(x, n=256):
+    """Data the BN statistics were not fitted to: replacing them moves the outputs away from FP32."""
+    rng = np.random.default_rng(5)
+    shifted = (x[rng.integers(0, len(x), n)] * 1.5 + 0.5).astype(np.float32)
+    return [{"x": shifted[i:i + 64]} for i in range(0, n, 64)]
+
+
+def test_guard_keeps_stored_statistics_when_recalibration_is_worse_on_held_out_samples(case):
+    model, x, p = case
+    calib = _shifted_calibration(x)
+    cfg = dict(format="int8", bn_recalibrate=True, bn_mode="replace")
+    kept = onnxfp8.quantize(model, calib, config=QuantConfig(**cfg))
+    bn = kept.report.batchnorm
+    # the 64 samples captured for the FP32 comparison are held out of the 256: 192 recalibrate
+    assert bn["eval_held_out"] is True and bn["eval_samples"] == 64 and bn["samples"] == 192
+    assert bn["applied"] is False and bn["worse"].startswith("output SQNR vs FP32")
+    assert bn["sqnr_with"]["y"] < bn["sqnr_without"]["y"] - 3
+    inits = {t.name: numpy_helper.to_array(t) for t in kept.model.graph.initializer}
+    folded = p["w2"] * (p["g2"] / np.sqrt(p["v2"] + EPS))[:, None, None, None]  # folded with the stored statistics
+    spec = kept.plan.tensors["w2"]
+    np.testing.assert_allclose(spec.scale, get_format("int8").scale_for(channel_amax(folded, 0)), rtol=1e-6)
+    assert "kept the stored statistics: recalibration lowered output SQNR" in kept.report.summary()
+    applied = onnxfp8.quantize(model, calib, config=QuantConfig(bn_guard=False, **cfg))
+    assert applied.report.batchnorm["applied"] is True
+    assert "applied anyway (--no-bn-guard)" in applied.report.summary()
+    # judged right: on the held-out samples the final models compare as the guard measured
+    assert kept.report.outputs["y"]["sqnr_db"] > applied.report.outputs["y"]["sqnr_db"] + 3
+    np.testing.assert_allclose(kept.report.outputs["y"]["sqnr_db"], bn["sqnr_without"]["y"], atol=0.5)
+
+
+@pytest.fixture()
+def runner():
+    try:
+        return CliRunner(mix_stderr=False)
+    except TypeError:  # click >= 8.2 keeps stderr apart by default
+        return CliRunner()
+
+
+def _write_case(tmp_path, model, x, name="m"):
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(model, path)
+    calib = tmp_path / f"{name}_calib"
+    calib.mkdir()
+    for i in range(0, len(x), 48):
+        np.savez(calib / f"{i:03d}.npz", x=x[i:i + 48])
+    return str(path), str(calib)
+
+
+def _one_line_error(result, *needles):
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
+    err = result.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in result.stderr + result.stdout, err
+    for n in needles:
+        assert n in err, err
+
+
+def test_cli_bn_flags(case, tmp_path, runner):
+    model, x, _ = case
+    path, calib = _write_case(tmp_path, model, x)
+    bn_calib = tmp_path / "bn"
+    bn_calib.mkdir()
+    np.savez(bn_calib / "all.npz", x=_shifted_calibration(x, 64)[0]["x"])
+    out, rep = str(tmp_path / "q.onnx"), str(tmp_path / "r.json")
+    res = runner.invoke(cli, ["quantize", path, "--calib", calib, "-f", "int8", "--bn-recalibrate", "--bn-calib",
+                              str(bn_calib), "--bn-samples", "80", "--bn-mode", "replace", "--no-bn-guard",
+                              "--augment", "flip,crop", "--augment", "jitter", "--augment-seed", "3",
+                              "--report", rep, "-o", out])
+    assert res.exit_code == 0, res.stderr
+    assert ("BatchNorm recalibration (replace mode, pooled statistics) on 80 sample(s) in 2 batch(es), augmented "
+            "flip,crop,jitter:") in res.stdout
+    assert "  bn2: mean shift " in res.stdout and "output y: SQNR vs FP32 without recalibration" in res.stdout
+    bn = json.load(open(rep))["batchnorm"]
+    assert (bn["samples"], bn["batches"], bn["augment"], bn["mode"], bn["guard"]) == \
+        (80, 2, ["flip", "crop", "jitter"], "replace", False)
+    assert "64 x" not in bn["source"] and "augmented (flip,crop,jitter, seed 3)" in bn["source"]
+    assert set(bn["layers"]) == {"bn1", "bn2"} and len(bn["layers"]["bn2"]["mean_after"]) == C2
+    assert not any(n.op_type == "BatchNormalization" for n in onnx.load(out).graph.node)
+    # the default: shift mode, the guard on, the calibration data (96 samples: too few to hold 64 out)
+    res = runner.invoke(cli, ["quantize", path, "--calib", calib, "--bn-recalibrate", "--bn-samples", "50",
+                              "--report", rep, "-o", out])
+    assert res.exit_code == 0, res.stderr
+    bn = json.load(open(rep))["batchnorm"]
+    assert (bn["samples"], bn["mode"], bn["guard"], bn["eval_held_out"]) == (50, "shift", True, False)
+    assert "(on 64 calibration sample(s), also used for recalibration)" in res.stdout
+
+
+def test_cli_bn_errors(case, tmp_path, runner):
+    model, x, _ = case
+    path, calib = _write_case(tmp_path, model, x)
+    res = runner.invoke(cli, ["quantize", path, "--calib", calib, "--augment", "flip"])
+    _one_line_error(res, "augment", "needs bn_recalibrate (--bn-recalibrate)")
+    res = runner.invoke(cli, ["quantize", path, "--calib", calib, "--bn-recalibrate", "--augment", "rotate"])
+    _one_line_error(res, "unknown augmentation 'rotate'; choose from flip, crop, jitter")
+    res = runner.invoke(cli, ["quantize", path, "--calib", calib, "--bn-recalibrate", "--bn-samples", "0"])
+    _one_line_error(res, "bn_samples must be >= 1, got 0")
+    res = runner.invoke(cli, ["quantize", path, "--calib", calib, "--bn-recalibrate", "--bn-calib",
+                              str(tmp_path / "nowhere")])
+    _one_line_error(res, "nowhere")
+    # a non-image model: Gemm -> BatchNormalization on [N, 8]
+    rng = np.random.default_rng(2)
+    feats = rng.normal(0, 1, (64, 8)).astype(np.float32)
+    w = rng.normal(0, 0.5, (8, 4)).astype(np.float32)
+    h = feats @ w
+    inits = [numpy_helper.from_array(a.astype(np.float32), k) for k, a in
+             (("w", w), ("g", np.ones(4)), ("b", np.zeros(4)), ("m", h.mean(0)), ("v", h.var(0)))]
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["h"], name="fc"),
+             helper.make_node("BatchNormalization", ["h", "g", "b", "m", "v"], ["y"], name="bn")]
+    g = helper.make_graph(nodes, "fcbn", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 8])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 4])], inits)
+    flat = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
+    flat.ir_version = 9
+    fpath, fcalib = _write_case(tmp_path, flat, feats, name="flat")
+    out = tmp_path / "flat.q.onnx"
+    res = runner.invoke(cli, ["quantize", fpath, "--calib", fcalib, "--bn-recalibrate", "--augment", "flip,crop",
+                              "-o", str(out)])
+    _one_line_error(res, f"{fpath}: --augment flip,crop needs NCHW image inputs (float, rank 4), but input 'x' is "
+                         f"float32 [n, 8]; drop --augment for this model")
+    assert not out.exists()
+    # without --augment the same model recalibrates (any rank): on its fitting data nothing moves
+    res = runner.invoke(cli, ["quantize", fpath, "--calib", fcalib, "--bn-recalibrate", "--bn-mode", "replace",
+                              "--op-types", "NoSuchOp", "--no-fold-bn", "-o", str(out)])
+    assert res.exit_code == 0, res.stderr
+    q = {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
+    np.testing.assert_allclose(q["m"], h.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(q["v"], h.var(0), rtol=1e-5)
