@@ -157,5 +157,31 @@ def test_cli_format_auto(tmp_path):
     assert r.exit_code == 0, r.output
     tensors = json.loads(plan.read_text())["tensors"]
     assert all(set(t["candidates"]) == {"e4m3", "int8"} for t in tensors)
+    # the summary says in words what won where: xo (rare huge outliers) goes to E4M3, the uniform xu to INT8
+    lines = r.output.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("format auto"))
+    assert "INT8 wins" in lines[head]
+    xo = next(line for line in lines[head:] if line.startswith("  xo (activation): "))
+    assert "this tensor has outliers" in xo and "E4M3 beats INT8 by" in xo
+    assert any(line.startswith("  xu (activation): ") and "INT8 wins this tensor" in line for line in lines[head:])
     r = CliRunner().invoke(cli, ["quantize", str(mpath), "--calib", str(data), "-f", "auto", "--formats", "e4m3,fp4"])
     assert r.exit_code == 2 and "unknown format 'fp4'" in r.output
+
+
+@pytest.mark.parametrize("scheme", ["standard", "extended"])
+def test_auto_is_never_worse_than_the_best_single_format_on_the_transformer(example_models, load_feeds, scheme):
+    """The issue's bound: on the transformer example, format auto is at most 0.5 dB below the best single
+    format (measured on the 32 held-out samples: standard scheme auto 33.58 dB, best single e3m4 31.51; extended
+    auto 27.77 dB, best single e3m4 26.70)."""
+    ex = example_models["transformer"]
+    model = onnx.load(str(ex["model"]))
+    val = load_feeds(ex["val"])
+    ref = make_session(model, level="basic").run(["logits"], val)[0]
+
+    def sq(**cfg):
+        q = onnxfp8.quantize(model, str(ex["calib"]), config=QuantConfig(scheme=scheme, **cfg), check_model=False).model
+        return _sqnr(ref, make_session(q, level="basic").run(["logits"], val)[0])
+
+    singles = {f: sq(format=f) for f in ("e4m3", "e3m4", "e5m2", "int8")}
+    auto = sq(format="auto")
+    assert auto >= max(singles.values()) - 0.5, (auto, singles)

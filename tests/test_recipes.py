@@ -193,3 +193,39 @@ def test_overrides_from_recipe_reach_the_graph(example_models, tmp_path):
     r.write_text('[overrides."no_such_tensor"]\nscale = 1.0\n')
     with pytest.raises(ConfigError, match="no_such_tensor"):
         quantize(str(ex["model"]), str(ex["calib"]), config=recipe_config(str(r), calib_samples=4))
+
+
+def test_override_tables_are_checked(example_models, tmp_path):
+    """Unknown keys inside an override table are rejected naming the recipe, the tensor and the key; an axis on an
+    activation, or a per-channel scale list of the wrong length, is an error naming the tensor."""
+    ex = example_models["mlp"]
+    r = tmp_path / "o.toml"
+    r.write_text('[overrides."input"]\nfromat = "e5m2"\n')
+    with pytest.raises(ConfigError, match=r"o\.toml: overrides\.input: unknown key\(s\) fromat; known keys: format"):
+        load_recipe(str(r))
+    res = CliRunner().invoke(cli, ["quantize", str(ex["model"]), "--calib", str(ex["calib"]), "--recipe", str(r),
+                                   "-o", str(tmp_path / "q.onnx")])
+    assert res.exit_code == 2 and res.stderr.count("\n") == 1 and "o.toml: overrides.input: unknown key" in res.stderr
+    for body, msg in (('[overrides."input"]\nformat = "e9m9"\n', "overrides.input.format: unknown format 'e9m9'"),
+                      ('[overrides."input"]\nscale = -1.0\n', "overrides.input.scale must be a finite number > 0"),
+                      ('[overrides."fc2.weight"]\naxis = "rows"\n', "overrides.fc2.weight.axis must be an integer")):
+        r.write_text(body)
+        with pytest.raises(ConfigError, match=msg.replace(".", r"\.").replace("(", r"\(")):
+            recipe_config(str(r))
+    r.write_text('calib_samples = 4\n[overrides."input"]\naxis = 1\n')
+    with pytest.raises(ConfigError, match="override for input: axis applies to weights"):
+        quantize(str(ex["model"]), str(ex["calib"]), config=recipe_config(str(r)))
+    r.write_text('calib_samples = 4\n[overrides."fc2.weight"]\nscale = [0.01, 0.02]\n')
+    with pytest.raises(ConfigError, match="override for fc2.weight: 2 scale\\(s\\), but the weight has 128 channel"):
+        quantize(str(ex["model"]), str(ex["calib"]), config=recipe_config(str(r)))
+
+
+def test_weight_overrides_of_scale_and_amax(example_models):
+    """A per-tensor scale on a per-channel weight is used for every channel; an amax per channel sets the scales."""
+    ex = example_models["mlp"]
+    cfg = QuantConfig(calib_samples=4, overrides={"fc2.weight": {"scale": 0.001}, "fc1.weight": {"amax": 2.0}})
+    res = quantize(str(ex["model"]), str(ex["calib"]), config=cfg)
+    w2 = res.plan.tensors["fc2.weight"]
+    assert w2.scale == [float(np.float32(0.001))] * 128
+    w1 = res.plan.tensors["fc1.weight"]
+    assert w1.amax == [2.0] * len(w1.amax) and w1.scale == [float(np.float32(2.0) / np.float32(448))] * len(w1.scale)

@@ -170,7 +170,7 @@ class DynamicScale:
         self.per_row = axis is not None
         src = x
         if not signed:
-            src = gs.Variable(f"{tag}.abs", dtype=np.float32)
+            src = gs.Variable(f"{tag}.dyn_abs", dtype=np.float32)  # not {tag}.abs: the E3M4 rounding uses it
             em._node("Abs", f"{tag}/DynAbs", [x], [src])
         amax = gs.Variable(f"{tag}.amax", dtype=np.float32)
         if axis is None:

@@ -65,9 +65,12 @@ def resolve_recipe(recipe: str) -> str:
 
 def load_recipe(recipe: str) -> Dict[str, Any]:
     """The settings of a recipe (built-in name or file) as a dict of QuantConfig keys."""
-    from onnxfp8.config import load_recipe_file
+    from onnxfp8.config import check_overrides, load_recipe_file
 
-    return load_recipe_file(resolve_recipe(recipe))
+    path = resolve_recipe(recipe)
+    data = load_recipe_file(path)
+    check_overrides(data.get("overrides", {}), source=path)  # a typo in an override table names the file
+    return data
 
 
 def recipe_config(recipe: str, **changes: Any):

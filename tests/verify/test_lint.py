@@ -90,12 +90,22 @@ def test_good_conv_is_clean():
     (dict(quant_input=False), "half-quantized", {"conv"}),
     (dict(dyn_scale=True), "scale", {"x/Q", "x/DQ"}),
 ])
-def test_bad_placement_is_found(kwargs, check, names):
-    found, rep = checks(conv_model(**kwargs))
+def test_bad_placement_is_found(kwargs, check, names, tmp_path):
+    model = conv_model(**kwargs)
+    found, rep = checks(model)
     assert (check, "error") in found, rep.summary()
     hit = {n for f in rep.findings if f.check == check for n in f.nodes}
     assert hit == names, rep.summary()
     assert rep.exit_code() == 1
+    # the command line: exit code 1 and a line naming the check and the nodes
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    res = CliRunner().invoke(cli, ["lint", str(path), "--target", "tensorrt"])
+    assert res.exit_code == 1, res.output
+    lines = [line[len(f"error: [{check}] "):] for line in res.output.splitlines()
+             if line.startswith(f"error: [{check}] ")]
+    assert {n for line in lines for n in line.split(": ", 1)[0].split(", ")} == names, res.output
+    assert res.output.splitlines()[-1].endswith("error(s), 0 warning(s)")
 
 
 def test_int8_is_accepted():

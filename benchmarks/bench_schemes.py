@@ -1,0 +1,100 @@
+"""Output SQNR of every format choice and scheme on the transformer example, in one table.
+
+The model is models/build.py's ``build_transformer`` (a BERT-style encoder with outlier channels). Rows:
+E4M3, E3M4, E5M2, INT8, mixed by role (weights E3M4 / activations E4M3, and the reverse) and ``auto``
+(per tensor, the candidate of e4m3,e3m4,e5m2,int8 with the least error on the calibration data). Columns:
+standard vs extended scheme, each static (max calibration), dynamic per tensor and dynamic per token.
+Figures are the SQNR (dB) of the logits against the FP32 model on held-out samples (other seeds than the
+calibration data); larger is better. Dynamic ``auto`` is n/a: format auto chooses activation formats from
+calibration statistics, which dynamic quantization does not collect (its weights could still be auto).
+The last lines compare auto with the best single format (the issue's bound: never more than 0.5 dB worse).
+
+    python benchmarks/bench_schemes.py [--calib 64] [--val 256] [--layers 1] [--seed 0]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import onnxfp8  # noqa: E402
+from onnxfp8.config import QuantConfig  # noqa: E402
+from onnxfp8.modelio import make_session  # noqa: E402
+from onnxfp8.verify.compare import sqnr_db  # noqa: E402
+from models.build import build_transformer, make_inputs  # noqa: E402
+
+ROWS = [("e4m3", dict(format="e4m3")), ("e3m4", dict(format="e3m4")), ("e5m2", dict(format="e5m2")),
+        ("int8", dict(format="int8")),
+        ("w e3m4 / a e4m3", dict(weights_format="e3m4", activations_format="e4m3")),
+        ("w e4m3 / a e3m4", dict(weights_format="e4m3", activations_format="e3m4")),
+        ("auto", dict(format="auto"))]
+SINGLE = ("e4m3", "e3m4", "e5m2", "int8")
+COLUMNS = [(scheme, mode) for scheme in ("standard", "extended") for mode in ("static", "dyn-tensor", "dyn-token")]
+
+
+def batches(model, n: int, seed: int, batch: int = 16):
+    return [make_inputs(model, min(batch, n - i), seed=seed + i) for i in range(0, n, batch)]
+
+
+def measure(model, calib, val, ref, **cfg) -> float:
+    res = onnxfp8.quantize(model, calib, config=QuantConfig(**cfg), check_model=False)
+    sess = make_session(res.model, level="basic")
+    got = np.concatenate([sess.run(["logits"], v)[0] for v in val])
+    return sqnr_db(ref, got)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calib", type=int, default=64, help="calibration samples")
+    ap.add_argument("--val", type=int, default=256, help="held-out samples")
+    ap.add_argument("--layers", type=int, default=1, help="encoder layers of the example transformer")
+    ap.add_argument("--seed", type=int, default=0, help="model seed")
+    a = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    model = build_transformer(seed=a.seed, num_layers=a.layers)
+    calib = batches(model, a.calib, seed=1_000)
+    val = batches(model, a.val, seed=50_000)
+    fp32 = make_session(model, level="basic")
+    ref = np.concatenate([fp32.run(["logits"], v)[0] for v in val])
+
+    table = {}
+    for label, fmt in ROWS:
+        for scheme, mode in COLUMNS:
+            if mode != "static" and label == "auto":
+                table[label, scheme, mode] = None
+                continue
+            dyn = {} if mode == "static" else dict(dynamic=True, dynamic_granularity=mode.split("-")[1])
+            table[label, scheme, mode] = measure(model, calib, val, ref, scheme=scheme, **fmt, **dyn)
+
+    print(f"transformer example ({a.layers} layer(s)): logits SQNR (dB) vs FP32 on {a.val} held-out samples, "
+          f"{a.calib} calibration samples")
+    head = f"| {'format':16} | " + " | ".join(f"{s} {m}" for s, m in COLUMNS) + " |"
+    print(head)
+    print("|" + "|".join("-" * (len(c) + 2) for c in head.strip("|").split("|")) + "|")
+    for label, _ in ROWS:
+        cells = []
+        for scheme, mode in COLUMNS:
+            v = table[label, scheme, mode]
+            cells.append(f"{'n/a' if v is None else f'{v:.2f}':>{len(scheme) + len(mode) + 1}}")
+        print(f"| {label:16} | " + " | ".join(cells) + " |")
+    worst = 0.0
+    for scheme in ("standard", "extended"):
+        best_f = max(SINGLE, key=lambda f: table[f, scheme, "static"])
+        gap = table["auto", scheme, "static"] - table[best_f, scheme, "static"]
+        worst = min(worst, gap)
+        print(f"{scheme} static: auto {table['auto', scheme, 'static']:.2f} dB vs best single format {best_f} "
+              f"{table[best_f, scheme, 'static']:.2f} dB ({gap:+.2f} dB)")
+    print(f"auto within 0.5 dB of the best single format: {'yes' if worst >= -0.5 else 'NO'}")
+    print(f"({time.perf_counter() - t0:.0f} s)")
+    return 0 if worst >= -0.5 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
