@@ -32,7 +32,12 @@ def is_const(t) -> bool:
 
 
 def float_const(t) -> bool:
-    return is_const(t) and t.values.dtype.kind == "f"
+    # t.dtype and t.shape, not t.values: graphsurgeon loads large initializers lazily, and reading .values
+    # here copied every weight of a 2 GB model just to look at its type
+    if not is_const(t):
+        return False
+    dtype = t.dtype if not isinstance(t.dtype, int) else t.values.dtype  # an ONNX enum for FP8/BF16 data
+    return np.dtype(dtype).kind == "f"
 
 
 class NodeRule:
@@ -144,9 +149,9 @@ def quant_inputs(node: gs.Node, activation_matmul: bool = False):
         return {0: "activation", 1: "weight"}, ""
     if op == "MatMul":
         a, b = ins[0], ins[1]
-        if float_const(b) and not is_const(a) and b.values.ndim >= 2:
+        if float_const(b) and not is_const(a) and len(b.shape) >= 2:
             return {0: "activation", 1: "weight"}, ""
-        if float_const(a) and not is_const(b) and a.values.ndim >= 2:
+        if float_const(a) and not is_const(b) and len(a.shape) >= 2:
             return {0: "weight", 1: "activation"}, ""
         if not is_const(a) and not is_const(b):
             if activation_matmul:
@@ -155,7 +160,7 @@ def quant_inputs(node: gs.Node, activation_matmul: bool = False):
         return None, "MatMul without a constant 2-D weight"
     if op == "Gather":
         data, idx = ins[0], ins[1]
-        if float_const(data) and data.values.ndim == 2 and not is_const(idx) and node.attrs.get("axis", 0) == 0:
+        if float_const(data) and len(data.shape) == 2 and not is_const(idx) and node.attrs.get("axis", 0) == 0:
             return {0: "weight"}, ""
         return None, "Gather is not an embedding lookup on a constant 2-D table"
     if op in PASSTHROUGH_OPS and not (op == "Resize" and node.attrs.get("mode", "nearest") != "nearest"):
