@@ -8,7 +8,11 @@ The FP8 paper re-estimates BatchNorm statistics on augmented calibration data. T
   edge-clamped), independently per sample;
 - ``jitter``: small brightness / contrast change per sample, relative to the sample's own statistics so
   that it is meaningful whatever the input normalisation: ``x' = (x - m) * c + m + b * s`` with m, s the
-  sample's mean and standard deviation, ``c ~ U(0.8, 1.2)``, ``b ~ U(-0.1, 0.1)``.
+  sample's mean and standard deviation, ``c ~ U(0.8, 1.2)``, ``b ~ U(-0.1, 0.1)``, clipped to the value
+  range of the un-augmented batch (as torchvision clamps jittered images to [0, 1]). Without the clip,
+  brighter / higher-contrast samples leave the input range the activation scales were calibrated on, the
+  quantized model saturates them, and recalibration measures a variance drop that real data never shows
+  (measured on the digits CNN in INT8: 1.5 % less variance at bn1, output SQNR 43.2 -> 37.7 dB).
 
 They apply to inputs that are float tensors of rank 4 (N, C, H, W); asking for them on a model with any other
 input is a ConfigError naming the input. ``AugmentedData`` wraps a CalibrationData: every call to
@@ -90,7 +94,7 @@ def jitter(x: np.ndarray, rng: np.random.Generator, contrast: float = 0.2, brigh
     shape = (N,) + (1,) * (x.ndim - 1)
     c = rng.uniform(1 - contrast, 1 + contrast, size=shape).astype(x.dtype)
     b = rng.uniform(-brightness, brightness, size=shape).astype(x.dtype)
-    return ((x - m) * c + m + b * s).astype(x.dtype)
+    return np.clip((x - m) * c + m + b * s, x.min(), x.max()).astype(x.dtype)
 
 
 _FUNCS = {"flip": flip, "crop": crop, "jitter": jitter}

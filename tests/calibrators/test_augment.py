@@ -57,6 +57,10 @@ def test_jitter_is_small_brightness_and_contrast_change():
     assert np.all((ratio > 0.8 - 1e-4) & (ratio < 1.2 + 1e-4)) and ratio.std() > 0.02
     shift = (out.mean(axis=(1, 2, 3)) - x.mean(axis=(1, 2, 3))) / x.std(axis=(1, 2, 3))
     assert np.all(np.abs(shift) <= 0.1 + 1e-4) and np.abs(shift).max() > 0.05
+    # never outside the batch's value range (the range the activation scales were calibrated on), and the
+    # clip is reached: samples with contrast > 1 would have left it
+    assert out.min() >= x.min() and out.max() <= x.max()
+    assert out.max() == x.max() and out.min() == x.min()
 
 
 def test_augmented_data_is_seeded_reproducible_and_repeats_to_samples():

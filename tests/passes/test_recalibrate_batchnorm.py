@@ -363,3 +363,26 @@ def test_cli_bn_errors(case, tmp_path, runner):
     q = {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
     np.testing.assert_allclose(q["m"], h.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(q["v"], h.var(0), rtol=1e-5)
+
+
+def test_bn_ranges_re_measures_the_activation_ranges_that_moved(case):
+    model, x, _ = case
+    calib = _shifted_calibration(x)
+    cfg = QuantConfig(format="int8", bn_recalibrate=True, bn_mode="replace", bn_guard=False, bn_ranges=True)
+    res = onnxfp8.quantize(model, calib, config=cfg)
+    notes = [n for r in res.report.passes if r.name == "fold_quantized_batchnorm" for n in r.notes]
+    assert any(n.startswith("re-measured 2 activation range(s) after recalibration; 1 moved") for n in notes), notes
+    spec = res.plan.tensors["r1"]
+    assert any("range re-measured after BN recalibration" in n for n in spec.notes)
+    # the new range is the max of the (quantized, folded) model's Relu input over all the recalibration data
+    m = onnx.ModelProto()
+    m.CopyFrom(res.model)
+    q = next(n for n in m.graph.node if n.op_type == "QuantizeLinear" and n.input[1] == "r1.scale")
+    m.graph.output.append(helper.make_tensor_value_info(q.input[0], onnx.TensorProto.FLOAT, None))
+    sess = make_session(m)
+    amax = max(float(sess.run([q.input[0]], b)[0].max()) for b in calib)
+    np.testing.assert_allclose(spec.amax, amax, rtol=1e-6)
+    inits = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    np.testing.assert_allclose(inits["r1.scale"], get_format("int8").scale_for(np.float32(amax)), rtol=1e-6)
+    before = onnxfp8.quantize(model, calib, config=cfg.replace(bn_ranges=False)).plan.tensors["r1"].amax
+    assert abs(amax / before - 1) > 0.01
