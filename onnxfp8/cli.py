@@ -164,7 +164,8 @@ def _pop_check_kw(kw: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _run_check(fp32, quant, data, ck: Dict[str, Any], json_path: Optional[str], quiet: bool, *, batch_size: int,
-               samples: Optional[int], max_memory_mb: int, providers, threads: int) -> int:
+               samples: Optional[int], max_memory_mb: int, providers, threads: int,
+               quant_name: Optional[str] = None) -> int:
     """Run the check, print the table, write the JSON report; return the exit code (0 pass, 1 fail)."""
     from onnxfp8.verify.check import check as run_check
 
@@ -172,6 +173,8 @@ def _run_check(fp32, quant, data, ck: Dict[str, Any], json_path: Optional[str], 
                        batch_size=batch_size, samples=samples, reference=ck["reference"],
                        reference_samples=ck["reference_samples"], max_memory_mb=max_memory_mb,
                        providers=providers, threads=threads)
+    if quant_name:  # quantize --check hands over the model in memory: name the file it wrote
+        report.quant = quant_name
     if json_path:
         _write_text(json_path, report.to_json())
     if not quiet:
@@ -246,7 +249,7 @@ def quantize(model, calib, output, plan_path, report_path, quiet, do_check, val,
     if do_check:
         code = _run_check(model, result.model, val, ck, check_json, quiet, batch_size=config.batch_size,
                           samples=None, max_memory_mb=check_memory, providers=config.providers,
-                          threads=config.threads)
+                          threads=config.threads, quant_name=str(output))
         sys.exit(code)
 
 

@@ -276,7 +276,9 @@ class CheckReport:
             else:
                 diffs = ", ".join(f"{k} {v:.3g}" for k, v in self.reference["max_abs_diff"].items())
                 lines.append(f"onnxruntime vs onnx.reference on {self.reference['samples']} sample(s): max |diff| {diffs}")
-        if self.layers is not None:
+        if self.layers is not None and not self.layers:
+            lines.append("per layer: the quantized model has no quantized layer to compare")
+        elif self.layers is not None:
             lines.append(f"per layer ({len(self.layers)} quantized layer(s), worst first; own = the layer alone on "
                          f"FP32 inputs, cumulative = in the quantized model; {self.layer_passes} pass(es)):")
             lrows = [[l.node, l.op_type, _fmt_value("min_sqnr", l.own_sqnr_db), _fmt_value("min_sqnr", l.cumulative_sqnr_db),
@@ -284,6 +286,7 @@ class CheckReport:
             lines += ["  " + s for s in _table(["layer", "op", "own dB", "cumul. dB", "rel L2", "output"], lrows)]
             if len(self.layers) > max_layers:
                 lines.append(f"  ... {len(self.layers) - max_layers} more in the JSON report")
+        if self.layers is not None:
             for s in self.layers_skipped:
                 lines.append(f"  not compared: {s['node']}: {s['reason']}")
         if self.passed:
@@ -340,7 +343,7 @@ def _load_labels(labels: Any) -> Tuple[Optional[np.ndarray], str]:
 # -- the check -----------------------------------------------------------------------------------------
 def check(fp32: ModelLike, quant: ModelLike, data: Any, thresholds: Optional[Thresholds] = None,
           labels: Any = None, layers: bool = False, *, batch_size: int = 16, samples: Optional[int] = None,
-          reference: bool = False, reference_samples: int = 4, max_memory_mb: int = 64,
+          reference: bool = False, reference_samples: int = 4, max_memory_mb: float = 64,
           providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
           progress: Optional[Callable[[str], None]] = None) -> CheckReport:
     """Compare ``quant`` with ``fp32`` (paths or ModelProtos) on ``data`` (a folder or file of .npz/.npy, an
@@ -349,7 +352,7 @@ def check(fp32: ModelLike, quant: ModelLike, data: Any, thresholds: Optional[Thr
     order. ``layers``: also attribute the error to the quantized layers. ``reference``: also run the quantized
     model in onnx.reference on ``reference_samples`` samples and report the largest difference."""
     start = time.perf_counter()
-    thresholds = thresholds or Thresholds()
+    thresholds = _as_thresholds(thresholds)
     fp32_name = os.fspath(fp32) if isinstance(fp32, (str, os.PathLike)) else "fp32 model"
     quant_name = os.fspath(quant) if isinstance(quant, (str, os.PathLike)) else "quantized model"
     fp32_model = load_model(fp32)
@@ -361,6 +364,8 @@ def check(fp32: ModelLike, quant: ModelLike, data: Any, thresholds: Optional[Thr
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     if samples is not None and samples < 1:
         raise ConfigError(f"samples must be >= 1, got {samples}")
+    if layers and not max_memory_mb > 0:
+        raise ConfigError(f"the memory budget for --layers (--max-memory) must be > 0 MB, got {max_memory_mb}")
     dataset = as_data(data, fp32_model, batch_size=batch_size, limit=samples, what="validation data")
     label_array, label_source = _load_labels(labels)
 
@@ -408,10 +413,15 @@ def check(fp32: ModelLike, quant: ModelLike, data: Any, thresholds: Optional[Thr
         batches += 1
         if progress:
             progress(f"outputs: {seen} sample(s)")
-    if label_array is not None and label_array.shape[0] != seen:
+    # with --samples N the first N labels are used; otherwise labels and samples must pair up one to one
+    if label_array is not None and (label_array.shape[0] < seen or (samples is None and label_array.shape[0] != seen)):
         raise DataError(f"{label_source}: holds {label_array.shape[0]} labels for {seen} samples")
     del ref_sess, q_sess
     labelled = label_array is not None or bool(data_labels)
+    if labelled and not any(r.classifier is not None for r in results.values()):
+        raise DataError(f"{label_source or dataset.describe()}: labels given, but no output of {fp32_name} is "
+                        f"classifier-like ([N, C] scores, C >= 2): outputs "
+                        + ", ".join(f"{r.name} {r.shape}" for r in results.values()))
     for name, res in results.items():
         res.judge(thresholds.for_output(name))
 
@@ -432,6 +442,26 @@ def check(fp32: ModelLike, quant: ModelLike, data: Any, thresholds: Optional[Thr
     return report
 
 
+def _as_thresholds(t: Any) -> Thresholds:
+    """A Thresholds, from None (the defaults), a Thresholds, or a dict of criteria (and ``overrides``)."""
+    if t is None:
+        return Thresholds()
+    if isinstance(t, Thresholds):
+        return t
+    if isinstance(t, Mapping):
+        unknown = [k for k in t if k not in _METRICS and k != "overrides"]
+        if unknown:
+            raise ConfigError(f"unknown threshold '{unknown[0]}' (known: {', '.join(_METRICS)}, overrides)")
+        for name, per in dict(t.get("overrides") or {}).items():
+            bad = [k for k in per if k not in _METRICS]
+            if bad:
+                raise ConfigError(f"threshold override for '{name}': unknown threshold '{bad[0]}' "
+                                  f"(known: {', '.join(_METRICS)})")
+        return Thresholds(**{k: (None if v is None else float(v)) if k != "overrides" else dict(v)
+                             for k, v in t.items()})
+    raise ConfigError(f"thresholds must be a Thresholds or a dict, not {type(t).__name__}")
+
+
 def _check_interfaces(fp32: onnx.ModelProto, quant: onnx.ModelProto, fp32_name: str, quant_name: str) -> None:
     def inputs(m):
         inits = {t.name for t in m.graph.initializer}
@@ -444,6 +474,29 @@ def _check_interfaces(fp32: onnx.ModelProto, quant: onnx.ModelProto, fp32_name: 
     fi, qi = inputs(fp32), inputs(quant)
     if set(fi) != set(qi):
         raise ModelError(f"{quant_name}: inputs {', '.join(qi)} differ from those of {fp32_name} ({', '.join(fi)})")
+    ftypes = {i.name: _type_of(i) for i in fp32.graph.input}
+    for i in quant.graph.input:
+        if i.name not in ftypes:
+            continue
+        (fe, fs), (qe, qs) = ftypes[i.name], _type_of(i)
+        same_rank = fs is None or qs is None or len(fs) == len(qs)
+        same_dims = same_rank and (fs is None or qs is None or all(
+            a == b or not isinstance(a, int) or not isinstance(b, int) for a, b in zip(fs, qs)))
+        if fe != qe or not same_dims:
+            raise ModelError(f"{quant_name}: input '{i.name}' is {_fmt_type(qe, qs)}, in {fp32_name} it is "
+                             f"{_fmt_type(fe, fs)}: not a quantization of that model")
+
+
+def _type_of(vi: onnx.ValueInfoProto) -> Tuple[int, Optional[List[Any]]]:
+    t = vi.type.tensor_type
+    if not t.HasField("shape"):
+        return t.elem_type, None
+    return t.elem_type, [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
+
+
+def _fmt_type(elem: int, shape: Optional[List[Any]]) -> str:
+    name = onnx.TensorProto.DataType.Name(elem).lower() if elem else "?"
+    return name + ("" if shape is None else "[" + ", ".join(str(d) for d in shape) + "]")
 
 
 def _reference(model: onnx.ModelProto, dataset: CalibrationData, out_names: List[str], n: int,

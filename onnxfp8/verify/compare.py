@@ -45,17 +45,19 @@ class ErrorStats:
     def _update_block(self, ref: np.ndarray, q: np.ndarray) -> None:
         r = ref.astype(np.float64)
         x = q.astype(np.float64)
-        rf, xf = np.isfinite(r), np.isfinite(x)
-        bad = ~(rf & xf)
-        if bad.any():
+        rr, xx = float(r @ r), float(x @ x)
+        if not (math.isfinite(rr) and math.isfinite(xx)):  # squares of float32/16 values cannot overflow float64
+            rf, xf = np.isfinite(r), np.isfinite(x)
+            bad = ~(rf & xf)
             self.nonfinite += int(bad.sum())
             self.q_nonfinite += int((rf & ~xf).sum())
             r, x = r[~bad], x[~bad]
+            rr, xx = float(r @ r), float(x @ x)
         d = r - x
-        self.signal += float(r @ r)
+        self.signal += rr
         self.noise += float(d @ d)
         self.dot += float(r @ x)
-        self.qq += float(x @ x)
+        self.qq += xx
         ad = np.abs(d)
         self.abs_sum += float(ad.sum())
         self.max_abs = max(self.max_abs, float(ad.max()) if ad.size else 0.0)

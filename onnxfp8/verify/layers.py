@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from onnxfp8.errors import ConfigError
 from onnxfp8.modelio import make_session
 from onnxfp8.verify.compare import ErrorStats, _num
 
@@ -302,7 +303,7 @@ class LayerRun:
     bytes_per_batch: int = 0  # largest exposed bytes per batch of any chunk
 
 
-def compare_layers(fp32: onnx.ModelProto, quant: onnx.ModelProto, data, *, max_memory_mb: int = 64,
+def compare_layers(fp32: onnx.ModelProto, quant: onnx.ModelProto, data, *, max_memory_mb: float = 64,
                    providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
                    progress: Optional[Callable[[str], None]] = None) -> LayerRun:
     """Cumulative and own error of every quantized layer of ``quant`` against ``fp32`` over ``data`` (a
@@ -325,7 +326,9 @@ def compare_layers(fp32: onnx.ModelProto, quant: onnx.ModelProto, data, *, max_m
         types.setdefault(name, helper.np_dtype_to_tensor_dtype(np.asarray(arr).dtype))
     nbytes = {t: n * _itemsize(types.get(t, onnx.TensorProto.FLOAT)) for t, n in sizes.items()}
     del first
-    groups = chunks(layers, nbytes, max(1, max_memory_mb) * 2**20)
+    if not max_memory_mb > 0:
+        raise ConfigError(f"the memory budget for exposed tensors must be > 0 MB, got {max_memory_mb}")
+    groups = chunks(layers, nbytes, int(max_memory_mb * 2**20))
     run.chunks = len(groups)
     cum = {l.node: ErrorStats() for l in layers}
     own = {l.node: ErrorStats() for l in layers}
