@@ -386,3 +386,28 @@ def test_bn_ranges_re_measures_the_activation_ranges_that_moved(case):
     np.testing.assert_allclose(inits["r1.scale"], get_format("int8").scale_for(np.float32(amax)), rtol=1e-6)
     before = onnxfp8.quantize(model, calib, config=cfg.replace(bn_ranges=False)).plan.tensors["r1"].amax
     assert abs(amax / before - 1) > 0.01
+
+
+def test_accuracy_without_and_with_when_the_calibration_data_has_labels(case):
+    model, x, _ = case
+    m = onnx.ModelProto()
+    m.CopyFrom(model)  # a classifier: ... -> bn2 -> GlobalAveragePool -> Flatten -> logits [N, 3]
+    g = m.graph
+    g.node.extend([helper.make_node("GlobalAveragePool", ["y"], ["gap"], name="gap"),
+                   helper.make_node("Flatten", ["gap"], ["logits"], name="flatten")])
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["n", C2]))
+    xs = np.concatenate([b["x"] for b in _shifted_calibration(x)])
+    labels = make_session(m).run(["logits"], {"x": xs})[0].argmax(1)
+    labels[::5] = (labels[::5] + 1) % C2  # a fifth of them wrong, so accuracy is not agreement
+    calib = [{"x": xs[i:i + 64], "label": labels[i:i + 64]} for i in range(0, len(xs), 64)]
+    res = onnxfp8.quantize(m, calib, config=QuantConfig(format="e4m3", bn_recalibrate=True, bn_mode="replace",
+                                                          bn_guard=False))
+    bn = res.report.batchnorm
+    assert bn["eval_labelled"] is True and bn["eval_held_out"] is True and bn["applied"] is True
+    out = make_session(res.model).run(["logits"], {"x": xs[:64]})[0]
+    np.testing.assert_allclose(bn["accuracy_with"]["logits"], np.mean(out.argmax(1) == labels[:64]), atol=1 / 64)
+    assert bn["accuracy_with"]["logits"] <= 0.85 + 1e-9  # the wrong labels count
+    text = res.report.summary()
+    acc = f"accuracy {100 * bn['accuracy_without']['logits']:.2f}% -> {100 * bn['accuracy_with']['logits']:.2f}%"
+    assert acc in text and "on 64 held-out calibration sample(s)" in text
