@@ -104,6 +104,22 @@ def _bn_stats(graph, name):
     return node.inputs[3].values.astype(np.float64), node.inputs[4].values.astype(np.float64)
 
 
+def _numpy_train_mode_stats(x, p, fq):
+    """Pooled (mean, var) of the inputs of bn1 and bn2 over the pass's batches (64 + 32), the upstream BN
+    normalizing with each batch's own statistics; ``fq(values, tensor)`` quantizes (or not)."""
+    w1, w2 = fq(p["w1"], "w1"), fq(p["w2"], "w2")
+    y1s, y2s = [], []
+    for start in (0, 64):
+        xb = fq(x[start:start + 64], "x")
+        y1 = conv(xb, w1, p["b1"]).astype(np.float32)
+        m, v = stats(y1.astype(np.float64))
+        h = bn(y1, p["g1"], p["be1"], m, v).astype(np.float32)
+        h = np.maximum(fq(h, "r1"), 0)  # r1 is quantized on the Relu input
+        y2s.append(conv(h, w2, p["b2"]))
+        y1s.append(y1.astype(np.float64))
+    return {"bn1": stats(np.concatenate(y1s)), "bn2": stats(np.concatenate(y2s))}  # exact pooling
+
+
 @pytest.mark.parametrize("fmt", ["e4m3", "int8", "e3m4"])
 def test_recalibrated_stats_equal_numpy_stats_of_quantized_upstream(case, fmt):
     model, x, p = case
@@ -112,23 +128,29 @@ def test_recalibrated_stats_equal_numpy_stats_of_quantized_upstream(case, fmt):
     plan = ctx.plan.tensors
     assert ctx.extras["bn_recalibration"]["batches"] == 2  # 96 samples in batches of 64 and 32
     fq = lambda v, name: f.fake_quant(v.astype(np.float32), plan[name].scale_array(), plan[name].axis)  # noqa: E731
-    w1, w2 = fq(p["w1"], "w1"), fq(p["w2"], "w2")
-    assert not np.array_equal(w1, p["w1"])  # quantization really happened
-    y1s, y2s = [], []
-    for start in (0, 64):  # the pass's batches; the upstream BN normalizes with each batch's own statistics
-        xb = fq(x[start:start + 64], "x")
-        y1 = conv(xb, w1, p["b1"]).astype(np.float32)
-        m, v = stats(y1.astype(np.float64))
-        h = bn(y1, p["g1"], p["be1"], m, v).astype(np.float32)
-        h = np.maximum(fq(h, "r1"), 0)  # r1 is quantized on the Relu input
-        y2s.append(conv(h, w2, p["b2"]))
-        y1s.append(y1.astype(np.float64))
-    for name, ys in (("bn1", y1s), ("bn2", y2s)):
-        want_m, want_v = stats(np.concatenate(ys))  # exact pooling over all samples
+    assert not np.array_equal(fq(p["w1"], "w1"), p["w1"])  # quantization really happened
+    for name, (want_m, want_v) in _numpy_train_mode_stats(x, p, fq).items():
         got_m, got_v = _bn_stats(graph, name)
         np.testing.assert_allclose(got_m, want_m, rtol=1e-4, atol=1e-4, err_msg=name)
         np.testing.assert_allclose(got_v, want_v, rtol=1e-4, atol=1e-5, err_msg=name)
     # and they differ from the FP32 statistics the model came with
+    assert np.max(np.abs(_bn_stats(graph, "bn2")[0] - p["m2"])) > 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "int8"])
+def test_shift_mode_moves_stored_stats_by_the_numpy_quantization_shift(case, fmt):
+    model, x, p = case
+    graph, ctx = _quantize_unfolded(model, x, format=fmt, bn_mode="shift")
+    f = get_format(fmt)
+    plan = ctx.plan.tensors
+    fq = lambda v, name: f.fake_quant(v.astype(np.float32), plan[name].scale_array(), plan[name].axis)  # noqa: E731
+    quant = _numpy_train_mode_stats(x, p, fq)
+    fp32 = _numpy_train_mode_stats(x, p, lambda v, name: v.astype(np.float32))
+    for name, k in (("bn1", "1"), ("bn2", "2")):
+        (mq, vq), (mf, vf) = quant[name], fp32[name]
+        got_m, got_v = _bn_stats(graph, name)
+        np.testing.assert_allclose(got_m, p["m" + k] + (mq - mf), rtol=1e-4, atol=1e-4, err_msg=name)
+        np.testing.assert_allclose(got_v, p["v" + k] * (vq + EPS) / (vf + EPS), rtol=1e-4, err_msg=name)
     assert np.max(np.abs(_bn_stats(graph, "bn2")[0] - p["m2"])) > 1e-4
 
 
