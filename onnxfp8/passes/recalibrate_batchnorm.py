@@ -21,6 +21,9 @@ unfolded:
    runs on the same batch too (two runs per batch, never one per layer). When the recalibration data is the
    calibration data and holds at least twice as many samples, the first ``summary_samples`` (those whose
    FP32 outputs were captured during calibration) are held out of it to judge the result (step 5).
+   A static batch dimension (an export with batch 1) is freed on the working copy so that batch statistics
+   come from real batches; when the model cannot run so (a Reshape to [1, -1]...), the static batch is kept
+   and the report says what that means.
 3. Per channel, the batch statistics are **pooled exactly** (Chan et al.'s parallel update of count,
    mean and sum of squared deviations, in float64): the result is the mean and the (population) variance of
    all the values the BN saw, O(channels) memory. We pool rather than average per-batch statistics as
@@ -70,6 +73,16 @@ from onnxfp8.pipeline import Pass, PassContext, PassResult, Pipeline
 from onnxfp8.verify.compare import ErrorStats
 
 MIN_BATCH = 64
+try:
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
+
+    _ORT_ERRORS = (Fail, InvalidArgument, RuntimeException)
+except ImportError:  # pragma: no cover - older onnxruntime layouts
+    _ORT_ERRORS = (RuntimeError,)
+
+
+class _FreedBatchFailed(Exception):
+    """onnxruntime refused the working copy whose static batch dimension was freed."""
 SUFFIX = "__onnxfp8_bnrecal"
 
 
@@ -153,6 +166,25 @@ def training_mode_model(graph: gs.Graph, names: List[str]) -> onnx.ModelProto:
                          helper.make_tensor_value_info(f"{p}_var", onnx.TensorProto.FLOAT, None),
                          helper.make_tensor_value_info(f"{p}_size", onnx.TensorProto.INT64, [])])
     return model
+
+
+def free_batch(model: onnx.ModelProto) -> bool:
+    """Make the batch dimension of a working copy dynamic when every input has the same static one (an export
+    with batch 1 would otherwise give the upstream BNs one sample's statistics): inputs' and outputs' first
+    dimension become a parameter and value_info is dropped. Returns True when something changed."""
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [vi for vi in model.graph.input if vi.name not in inits]
+    firsts = {vi.type.tensor_type.shape.dim[0].dim_value if len(vi.type.tensor_type.shape.dim)
+              and vi.type.tensor_type.shape.dim[0].HasField("dim_value") else None for vi in inputs}
+    if not inputs or len(firsts) != 1 or None in firsts:
+        return False
+    batch = firsts.pop()
+    for vi in inputs + list(model.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value == batch:
+            dims[0].dim_param = "onnxfp8_bn_batch"
+    del model.graph.value_info[:]
+    return True
 
 
 class HeldOut:
@@ -355,9 +387,6 @@ class RecalibrateBatchNorm(Pass):
                 if available >= 2 * n_eval:
                     break
             hold_out = n_eval if available >= 2 * n_eval else 0
-        model = training_mode_model(graph, names)
-        data = recalibration_data(model, ctx, hold_out=hold_out)
-        sessions = [make_session(model, level="basic", providers=cfg.providers, threads=cfg.threads)]
         fp32 = ctx.extras.get("fp32_graph")
         if mode == "shift":
             if fp32 is None:
@@ -368,24 +397,17 @@ class RecalibrateBatchNorm(Pass):
                 missing = [nm for nm in names if nm not in fp32_names]
                 if missing:
                     raise ValueError(f"bn_mode shift: {missing[0]} is not in the kept FP32 graph")
-                sessions.append(make_session(training_mode_model(fp32, names), level="basic",
-                                             providers=cfg.providers, threads=cfg.threads))
-        fetch = [f"{n.name}{SUFFIX}_{k}" for n in bns for k in ("mean", "var", "size")]
-        pooled = [{n.name: PooledMoments(int(np.size(n.inputs[3].values))) for n in bns} for _ in sessions]
-        samples = batches = 0
-        for batch in data.batches():
-            for sess, acc_of in zip(sessions, pooled):  # one run per batch (shift: and one of the FP32 copy)
-                values = sess.run(fetch, batch)
-                for i, n in enumerate(bns):
-                    mean, var, size = values[3 * i], values[3 * i + 1], int(values[3 * i + 2])
-                    acc = acc_of[n.name]
-                    if mean.size != acc.mean.size:
-                        raise DataError(f"{ctx.source}: {n.name} has {acc.mean.size} channels but its input has "
-                                        f"{mean.size}")
-                    acc.update(size / mean.size, mean, var)
-            samples += next(iter(batch.values())).shape[0]
-            batches += 1
-        del sessions, model  # drop the working copies
+        graphs = [graph] + ([fp32] if mode == "shift" and fp32 is not None else [])
+        try:  # a static batch dimension is freed on the working copies (batch statistics need batches)
+            pooled, samples, batches, data, freed = self._collect(graphs, bns, ctx, hold_out, free=True)
+            if freed:
+                notes.append(f"the model's static batch dimension was freed on the working copy: batches of "
+                             f"{data.batch_size} sample(s)")
+        except _FreedBatchFailed as e:
+            pooled, samples, batches, data, _ = self._collect(graphs, bns, ctx, hold_out, free=False)
+            notes.append(f"the working copy does not run with a free batch dimension ({str(e).splitlines()[0][:120]}); "
+                         f"recalibrated with the model's static batch of {data.batch_size}: upstream BatchNorms "
+                         f"normalize with statistics of that few samples")
         if samples == 0:
             raise DataError(f"{ctx.source}: the BatchNorm recalibration data holds no samples")
         before = evaluate(graph, ctx, inputs, refs, labels) if n_eval else None
@@ -444,6 +466,45 @@ class RecalibrateBatchNorm(Pass):
         notes.insert(0, f"recalibrated {len(layers)} BatchNormalization node(s) on {samples} sample(s) in {batches} "
                         f"batch(es)" + (f"; largest mean shift {worst['max_mean_shift']:.3f} sigma" if worst else ""))
         return PassResult(kept == "recalibrated", notes)
+
+
+    @staticmethod
+    def _collect(graphs: List[gs.Graph], bns: List[gs.Node], ctx: PassContext, hold_out: int, free: bool):
+        """Run the training-mode working copies of ``graphs`` (the quantized graph, and in shift mode the
+        FP32 one) once per batch and pool their per-channel statistics. Returns (pooled per graph, samples,
+        batches, data, whether a static batch dimension was freed)."""
+        cfg = ctx.config
+        names = [n.name for n in bns]
+        models = [training_mode_model(g, names) for g in graphs]
+        freed = [free_batch(m) for m in models][0] if free else False
+        data = recalibration_data(models[0], ctx, hold_out=hold_out)
+
+        def ort(fn, *args):
+            try:
+                return fn(*args)
+            except _ORT_ERRORS as e:
+                if freed:
+                    raise _FreedBatchFailed(str(e)) from e
+                raise
+
+        sessions = [ort(make_session, m, "basic", cfg.providers, cfg.threads) for m in models]
+        del models  # the sessions hold what they need
+        fetch = [f"{n.name}{SUFFIX}_{k}" for n in bns for k in ("mean", "var", "size")]
+        pooled = [{n.name: PooledMoments(int(np.size(n.inputs[3].values))) for n in bns} for _ in sessions]
+        samples = batches = 0
+        for batch in data.batches():
+            for sess, acc_of in zip(sessions, pooled):  # one run per batch (shift: and one of the FP32 copy)
+                values = ort(sess.run, fetch, batch)
+                for i, n in enumerate(bns):
+                    mean, var, size = values[3 * i], values[3 * i + 1], int(values[3 * i + 2])
+                    acc = acc_of[n.name]
+                    if mean.size != acc.mean.size:
+                        raise DataError(f"{ctx.source}: {n.name} has {acc.mean.size} channels but its input has "
+                                        f"{mean.size}")
+                    acc.update(size / mean.size, mean, var)
+            samples += next(iter(batch.values())).shape[0]
+            batches += 1
+        return pooled, samples, batches, data, freed
 
 
 def with_bn_recalibration(pipe: Pipeline) -> Pipeline:

@@ -433,3 +433,54 @@ def test_accuracy_without_and_with_when_the_calibration_data_has_labels(case):
     text = res.report.summary()
     acc = f"accuracy {100 * bn['accuracy_without']['logits']:.2f}% -> {100 * bn['accuracy_with']['logits']:.2f}%"
     assert acc in text and "on 64 held-out calibration sample(s)" in text
+
+
+def _static_batch_one(model, tail=False):
+    """The case model exported with batch 1 (optionally with a Reshape to [1, -1] -> MatMul head, which only
+    runs with batch 1)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for vi in list(m.graph.input) + list(m.graph.output):
+        vi.type.tensor_type.shape.dim[0].dim_value = 1
+    if tail:
+        n = C2 * HW * HW
+        w = np.random.default_rng(3).normal(0, 0.1, (n, 5)).astype(np.float32)
+        m.graph.initializer.extend([numpy_helper.from_array(np.array([1, -1], np.int64), "flat_shape"),
+                                    numpy_helper.from_array(w, "head_w")])
+        m.graph.node.extend([helper.make_node("Reshape", ["y", "flat_shape"], ["flat"], name="flatten"),
+                             helper.make_node("MatMul", ["flat", "head_w"], ["scores"], name="head")])
+        del m.graph.output[:]
+        m.graph.output.append(helper.make_tensor_value_info("scores", onnx.TensorProto.FLOAT, [1, 5]))
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def test_static_batch_is_freed_on_the_working_copy(case):
+    model, x, _ = case
+    calib = [{"x": x[i:i + 1]} for i in range(len(x))]
+    cfg = QuantConfig(format="int8", bn_recalibrate=True, bn_mode="replace", bn_guard=False, op_types=("NoSuchOp",))
+    dynamic = onnxfp8.quantize(model, calib, config=cfg, check_model=False).report.batchnorm
+    static = onnxfp8.quantize(_static_batch_one(model), calib, config=cfg)
+    bn = static.report.batchnorm
+    assert (bn["samples"], bn["batches"]) == (96, 2)  # batches of 64 + 32, not 96 of one sample
+    notes = [n for r in static.report.passes if r.name == "recalibrate_batchnorm" for n in r.notes]
+    assert "the model's static batch dimension was freed on the working copy: batches of 64 sample(s)" in notes
+    for name in ("bn1", "bn2"):
+        for key in ("mean_after", "var_after"):
+            np.testing.assert_allclose(bn["layers"][name][key], dynamic["layers"][name][key], rtol=1e-5, atol=1e-6)
+    assert [d.dim_value for d in static.model.graph.input[0].type.tensor_type.shape.dim] == [1, CIN, HW, HW]
+
+
+def test_static_batch_falls_back_when_the_model_needs_it(case):
+    model, x, _ = case
+    calib = [{"x": x[i:i + 1]} for i in range(len(x))]
+    cfg = QuantConfig(format="int8", bn_recalibrate=True, bn_mode="replace", bn_guard=False, op_types=("NoSuchOp",))
+    res = onnxfp8.quantize(_static_batch_one(model, tail=True), calib, config=cfg)
+    bn = res.report.batchnorm
+    assert (bn["samples"], bn["batches"]) == (96, 96)
+    notes = [n for r in res.report.passes if r.name == "recalibrate_batchnorm" for n in r.notes]
+    assert any(n.startswith("the working copy does not run with a free batch dimension") and
+               "recalibrated with the model's static batch of 1" in n for n in notes), notes
+    # bn1 has no BN upstream: its pooled statistics do not depend on the batching
+    dynamic = onnxfp8.quantize(model, calib, config=cfg, check_model=False).report.batchnorm
+    np.testing.assert_allclose(bn["layers"]["bn1"]["var_after"], dynamic["layers"]["bn1"]["var_after"], rtol=1e-5)
