@@ -154,6 +154,29 @@ class QuantConfig:
                               "it needs bn_recalibrate (--bn-recalibrate)")
         if self.target is not None and self.target not in TARGETS:
             raise ConfigError(f"target: unknown target '{self.target}'; choose one of {', '.join(TARGETS)}")
+        if self.target == "tensorrt":  # what TensorRT builds FP8/INT8 kernels from (see onnxfp8 lint)
+            for role in ("weights_format", "activations_format"):
+                f = getattr(self, role) or self.format
+                bad = [c for c in (self.formats if f == AUTO else (f,)) if c not in ("e4m3", "int8")]
+                if bad:
+                    raise ConfigError(f"target tensorrt: {role.split('_')[0]} format {bad[0]} is not a TensorRT "
+                                      f"quantized type (FLOAT8E4M3FN or INT8)"
+                                      + ("; with format auto give --formats e4m3,int8" if f == AUTO else ""))
+            used = {c for f in (self.weights_format or self.format, self.activations_format or self.format)
+                    for c in (self.formats if f == AUTO else (f,))}
+            if len(used) > 1:
+                raise ConfigError("target tensorrt: a layer's input and weight must share one type, but this "
+                                  f"configuration can give it {' and '.join(sorted(used))}; choose one format")
+            for tensor, over in self.overrides.items():
+                f = over.get("format") if isinstance(over, Mapping) else None
+                if f is not None and str(f).lower() not in ("e4m3", "int8"):
+                    raise ConfigError(f"target tensorrt: overrides.{tensor}.format {f} is not a TensorRT quantized "
+                                      f"type (FLOAT8E4M3FN or INT8)")
+            if self.style != "qdq":
+                raise ConfigError("target tensorrt: style emulate is not Q/DQ; TensorRT needs style qdq")
+            if self.dynamic:
+                raise ConfigError("target tensorrt: dynamic scales are computed in the graph; TensorRT fuses Q/DQ "
+                                  "only with constant scales")
         if self.opset < 19:
             raise ConfigError(f"opset must be >= 19 (FP8 QuantizeLinear needs it), got {self.opset}")
         for name in ("op_types", "exclude_ops", "include_nodes", "exclude_nodes", "providers"):

@@ -103,3 +103,23 @@ def test_target_tensorrt_flag(example_models, tmp_path):
     assert rep["config"]["target"] == "tensorrt"
     res = CliRunner().invoke(cli, ["lint", str(tmp_path / "q.onnx")])
     assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["-f", "e5m2"], "target tensorrt: weights format e5m2 is not a TensorRT quantized type (FLOAT8E4M3FN or INT8)"),
+    (["-f", "auto"], "target tensorrt: weights format e3m4 is not a TensorRT quantized type (FLOAT8E4M3FN or INT8); "
+                     "with format auto give --formats e4m3,int8"),
+    (["--activations-format", "e3m4"], "target tensorrt: activations format e3m4 is not a TensorRT quantized type "
+                                       "(FLOAT8E4M3FN or INT8)"),
+    (["--style", "emulate"], "target tensorrt: style emulate is not Q/DQ; TensorRT needs style qdq"),
+    (["-f", "auto", "--formats", "e4m3,int8"], "target tensorrt: a layer's input and weight must share one type, but "
+                                               "this configuration can give it e4m3 and int8; choose one format"),
+    (["--weights-format", "int8"], "target tensorrt: a layer's input and weight must share one type, but this "
+                                   "configuration can give it e4m3 and int8; choose one format"),
+    (["--dynamic"], "target tensorrt: dynamic scales are computed in the graph; TensorRT fuses Q/DQ only with "
+                    "constant scales"),
+])
+def test_target_tensorrt_refuses_what_tensorrt_cannot_run(example_models, tmp_path, args, msg):
+    res, _ = _quantize(example_models["mlp"], tmp_path, "--target", "tensorrt", *args)
+    assert res.exit_code == 2 and res.stderr.strip().splitlines() == [f"error: {msg}"]
+

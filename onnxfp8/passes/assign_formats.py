@@ -80,13 +80,13 @@ class AssignFormats(Pass):
             if "amax" in over:  # a given range: one for the tensor, or one per channel along the axis
                 a = np.asarray(over["amax"], np.float32).reshape(-1)
                 if a.size not in (1, want):
-                    raise ConfigError(f"{ctx.source}: override for {name}: {a.size} amax value(s), but the weight has {want} "
-                                      f"channel(s) on axis {axis}")
+                    raise ConfigError(f"{ctx.source}: override for {name}: {a.size} amax value(s), but the weight "
+                                      f"has {want} channel(s) on axis {axis}")
                 amax = np.full(np.shape(amax), a[0], np.float32) if a.size == 1 else a.reshape(np.shape(amax))
             scale = np.asarray(over["scale"], np.float32) if "scale" in over else fmt.scale_for(amax)
             if scale.size not in (1, want):
-                raise ConfigError(f"{ctx.source}: override for {name}: {scale.size} scale(s), but the weight has {want} channel(s) "
-                                  f"on axis {axis}")
+                raise ConfigError(f"{ctx.source}: override for {name}: {scale.size} scale(s), but the weight has "
+                                  f"{want} channel(s) on axis {axis}")
             if scale.size == 1 and axis is not None and want != 1:
                 scale = np.full(want, float(scale.reshape(-1)[0]), np.float32)
             plan.tensors[name] = QuantSpec(name, "weight", fmt.name, _tolist(scale), axis, _tolist(amax),
@@ -97,9 +97,11 @@ class AssignFormats(Pass):
         for name, consumers in act_consumers.items():
             over = dict(cfg.overrides.get(name, {}))
             if "axis" in over:
-                raise ConfigError(f"{ctx.source}: override for {name}: axis applies to weights; activations are quantized per tensor")
+                raise ConfigError(f"{ctx.source}: override for {name}: axis applies to weights; activations are "
+                                  f"quantized per tensor")
             if isinstance(over.get("scale", 0.0), (list, tuple)) or isinstance(over.get("amax", 0.0), (list, tuple)):
-                raise ConfigError(f"{ctx.source}: override for {name}: an activation takes one scale / amax (per tensor)")
+                raise ConfigError(f"{ctx.source}: override for {name}: an activation takes one scale / amax "
+                                  f"(per tensor)")
             fmt = get_format(over.get("format", cfg.activation_format))
             stats = ctx.stats.get(name, {})
             amax = float(over.get("amax", stats.get("amax", 0.0)))
@@ -213,7 +215,8 @@ def auto_summary(plan, limit: int = 8) -> List[str]:
         d = top[0] - top[1]
         return d if math.isfinite(d) else 0.0
 
-    line = "format auto (SQNR of each candidate on the calibration data): " + ", ".join(
+    line = ("format auto (per tensor, the candidate with the best SQNR on the weight's values or the activation's "
+            "calibration histogram): ") + ", ".join(
         f"{f} chosen for {k} tensor(s)" for f, k in sorted(won.items(), key=lambda kv: -kv[1]))
     if "int8" in won:
         line += f"; INT8 wins {won['int8']} tensor(s)"

@@ -17,6 +17,8 @@ rules.TensorRTRule for the channel and filter limits):
   biases in high precision;
 - ``channels``: quantized Conv / ConvTranspose / Gemm / MatMul whose channel counts are not multiples of 16,
   whose filter has more than 32 taps, or which are a GEMV: the FP8 kernels do not take them;
+- ``mixed-types``: a weighted layer whose quantized input and weight have different types (FP8 and INT8):
+  TensorRT's kernels take both operands in one type;
 - ``half-quantized``: a weighted layer with a quantized weight but an FP32 input (or the reverse): it cannot
   run in FP8;
 - ``unfused-dq``: a DequantizeLinear whose value reaches no op TensorRT runs on quantized input
@@ -330,6 +332,12 @@ def lint_model(model: Union[str, onnx.ModelProto], target: str = "tensorrt", sou
             other = "input" if w_dq is not None else "weight"
             add(Finding("half-quantized", [_label(n)], f"{n.op_type} has a quantized {which} but a high-precision "
                                                        f"{other}: TensorRT runs it in high precision"))
+        if a_dq is not None and w_dq is not None:
+            ta, tw = _qdq_type(g, a_dq), _qdq_type(g, w_dq)
+            if ta is not None and tw is not None and ta != tw:
+                add(Finding("mixed-types", [_label(n)], f"{n.op_type} reads a {TensorProto.DataType.Name(ta)} input "
+                            f"and a {TensorProto.DataType.Name(tw)} weight: TensorRT's FP8 and INT8 kernels take "
+                            "both operands in one type"))
         w = g.const(w_dq.input[0]) if w_dq is not None else None
         if w is None:
             continue

@@ -24,12 +24,12 @@ def _f(name, arr):
 
 
 def conv_model(cin=16, cout=32, k=3, *, wtype=F8, act_zp=0, axis=0, per_channel=True, out_dq=False,
-               quant_input=True, quant_weight=True, bias_q=False, dyn_scale=False):
+               quant_input=True, quant_weight=True, bias_q=False, dyn_scale=False, atype=None):
     """x -> Q -> DQ -> Conv(W: FP8 init -> DQ, B) -> Relu -> y, with one thing changed per argument."""
     nodes, inits = [], []
     x_in = "x"
     if quant_input:
-        inits += [_f("xs", 0.05), helper.make_tensor("xzp", wtype, [], [act_zp])]
+        inits += [_f("xs", 0.05), helper.make_tensor("xzp", atype or wtype, [], [act_zp])]
         scale = "xs"
         if dyn_scale:
             nodes += [helper.make_node("ReduceMax", ["x"], ["xmax"], name="dyn/max", keepdims=0)]
@@ -88,6 +88,7 @@ def test_good_conv_is_clean():
     (dict(cout=24), "channels", {"conv"}),
     (dict(k=7), "channels", {"conv"}),
     (dict(quant_input=False), "half-quantized", {"conv"}),
+    (dict(atype=TensorProto.INT8), "mixed-types", {"conv"}),
     (dict(dyn_scale=True), "scale", {"x/Q", "x/DQ"}),
 ])
 def test_bad_placement_is_found(kwargs, check, names, tmp_path):
