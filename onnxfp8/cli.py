@@ -241,9 +241,9 @@ def quantize(model, calib, output, plan_path, report_path, quiet, do_check, val,
         _write_text(report_path, result.report.to_json())
     if not quiet:
         click.echo(result.report.summary())
-        from onnxfp8.passes.assign_formats import auto_summary
+        from onnxfp8.passes.assign_formats import auto_summary, dynamic_summary
 
-        for line in auto_summary(result.plan):  # --format auto: what won where, and by how much
+        for line in auto_summary(result.plan) + dynamic_summary(result.plan):  # auto: what won where; dynamic
             click.echo(line)
         click.echo(f"wrote {output}")
     if do_check:

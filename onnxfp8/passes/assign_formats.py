@@ -229,6 +229,23 @@ def auto_summary(plan, limit: int = 8) -> List[str]:
     return lines
 
 
+def dynamic_summary(plan) -> List[str]:
+    """Dynamic quantization, in words: how many activation scales are computed at run time, per row (token) /
+    per column / per tensor (from the specs' notes, which say why a tensor did not get per-token scales)."""
+    kinds: Dict[str, int] = {}
+    for s in plan.activations():
+        if s.scale is not None:
+            continue
+        note = next((n for n in s.notes if n.startswith("dynamic: ")), "dynamic: scale per tensor")
+        kind = "per row (token)" if "per row" in note else ("per column" if "per column" in note else "per tensor")
+        kinds[kind] = kinds.get(kind, 0) + 1
+    if not kinds:
+        return []
+    return [f"dynamic quantization: {sum(kinds.values())} activation scale(s) computed at run time "
+            f"(ReduceMax(Abs(x)) / format max, no calibration): "
+            + ", ".join(f"{n} {kind}" for n, kind in sorted(((n, k) for k, n in kinds.items()), reverse=True))]
+
+
 def activation_histograms(graph: gs.Graph, ctx: PassContext, names: List[str]) -> Dict[str, object]:
     """Histograms of |x| for the activations whose format is chosen from data. Reuses a histogram calibrator
     the calibrate pass left in ``ctx.extras["calibrator"]`` when it holds every tensor, else runs one

@@ -150,3 +150,20 @@ def test_dynamic_vs_static_on_the_transformer(example_models, load_feeds):
     for mode, bound in DYN_BOUNDS.items():
         assert bound <= got[mode] < bound + 1.0, got
     assert got["token"] > got["static"] > got["tensor"], got
+
+
+def test_cli_dynamic_without_data_says_what_it_did(example_models, tmp_path):
+    from click.testing import CliRunner
+
+    from onnxfp8.cli import cli
+
+    ex = example_models["transformer"]
+    out = tmp_path / "d.onnx"
+    r = CliRunner().invoke(cli, ["quantize", str(ex["model"]), "--dynamic", "--dynamic-granularity", "token",
+                                 "--scheme", "extended", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert ("dynamic quantization: 21 activation scale(s) computed at run time (ReduceMax(Abs(x)) / format max, no "
+            "calibration): 14 per tensor, 5 per row (token), 2 per column") in r.output
+    assert "output SQNR" not in r.output  # no data: nothing to measure against
+    r = CliRunner().invoke(cli, ["quantize", str(ex["model"]), "--dynamic", "-f", "auto", "-o", str(out)])
+    assert r.exit_code == 2 and "format auto for activations needs calibration statistics" in r.stderr
