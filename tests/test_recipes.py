@@ -60,7 +60,7 @@ def test_fp8_bert_quantizes_only_gemm_inputs(example_models):
     assert "layer0/attn/scores" in skipped and "embeddings/word_embeddings" in skipped
     assert all(s.format == "e4m3" for s in res.plan.tensors.values())
     assert res.report.config["calibration"] == "max"
-    assert _sqnr(res) > 15.0
+    assert 23.4 <= _sqnr(res) < 24.7  # measured 23.71 dB (logits, on the 16 calibration samples)
 
 
 def test_nlp_recipe_mixes_formats_by_role(example_models):
@@ -69,7 +69,7 @@ def test_nlp_recipe_mixes_formats_by_role(example_models):
     a = {s.format for s in res.plan.activations()}
     assert w == {"e3m4"} and a == {"e4m3"}
     assert res.report.config["scheme"] == "extended"
-    assert _sqnr(res) > 15.0
+    assert 23.2 <= _sqnr(res) < 24.5  # measured 23.49 dB
 
 
 def test_cv_recipe_keeps_batchnorm_e3m4(example_models):
@@ -79,7 +79,7 @@ def test_cv_recipe_keeps_batchnorm_e3m4(example_models):
     res = _run(example_models, "cnn", "cv", calib_samples=32)  # BN statistics need more than 16 samples
     assert {s.format for s in res.plan.tensors.values()} == {"e3m4"}
     assert "recalibrate_batchnorm" in [p.name for p in res.report.passes]
-    assert _sqnr(res) > 15.0
+    assert 21.3 <= _sqnr(res) < 24.7  # measured 21.67 dB (BN recalibration may improve it: the upper bound is loose)
 
 
 @pytest.mark.parametrize("name", ["cnn", "transformer"])
@@ -108,7 +108,8 @@ def test_tensorrt_recipe_lints_clean(example_models, name):
         assert "two activations" in skipped["layer0/attn/scores"]
         assert res.plan.nodes["layer0/attn/residual"].quantized
         assert res.plan.nodes["layer0/ffn/residual"].quantized
-    assert _sqnr(res) > 12.0
+    assert _sqnr(res) >= {"cnn": 18.5, "transformer": 29.7}[name]  # measured 18.78 / 29.97 dB
+    assert _sqnr(res) < {"cnn": 19.8, "transformer": 31.0}[name]
 
 
 def test_recipe_unknown_key_rejected_by_name(tmp_path):
