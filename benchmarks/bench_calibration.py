@@ -198,6 +198,19 @@ def quantized_nodes(plan_path: str) -> List[str]:
     return sorted(d["node"] for d in items if d.get("quantized"))
 
 
+def _add_report(res: dict, path: Path) -> None:
+    """Where an onnxfp8 run spent its time, from its --report: the calibrate pass, the rest of quantize()
+    (loading and preparing the model, the other passes, the ONNX check, the output summary on the summary
+    samples, saving) and the rest of the process (interpreter start, imports)."""
+    if "error" in res or not path.exists():
+        return
+    rep = json.load(open(path))
+    passes = {p["name"]: p["seconds"] for p in rep.get("passes", [])}
+    res["calibrate_seconds"] = passes.get("calibrate", 0.0)
+    res["rest_seconds"] = rep.get("seconds", 0.0) - res["calibrate_seconds"]
+    res["process_seconds"] = res["wall_seconds"] - rep.get("seconds", 0.0)
+
+
 def fmt(v, spec, unit=""):
     return "-" if v is None else f"{v:{spec}}{unit}"
 
@@ -285,6 +298,8 @@ def main(argv=None) -> int:
     p.add_argument("--bert-layers", type=int, default=12)
     p.add_argument("--no-ort", action="store_true", help="skip onnxruntime's quantize_static")
     p.add_argument("--no-mse", action="store_true", help="skip the onnxfp8 mse run")
+    p.add_argument("--no-summary-row", action="store_true",
+                   help="skip the onnxfp8 max run with --summary-samples 0 (no post-quantization SQNR summary)")
     p.add_argument("--no-outlier-demo", action="store_true", help="skip the mse-vs-max outlier case")
     p.add_argument("--workdir", default="/tmp/onnxfp8-bench-calibration")
     p.add_argument("--json", help="write every measurement here")
@@ -301,6 +316,7 @@ def main(argv=None) -> int:
     py = sys.executable
     me = str(Path(__file__).resolve())
     bs = str(args.batch_size)
+    total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
     all_rows = {}
     verdicts: List[str] = []
     print(f"onnxruntime quantize_static vs onnxfp8 quantize; batch {args.batch_size}, {os.cpu_count()} CPU(s), "
@@ -316,13 +332,35 @@ def main(argv=None) -> int:
             d = Path(ex["dir"]) / f"n{n}"
             d.mkdir(exist_ok=True)
             r: Dict[str, dict] = {}
+            print(f"-- {n} calibration samples", flush=True)
+
+            def show(k: str) -> None:
+                v = r[k]
+                if "error" in v or "skipped" in v:
+                    print(f"   {k:14} {'failed' if 'error' in v else 'skipped'}: {v.get('error', v.get('skipped'))}",
+                          flush=True)
+                else:
+                    print(f"   {k:14} {v['wall_seconds']:7.1f} s {v['peak_rss_mb']:7.0f} MB", flush=True)
+
             r["floor"] = spawn([py, me, "--child", "floor", ex["model"], ex["calib"], str(n), bs])
+            show("floor")
             base = [py, me, "--child", "cli", "quantize", ex["model"], "--calib", ex["calib"], "--calib-samples", str(n),
                     "--batch-size", bs, "-f", "e4m3", "--quiet"]
-            r["onnxfp8 max"] = spawn(base + ["-o", str(d / "ours_max.onnx"), "--plan", str(d / "plan.json")])
+            r["onnxfp8 max"] = spawn(base + ["-o", str(d / "ours_max.onnx"), "--plan", str(d / "plan.json"),
+                                             "--report", str(d / "report_max.json")])
+            _add_report(r["onnxfp8 max"], d / "report_max.json")
+            show("onnxfp8 max")
+            if not args.no_summary_row:
+                r["onnxfp8 max s0"] = spawn(base + ["--summary-samples", "0", "-o", str(d / "ours_max_s0.onnx"),
+                                                    "--report", str(d / "report_s0.json")])
+                _add_report(r["onnxfp8 max s0"], d / "report_s0.json")
+                show("onnxfp8 max s0")
             outs = {"onnxfp8 max": str(d / "ours_max.onnx")}
             if not args.no_mse:
-                r["onnxfp8 mse"] = spawn(base + ["--calibration", "mse", "-o", str(d / "ours_mse.onnx")])
+                r["onnxfp8 mse"] = spawn(base + ["--calibration", "mse", "-o", str(d / "ours_mse.onnx"),
+                                                 "--report", str(d / "report_mse.json")])
+                _add_report(r["onnxfp8 mse"], d / "report_mse.json")
+                show("onnxfp8 mse")
                 outs["onnxfp8 mse"] = str(d / "ours_mse.onnx")
             if not args.no_ort:
                 nodes = str(d / "nodes.json")
@@ -330,10 +368,20 @@ def main(argv=None) -> int:
                     json.dump(quantized_nodes(str(d / "plan.json")) if "error" not in r["onnxfp8 max"] else None, f)
                 for kind in ("fp8", "int8"):
                     out = str(d / f"ort_{kind}.onnx")
-                    r[f"ort {kind}"] = spawn([py, me, "--child", "ort", ex["model"], ex["calib"], str(n), bs, kind,
-                                              out, nodes])
-                    outs[f"ort {kind}"] = out
-            outs = {k: v for k, v in outs.items() if "error" not in r[k]}
+                    prev = [(m, rows[m][f"ort {kind}"]["peak_rss_mb"]) for m in rows
+                            if "peak_rss_mb" in rows[m].get(f"ort {kind}", {})]
+                    if prev and prev[-1][1] * n / prev[-1][0] > 0.6 * total_mb:
+                        m0, rss0 = prev[-1]
+                        r[f"ort {kind}"] = {"skipped": f"its peak RSS grew with the samples ({rss0 / 1024:.1f} GB at "
+                                                       f"{m0}); at {n} that extrapolates to "
+                                                       f"{rss0 * n / m0 / 1024:.0f} GB, over 60% of this machine's "
+                                                       f"{total_mb / 1024:.0f} GB"}
+                    else:
+                        r[f"ort {kind}"] = spawn([py, me, "--child", "ort", ex["model"], ex["calib"], str(n), bs,
+                                                  kind, out, nodes])
+                        outs[f"ort {kind}"] = out
+                    show(f"ort {kind}")
+            outs = {k: v for k, v in outs.items() if "error" not in r[k] and "skipped" not in r[k]}
             mj = str(d / "models.json")
             with open(mj, "w") as f:
                 json.dump(outs, f)
@@ -345,14 +393,18 @@ def main(argv=None) -> int:
                     r[k]["sqnr_error"] = sq["error"]
             rows[n] = r
             floor = r["floor"].get("wall_seconds")
-            print(f"-- {n} calibration samples", flush=True)
             print(f"   {'run':14} {'wall s':>8} {'peak RSS':>10} {'/floor':>7} {'SQNR dB':>8}  note")
             for k, v in r.items():
-                if "error" in v:
-                    print(f"   {k:14} {'failed':>8}  {v['error']}")
+                if "error" in v or "skipped" in v:
+                    print(f"   {k:14} {'failed' if 'error' in v else 'skipped':>8}  {v.get('error', v.get('skipped'))}")
                     continue
                 ratio = v["wall_seconds"] / floor if floor else None
                 note = "" if k != "floor" else f"inference loop {v['inner_seconds']:.1f} s"
+                if "calibrate_seconds" in v:
+                    loop = r["floor"].get("inner_seconds")
+                    note = (f"calibrate pass {v['calibrate_seconds']:.1f} s"
+                            + (f" ({v['calibrate_seconds'] / loop:.2f}x the floor's loop)" if loop else "")
+                            + f", rest of quantize {v['rest_seconds']:.1f} s, process start {v['process_seconds']:.1f} s")
                 if k.startswith("ort"):
                     note = f"quantize_static {v['inner_seconds']:.1f} s"
                 if "error" in v.get("sqnr_error", "") or "error" in sq.get(k, {}):
@@ -364,14 +416,22 @@ def main(argv=None) -> int:
                 parts = [f"onnxfp8 max / floor {ours['wall_seconds'] / floor:.2f}x (target <= 1.5x)"]
                 for kind in ("fp8", "int8"):
                     o = r.get(f"ort {kind}", {})
-                    if "wall_seconds" in o and "error" not in o:
+                    if "peak_rss_mb" in o:
                         parts.append(f"/ ort {kind} {ours['wall_seconds'] / o['wall_seconds']:.2f}x time, "
                                      f"{ours['peak_rss_mb'] / o['peak_rss_mb']:.2f}x RSS")
                 print("   ratios: " + "; ".join(parts))
                 verdicts.append(f"{name} n={n}: onnxfp8 max / floor {ours['wall_seconds'] / floor:.2f}x "
                                 f"({'met' if ours['wall_seconds'] <= 1.5 * floor else 'NOT met'})")
+                s0 = r.get("onnxfp8 max s0", {})
+                if "wall_seconds" in s0 and "error" not in s0:
+                    verdicts.append(f"{name} n={n}: onnxfp8 max --summary-samples 0 / floor "
+                                    f"{s0['wall_seconds'] / floor:.2f}x "
+                                    f"({'met' if s0['wall_seconds'] <= 1.5 * floor else 'NOT met'})")
+                if "calibrate_seconds" in ours and r["floor"].get("inner_seconds"):
+                    verdicts.append(f"{name} n={n}: calibrate pass / floor's inference loop "
+                                    f"{ours['calibrate_seconds'] / r['floor']['inner_seconds']:.2f}x")
                 o = r.get("ort fp8", {})
-                if "wall_seconds" in o and "error" not in o:
+                if "peak_rss_mb" in o:
                     q = ours["wall_seconds"] / o["wall_seconds"]
                     verdicts.append(f"{name} n={n}: onnxfp8 max / ort fp8 time {q:.2f}x "
                                     f"({'met' if q < 0.5 else 'NOT met'})")
