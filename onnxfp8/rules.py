@@ -340,6 +340,9 @@ class TensorRTRule(SupportRule):
         if node.op in TRT_WEIGHTED:
             widx = [i for i, r in roles.items() if r == "weight"]
             aidx = [i for i, r in roles.items() if r == "activation"]
+            if node.op == "MatMul" and widx == [0]:
+                return Decision(False, "MatMul with the constant weight on the left: TensorRT takes per-channel "
+                                       "weight scales on the right operand's output columns (--target tensorrt)")
             if widx:
                 why = trt_weighted_problem(node, node.inputs[widx[0]].values,
                                            node.inputs[aidx[0]] if aidx else None)

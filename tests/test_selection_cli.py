@@ -123,3 +123,33 @@ def test_target_tensorrt_refuses_what_tensorrt_cannot_run(example_models, tmp_pa
     res, _ = _quantize(example_models["mlp"], tmp_path, "--target", "tensorrt", *args)
     assert res.exit_code == 2 and res.stderr.strip().splitlines() == [f"error: {msg}"]
 
+
+
+def test_target_tensorrt_leaves_a_left_weight_matmul_fp32(tmp_path):
+    """W @ x (the weight on the left) has its channels on W's rows: TensorRT's per-channel weights are the right
+    operand's columns, so the layer stays FP32 with the reason, and the output lints clean."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    import onnxfp8
+    from onnxfp8 import QuantConfig
+    from onnxfp8.verify.lint import lint_model
+
+    rng = np.random.default_rng(0)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["w", "x"], ["h"], name="left"),
+         helper.make_node("MatMul", ["h", "w2"], ["y"], name="right")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(rng.standard_normal([32, 32]).astype(np.float32), "w"),
+         onnx.numpy_helper.from_array(rng.standard_normal([16, 32]).astype(np.float32), "w2")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
+    calib = [{"x": rng.standard_normal([2, 32, 16]).astype(np.float32)}]
+    plain = onnxfp8.quantize(model, calib, config=QuantConfig())
+    assert plain.plan.nodes["left"].quantized and plain.plan.tensors["w"].axis == 0
+    assert any(f.check == "axis" for f in lint_model(plain.model).errors)
+    res = onnxfp8.quantize(model, calib, config=QuantConfig(target="tensorrt"))
+    assert not res.plan.nodes["left"].quantized and "weight on the left" in res.plan.nodes["left"].reason
+    assert res.plan.nodes["right"].quantized
+    assert lint_model(res.model).errors == []
