@@ -76,15 +76,20 @@ def test_dynamic_per_tensor_needs_no_data_and_is_exact(fmt_name):
     assert "ReduceMax" in ops and "Abs" in ops
 
 
-def test_dynamic_per_token_scales_each_row():
+@pytest.mark.parametrize("fmt_name, style", [("e4m3", "qdq"), ("e4m3", "emulate"), ("int8", "qdq"), ("e3m4", "qdq")])
+def test_dynamic_per_token_scales_each_row(fmt_name, style):
     model, w = matmul_model()
-    fmt = get_format("e4m3")
-    res = onnxfp8.quantize(model, None, config=QuantConfig(dynamic=True, dynamic_granularity="token"))
+    fmt = get_format(fmt_name)
+    res = onnxfp8.quantize(model, None, config=QuantConfig(format=fmt_name, style=style, dynamic=True,
+                                                           dynamic_granularity="token"))
     assert "per row (token)" in res.plan.tensors["x"].notes[-1]
     x = _x(3)
     got = make_session(res.model, level="basic").run(None, {"x": x})[0]
     want = _row_fq(fmt, x, -1) @ fmt.fake_quant(w, fmt.scale_for(np.abs(w).max(axis=0)), axis=1)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ReferenceEvaluator(res.model).run(None, {"x": x})[0], got, rtol=1e-5, atol=1e-5)
+    if (fmt_name, style) != ("e4m3", "qdq"):
+        return
     tensor = onnxfp8.quantize(model, None, config=QuantConfig(dynamic=True)).model
     ref = x @ w
     per_token = _sqnr(ref, got)
