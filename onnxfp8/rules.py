@@ -80,7 +80,7 @@ def compile_pattern(pattern: str):
 
 class NodeNameRule(NodeRule):
     """Exclude (or, with ``include=True``, restrict quantization to) nodes whose name matches a pattern.
-    ``matches`` records what every pattern matched, for the report."""
+    ``record(nodes)`` fills ``matches``, what every pattern matched, for the report."""
 
     def __init__(self, patterns: Sequence[str], include: bool = False):
         self.patterns = list(patterns)
@@ -88,10 +88,13 @@ class NodeNameRule(NodeRule):
         self._match = [(p, compile_pattern(p)) for p in self.patterns]
         self.matches: Dict[str, List[str]] = {p: [] for p in self.patterns}
 
+    def record(self, nodes: Iterable[gs.Node]) -> None:
+        """Fill ``matches`` over every node, whatever other rules decide (a node another rule excludes first is
+        still a match: a pattern is only 'matching nothing' when no node name matches it)."""
+        self.matches = {p: [n.name for n in nodes if m(n.name)] for p, m in self._match}
+
     def decide(self, node, info):
         hit = [p for p, m in self._match if m(node.name)]
-        for p in hit:
-            self.matches[p].append(node.name)
         flag = "--include-node" if self.include else "--exclude-node"
         if self.include:
             return None if hit else Decision(False, f"name does not match any {flag} pattern")

@@ -153,3 +153,16 @@ def test_target_tensorrt_leaves_a_left_weight_matmul_fp32(tmp_path):
     assert not res.plan.nodes["left"].quantized and "weight on the left" in res.plan.nodes["left"].reason
     assert res.plan.nodes["right"].quantized
     assert lint_model(res.model).errors == []
+
+
+def test_pattern_matching_a_node_another_rule_excludes_still_matched(example_models, tmp_path):
+    """A pattern 'matches nothing' only when no node name matches it: conv1 is left FP32 by --target tensorrt
+    (3 input channels) before the name rule is asked, and still counts as matched."""
+    res, rep = _quantize(example_models["cnn"], tmp_path, "--target", "tensorrt", "--exclude-node", "conv1")
+    assert res.exit_code == 0, res.output
+    assert "node patterns: --exclude-node 'conv1' matched 1 node(s): conv1" in res.output
+    assert _decisions(rep)["conv1"]["reason"].startswith("Conv with 3 input / 32 output channels")
+    res, rep = _quantize(example_models["cnn"], tmp_path, "--exclude-node", "conv*", "--include-node", "conv1")
+    assert res.exit_code == 0, res.output
+    assert "--include-node 'conv1' matched 1 node(s): conv1" in res.output
+    assert _decisions(rep)["conv1"]["reason"] == "name matches --exclude-node 'conv*'"

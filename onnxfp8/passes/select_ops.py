@@ -49,6 +49,7 @@ class SelectOps(Pass):
         notes = []
         for rule in rules:
             if isinstance(rule, NodeNameRule):
+                rule.record(graph.nodes)
                 flag = "--include-node" if rule.include else "--exclude-node"
                 for pattern, names in rule.matches.items():
                     if not names:
