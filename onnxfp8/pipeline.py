@@ -97,6 +97,8 @@ class Pipeline:
                 p.requires(graph, ctx)
                 result = p.run(graph, ctx) or PassResult()
                 p.ensures(graph, ctx)
+                if result.modified:
+                    _check_names(graph)
             except OnnxFp8Error:
                 raise
             except Exception as e:
@@ -110,3 +112,18 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return f"Pipeline({self.name!r}, {self.names()})"
+
+
+def _check_names(graph: gs.Graph) -> None:
+    """Every pass that changed the graph must leave tensor and node names unique: two tensors of one name
+    export to one ONNX value, and graphsurgeon's cleanup then drops one producer without a word."""
+    tensors = {}
+    for node in graph.nodes:
+        for t in list(node.inputs) + list(node.outputs):
+            if tensors.setdefault(t.name, t) is not t and t.name:
+                raise ValueError(f"two distinct tensors are named '{t.name}'")
+    seen = set()
+    for node in graph.nodes:
+        if node.name and node.name in seen:
+            raise ValueError(f"two nodes are named '{node.name}'")
+        seen.add(node.name)

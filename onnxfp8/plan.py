@@ -7,6 +7,7 @@ saved, diffed, overridden per tensor and reviewed in CI.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -67,11 +68,11 @@ class QuantPlan:
     def to_dict(self) -> Dict[str, Any]:
         return {
             "nodes": [asdict(d) for d in self.nodes.values()],
-            "tensors": [_plain(asdict(s)) for s in self.tensors.values()],
+            "tensors": [json_plain(asdict(s)) for s in self.tensors.values()],
         }
 
     def to_json(self, indent: int = 1) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "QuantPlan":
@@ -81,6 +82,8 @@ class QuantPlan:
             d["inputs"] = {int(k): v for k, v in d.get("inputs", {}).items()}
             plan.nodes[d["node"]] = NodeDecision(**d)
         for s in data.get("tensors", []):
+            s = dict(s)
+            s["candidates"] = {k: float(v) for k, v in s.get("candidates", {}).items()}  # "inf" -> inf
             plan.tensors[s["tensor"]] = QuantSpec(**s)
         return plan
 
@@ -89,13 +92,17 @@ class QuantPlan:
         return cls.from_dict(json.loads(text))
 
 
-def _plain(obj: Any) -> Any:
+def json_plain(obj: Any) -> Any:
+    """``obj`` as strict JSON data: numpy arrays and scalars as lists and numbers, and the non-finite floats
+    JSON has no literal for (an infinite SQNR, say) as the strings "inf", "-inf", "nan"."""
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
+        return {k: json_plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [json_plain(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return obj.tolist()
+        return json_plain(obj.tolist())
     if isinstance(obj, np.generic):
-        return obj.item()
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "inf" if obj > 0 else ("-inf" if obj < 0 else "nan")
     return obj

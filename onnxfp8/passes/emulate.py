@@ -44,6 +44,14 @@ class Emitter:
     def __init__(self, graph: gs.Graph):
         self.graph = graph
 
+    def _shared(self, name: str, value) -> gs.Constant:
+        """One constant per graph for tables every tensor of a format reads (a second Constant of the same
+        name would be a second tensor of that name)."""
+        shared = self.graph.__dict__.setdefault("_onnxfp8_shared", {})
+        if name not in shared:
+            shared[name] = _const(name, value)
+        return shared[name]
+
     def _node(self, op: str, name: str, inputs, outputs, **attrs) -> None:
         self.graph.nodes.append(gs.Node(op, name=name, attrs=attrs, inputs=list(inputs), outputs=list(outputs)))
 
@@ -101,7 +109,7 @@ class EmulateEmitter(Emitter):
         if fmt.emulated:  # E3M4: 8-bit codes -> table lookup
             idx = gs.Variable(f"{w.name}.codes", dtype=np.int32, shape=list(w.values.shape))
             self._node("Cast", f"{w.name}/CastCodes", [stored], [idx], to=onnx.TensorProto.INT32)
-            table = _const(f"{fmt.name}.code_table", fmt.code_table().astype(np.float32))
+            table = self._shared(f"{fmt.name}.code_table", fmt.code_table().astype(np.float32))
             self._node("Gather", f"{w.name}/Decode", [table, idx], [decoded], axis=0)
         else:
             self._node("Cast", f"{w.name}/Cast", [stored], [decoded], to=onnx.TensorProto.FLOAT)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from onnxfp8.pipeline import PassRecord
-from onnxfp8.plan import QuantPlan
+from onnxfp8.plan import QuantPlan, json_plain
 
 RUN_EXACTLY = ("run it in onnxruntime with SessionOptions.graph_optimization_level = ORT_ENABLE_BASIC and "
                "InferenceSession(..., disabled_optimizers=['WeightBiasQuantization']) (onnxfp8.modelio.make_session "
@@ -43,11 +43,11 @@ class QuantReport:
             "size_before": self.size_before, "size_after": self.size_after,
             "outputs": self.outputs, "summary_samples": self.summary_samples,
             "calibration": self.calibration, "seconds": round(self.seconds, 4), "how_to_run": self.how_to_run,
-            "batchnorm": _json_safe(self.batchnorm),
+            "batchnorm": json_plain(self.batchnorm),
         }
 
     def to_json(self, indent: int = 1) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
+        return json.dumps(json_plain(self.to_dict()), indent=indent, allow_nan=False)
 
     def summary(self) -> str:
         """The human summary the CLI prints."""
@@ -128,13 +128,3 @@ def batchnorm_lines(bn: Dict[str, Any]) -> List[str]:
 
 def _db(v: Any) -> str:
     return f"{v:.2f} dB" if isinstance(v, float) and math.isfinite(v) else str(v)
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "inf" if obj > 0 else ("-inf" if obj < 0 else "nan")
-    return obj
