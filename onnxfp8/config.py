@@ -115,6 +115,9 @@ class QuantConfig:
         if self.dynamic and (self.activations_format or self.format) == AUTO:
             raise ConfigError("format auto for activations needs calibration statistics, which dynamic quantization "
                               "does not collect: give activations_format (--activations-format) with dynamic")
+        if self.dynamic and (self.save_stats or self.load_stats):
+            raise ConfigError(f"{'save_stats' if self.save_stats else 'load_stats'}: dynamic quantization calibrates no "
+                              f"activation, so there are no statistics to save or load")
         if self.style not in STYLES:
             raise ConfigError(f"style: unknown style '{self.style}'; choose one of {', '.join(STYLES)}")
         if self.scheme not in SCHEMES:

@@ -46,6 +46,7 @@ class ProgressBar:
         self._in_pass = 0
         self._drawn = 0  # length of the line on screen
         self._base = 0  # samples done at the first report
+        self._pending: Optional[float] = None  # time of a report not drawn yet
 
     # -- what the runner tells us
     def begin(self, label: str, total: Optional[int]) -> None:
@@ -72,6 +73,8 @@ class ProgressBar:
         finished = self.total is not None and self._pass >= self.passes and self._in_pass >= self.total
         if finished or now - self._last_draw >= self.min_interval:
             self._draw(now)
+        else:
+            self._pending = now  # drawn by close() unless a later report draws it
 
     # -- drawing
     def line(self, now: Optional[float] = None) -> str:
@@ -102,11 +105,13 @@ class ProgressBar:
         self.stream.flush()
         self._drawn = len(text)
         self._last_draw = now
+        self._pending = None
 
     def close(self) -> None:
-        """Draw the final state and end the line (nothing when nothing was drawn)."""
+        """Draw the last report if it was throttled, and end the line (nothing when nothing was drawn)."""
         if self._start is not None:
-            self._draw(self.clock())
+            if self._pending is not None:  # the last report was throttled: show it (as of its own time)
+                self._draw(self._pending)
             self.stream.write("\n")
             self.stream.flush()
         self._start = None

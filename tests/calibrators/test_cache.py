@@ -213,3 +213,10 @@ def test_override_method_is_validated():
         QuantConfig(overrides={"x": {"percentile": 0}})
     with pytest.raises(ConfigError, match="calibration: unknown method 'kl'"):
         QuantConfig(calibration="kl")
+
+
+def test_stats_with_dynamic_quantization_is_refused():
+    with pytest.raises(ConfigError, match="save_stats: dynamic quantization calibrates no activation"):
+        QuantConfig(dynamic=True, save_stats="s.json")
+    with pytest.raises(ConfigError, match="load_stats: dynamic quantization"):
+        QuantConfig(dynamic=True, load_stats="s.json")
