@@ -192,7 +192,7 @@ def _run_check(fp32, quant, data, ck: Dict[str, Any], json_path: Optional[str], 
 @click.option("--samples", type=int, help="Use at most N samples.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Samples per onnxruntime run.")
 @click.option("--json", "json_path", type=click.Path(), help="Write the whole report (JSON) here.")
-@click.option("--max-memory", "max_memory_mb", type=int, default=64, show_default=True, help="MB of tensors exposed per batch by --layers (more layers per pass).")
+@click.option("--max-memory", "max_memory_mb", type=int, default=32, show_default=True, help="MB of tensors exposed per onnxruntime run by --layers (more: larger runs and fewer passes, faster).")
 @click.option("--providers", multiple=True, help="onnxruntime execution providers (comma separated).")
 @click.option("--threads", type=int, default=0, help="onnxruntime intra-op threads (default: all cores).")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the failures.")
@@ -230,7 +230,7 @@ def quantize(model, calib, output, plan_path, report_path, quiet, do_check, val,
     if not do_check and (val or check_json or ck["given"]):
         used = "--val" if val else ("--check-json" if check_json else ck["given"][0])
         raise ConfigError(f"{used} is only used with --check")
-    check_memory = kw.get("max_memory_mb") or 64  # --max-memory given: it bounds the --layers exposure too
+    check_memory = kw.get("max_memory_mb") or 32  # --max-memory given: it bounds the --layers exposure too
     config = build_config(kw)
     output = output or default_output(model, config)
     from onnxfp8.progress import progress_for

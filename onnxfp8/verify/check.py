@@ -32,7 +32,7 @@ from onnxfp8.calibrators.data import CalibrationData, as_data
 from onnxfp8.errors import ConfigError, DataError, ModelError
 from onnxfp8.modelio import ModelLike, load_model, make_session
 from onnxfp8.verify.compare import ClassifierStats, ErrorStats, _num, is_classifier, max_abs_diff
-from onnxfp8.verify.layers import LayerResult, compare_layers
+from onnxfp8.verify.layers import LayerResult, compare_layers, release_memory, shrinking_run_options
 
 # metric -> (value getter key, comparison, unit for messages)
 _METRICS = {
@@ -216,6 +216,7 @@ class CheckReport:
     layers_skipped: List[Dict[str, str]] = field(default_factory=list)
     layer_passes: int = 0
     layer_bytes_per_batch: int = 0
+    layer_batch: int = 0
     reference: Optional[Dict[str, Any]] = None
     runtime: Dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
@@ -244,6 +245,7 @@ class CheckReport:
             d["layers_skipped"] = self.layers_skipped
             d["layer_passes"] = self.layer_passes
             d["layer_bytes_per_batch"] = self.layer_bytes_per_batch
+            d["layer_batch"] = self.layer_batch
         if self.reference is not None:
             d["reference"] = self.reference
         d["seconds"] = round(self.seconds, 3)
@@ -280,10 +282,11 @@ class CheckReport:
             lines.append("per layer: the quantized model has no quantized layer to compare")
         elif self.layers is not None:
             lines.append(f"per layer ({len(self.layers)} quantized layer(s), worst first; own = the layer alone on "
-                         f"FP32 inputs, cumulative = in the quantized model; {self.layer_passes} pass(es)):")
+                         f"FP32 inputs, cumulative = in the quantized model; {self.layer_passes} pass(es) at batch "
+                         f"{self.layer_batch}):")
             lrows = [[l.node, l.op_type, _fmt_value("min_sqnr", l.own_sqnr_db), _fmt_value("min_sqnr", l.cumulative_sqnr_db),
                       f"{l.cumulative.rel_l2:.3g}", l.output] for l in self.layers[:max_layers]]
-            lines += ["  " + s for s in _table(["layer", "op", "own dB", "cumul. dB", "rel L2", "output"], lrows)]
+            lines += ["  " + s for s in _table(["layer", "op", "own dB", "cumul. dB", "cumul. rel L2", "output"], lrows)]
             if len(self.layers) > max_layers:
                 lines.append(f"  ... {len(self.layers) - max_layers} more in the JSON report")
         if self.layers is not None:
@@ -343,7 +346,7 @@ def _load_labels(labels: Any) -> Tuple[Optional[np.ndarray], str]:
 # -- the check -----------------------------------------------------------------------------------------
 def check(fp32: ModelLike, quant: ModelLike, data: Any, thresholds: Optional[Thresholds] = None,
           labels: Any = None, layers: bool = False, *, batch_size: int = 16, samples: Optional[int] = None,
-          reference: bool = False, reference_samples: int = 4, max_memory_mb: float = 64,
+          reference: bool = False, reference_samples: int = 4, max_memory_mb: float = 32,
           providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
           progress: Optional[Callable[[str], None]] = None) -> CheckReport:
     """Compare ``quant`` with ``fp32`` (paths or ModelProtos) on ``data`` (a folder or file of .npz/.npy, an
@@ -369,8 +372,16 @@ def check(fp32: ModelLike, quant: ModelLike, data: Any, thresholds: Optional[Thr
     dataset = as_data(data, fp32_model, batch_size=batch_size, limit=samples, what="validation data")
     label_array, label_source = _load_labels(labels)
 
-    ref_sess = make_session(fp32_model, level="basic", providers=providers, threads=threads)
-    q_sess = make_session(quant_model, level="basic", providers=providers, threads=threads)
+    # sessions from the files when given paths: onnxruntime reads them itself, and without --layers/--reference
+    # the Python copies of the models are dropped first, so they do not add to the peak memory of the run
+    fp32_src = fp32 if isinstance(fp32, (str, os.PathLike)) else fp32_model
+    quant_src = quant if isinstance(quant, (str, os.PathLike)) else quant_model
+    if not (layers or reference):
+        del fp32_model, quant_model
+    ref_sess = make_session(fp32_src, level="basic", providers=providers, threads=threads)
+    q_sess = make_session(quant_src, level="basic", providers=providers, threads=threads)
+    del fp32_src, quant_src
+    run_opts = shrinking_run_options()
     results: Dict[str, OutputResult] = {n: OutputResult(n, [], ErrorStats()) for n in out_names}
     seen = 0
     batches = 0
@@ -386,8 +397,8 @@ def check(fp32: ModelLike, quant: ModelLike, data: Any, thresholds: Optional[Thr
             if data_labels is not None and has != data_labels:
                 raise DataError(f"{dataset.describe()}: some files have a 'label' key and some do not")
             data_labels = has
-        refs = ref_sess.run(out_names, batch)
-        qs = q_sess.run(out_names, batch)
+        refs = ref_sess.run(out_names, batch, run_opts)
+        qs = q_sess.run(out_names, batch, run_opts)
         for name, r, q in zip(out_names, refs, qs):
             res = results[name]
             r, q = np.asarray(r), np.asarray(q)
@@ -409,6 +420,9 @@ def check(fp32: ModelLike, quant: ModelLike, data: Any, thresholds: Optional[Thr
                                     f"'{name}' ({r.shape[1]} classes)")
                 res.classifier.update(r, q, lab)
         del refs, qs
+        release_memory()
+        if batches == 0:  # output shapes are known now: a per-output criterion that cannot apply is a mistake
+            _check_overrides(thresholds, results, label_array is not None or batch_labels is not None)
         seen += n
         batches += 1
         if progress:
@@ -417,6 +431,7 @@ def check(fp32: ModelLike, quant: ModelLike, data: Any, thresholds: Optional[Thr
     if label_array is not None and (label_array.shape[0] < seen or (samples is None and label_array.shape[0] != seen)):
         raise DataError(f"{label_source}: holds {label_array.shape[0]} labels for {seen} samples")
     del ref_sess, q_sess
+    release_memory()
     labelled = label_array is not None or bool(data_labels)
     if labelled and not any(r.classifier is not None for r in results.values()):
         raise DataError(f"{label_source or dataset.describe()}: labels given, but no output of {fp32_name} is "
@@ -438,8 +453,23 @@ def check(fp32: ModelLike, quant: ModelLike, data: Any, thresholds: Optional[Thr
         report.layers_skipped = run.skipped
         report.layer_passes = run.passes
         report.layer_bytes_per_batch = run.bytes_per_batch
+        report.layer_batch = run.micro_batch
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _check_overrides(thresholds: Thresholds, results: Mapping[str, OutputResult], labelled: bool) -> None:
+    for name, per in thresholds.overrides.items():
+        res = results[name]
+        for metric in ("min_top1_agreement", "max_accuracy_loss"):
+            if per.get(metric) is None:
+                continue
+            flag = f"--{metric.replace('_', '-')} {name}={_fmt_value(metric, per[metric])}"
+            if res.classifier is None:
+                raise ConfigError(f"{flag}: output '{name}' (shape {res.shape}) is not classifier-like "
+                                  f"([N, C] scores, C >= 2)")
+            if metric == "max_accuracy_loss" and not labelled:
+                raise ConfigError(f"{flag}: needs labels (--labels FILE.npy or a 'label' key in the .npz files)")
 
 
 def _as_thresholds(t: Any) -> Thresholds:

@@ -80,7 +80,7 @@ def test_exit_1_broken_scale_names_the_layer(runner, mlp, tmp_path):
     assert r.exit_code == 1, r.stdout + r.stderr
     lines = r.stdout.splitlines()
     head = next(i for i, ln in enumerate(lines) if ln.startswith("per layer (3 quantized layer(s), worst first"))
-    assert lines[head + 1].split() == ["layer", "op", "own", "dB", "cumul.", "dB", "rel", "L2", "output"]
+    assert lines[head + 1].split() == ["layer", "op", "own", "dB", "cumul.", "dB", "cumul.", "rel", "L2", "output"]
     assert lines[head + 2].split()[:2] == ["fc2", "MatMul"]
     fail = lines.index(next(ln for ln in lines if ln.startswith("FAIL: ")))
     assert lines[fail + 1].strip().startswith("logits: SQNR ")
