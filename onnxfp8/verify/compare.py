@@ -43,25 +43,27 @@ class ErrorStats:
         return self
 
     def _update_block(self, ref: np.ndarray, q: np.ndarray) -> None:
-        r = ref.astype(np.float64)
-        x = q.astype(np.float64)
-        rr, xx = float(r @ r), float(x @ x)
-        if not (math.isfinite(rr) and math.isfinite(xx)):  # squares of float32/16 values cannot overflow float64
-            rf, xf = np.isfinite(r), np.isfinite(x)
+        # sums accumulate in float64 without float64 copies of the block (einsum casts in small buffers): the
+        # copies made this 16x slower (page faults on fresh memory for every block, 44 ms vs 2.7 ms per 262144
+        # elements measured); the difference is taken in float32 for float32/16 tensors (exactly 0 where they
+        # agree, relative error 2^-24 elsewhere)
+        if not (_dot(ref, ref) < math.inf and _dot(q, q) < math.inf):  # a NaN/Inf somewhere
+            rf, xf = np.isfinite(ref), np.isfinite(q)
             bad = ~(rf & xf)
             self.nonfinite += int(bad.sum())
             self.q_nonfinite += int((rf & ~xf).sum())
-            r, x = r[~bad], x[~bad]
-            rr, xx = float(r @ r), float(x @ x)
-        d = r - x
-        self.signal += rr
-        self.noise += float(d @ d)
-        self.dot += float(r @ x)
-        self.qq += xx
-        ad = np.abs(d)
-        self.abs_sum += float(ad.sum())
-        self.max_abs = max(self.max_abs, float(ad.max()) if ad.size else 0.0)
-        self.count += int(r.size)
+            ref, q = ref[~bad], q[~bad]
+        work = np.float32 if ref.dtype.kind == "f" and q.dtype.kind == "f" and max(ref.itemsize, q.itemsize) <= 4 \
+            else np.float64
+        d = np.subtract(ref, q, dtype=work)
+        self.signal += _dot(ref, ref)
+        self.noise += _dot(d, d)
+        self.dot += _dot(ref, q)
+        self.qq += _dot(q, q)
+        np.abs(d, out=d)
+        self.abs_sum += float(d.sum(dtype=np.float64))
+        self.max_abs = max(self.max_abs, float(d.max()) if d.size else 0.0)
+        self.count += int(ref.size)
 
     def merge(self, other: "ErrorStats") -> "ErrorStats":
         for f in ("signal", "noise", "dot", "qq", "abs_sum", "count", "nonfinite", "q_nonfinite"):
@@ -99,6 +101,11 @@ class ErrorStats:
         return {"sqnr_db": _num(self.sqnr_db), "cosine": _num(self.cosine), "rel_l2": _num(self.rel_l2),
                 "max_abs": _num(self.max_abs), "mean_abs": _num(self.mean_abs), "count": self.count,
                 "nonfinite": self.nonfinite, "q_nonfinite": self.q_nonfinite}
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    """sum(a * b) accumulated in float64 (1-D arrays)."""
+    return float(np.einsum("i,i->", a, b, dtype=np.float64)) if a.size else 0.0
 
 
 def is_classifier(shape) -> bool:
