@@ -7,12 +7,16 @@ Each measurement runs in a fresh subprocess and reports that process's peak RSS 
 * ``plain``: what a user's inference script does: numpy + onnxruntime (default session options), the same
   files read and batched, the FP32 model run batch by batch;
 * ``check``: ``onnxfp8.check(fp32, quant, data)`` (both models, per-output statistics);
-* ``check --layers``: the same with per-layer attribution (tensors exposed in chunks of ``--max-memory`` MB).
+* ``check --layers``: the same with per-layer attribution (at most ``--max-memory`` MB of tensors exposed per
+  onnxruntime run: micro-batches, then chunks of layers; see onnxfp8/verify/layers.py).
 
 The target is check peak RSS < 2x plain. Usage::
 
     python benchmarks/bench_check_memory.py                 # 12 layers, 256 samples, batch 16
     python benchmarks/bench_check_memory.py --hidden 256 --ffn 1024 --max-memory 128
+
+Measured (onnxruntime 1.32, 2 shared cores): plain 98.9 MB, check 149.4 MB (1.51x), check --layers 175.5 MB
+(1.77x, 74 layers in 1 pass at batch 1); 2.2 s, 11.6 s and 61.7 s.
 """
 from __future__ import annotations
 

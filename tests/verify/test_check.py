@@ -393,3 +393,24 @@ def _flat_model():
         [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", 1, 8])],
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 1, 8])])
     return onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 19)])
+
+
+def test_expose_keeps_only_what_the_outputs_need(examples):
+    from onnxfp8.verify.layers import expose
+
+    model, _, val = examples["transformer"]
+    t = "layer0/attn/q_proj/output"
+    cut = expose(model, [t], {})
+    assert [o.name for o in cut.graph.output] == [t]
+    assert len(cut.graph.node) < len(model.graph.node) // 3
+    assert [i.name for i in cut.graph.input] == [i.name for i in model.graph.input]  # every batch still feeds
+    want = make_session(_with_output(model, t)).run([t], val)[0]
+    assert np.array_equal(make_session(cut).run([t], val)[0], want)
+    assert "classifier.weight" not in {i.name for i in cut.graph.initializer}
+
+
+def _with_output(model, name):
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return m
