@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
-import numpy as np
 import onnx
 
 from onnxfp8.calibrators.data import as_data

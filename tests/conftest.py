@@ -75,3 +75,14 @@ def ort_run():
         return make_session(model, level=level).run(None, feeds)
 
     return run
+
+
+@pytest.fixture()
+def runner():
+    """A click CliRunner that keeps stderr apart from stdout (errors go to stderr)."""
+    from click.testing import CliRunner
+
+    try:
+        return CliRunner(mix_stderr=False)
+    except TypeError:  # click >= 8.2 keeps stderr apart by default
+        return CliRunner()

@@ -178,12 +178,10 @@ class PassThrough(Pass):
                         sx.scale = float(fmt.scale_for(np.float32(sx.amax)))
                     sx.notes.append(f"also carried through {path} to the consumers of {spec.tensor}")
             if head.op == "Concat":  # the shared range may have grown: every input gets the same scale
-                shared = plan.tensors[landing[0][0].name]
                 for x, _ in landing:
                     s = plan.tensors[x.name]
                     s.amax = max(float(s.amax or 0.0), float(amax or 0.0))
                     s.scale = float(fmt.scale_for(np.float32(s.amax))) if s.scale is not None else None
-                del shared
             del plan.tensors[spec.tensor]
             dyn.pop(spec.tensor, None)
             moved += 1

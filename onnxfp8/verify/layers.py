@@ -264,7 +264,6 @@ def own_model(quant: onnx.ModelProto, layers: Sequence[Layer], input_types: Dict
     renamed: Dict[str, str] = {}
     nodes: Dict[str, onnx.NodeProto] = {}
     constants: Set[str] = set()
-    order: List[Tuple[int, str]] = []
     for l in layers:
         constants.update(l.constants)
         for n in l.nodes:

@@ -13,7 +13,6 @@ import json
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
 import onnxfp8
@@ -277,7 +276,6 @@ def test_guard_keeps_stored_statistics_when_recalibration_is_worse_on_held_out_s
     assert bn["eval_held_out"] is True and bn["eval_samples"] == 64 and bn["samples"] == 192
     assert bn["applied"] is False and bn["worse"].startswith("output SQNR vs FP32")
     assert bn["sqnr_with"]["y"] < bn["sqnr_without"]["y"] - 3
-    inits = {t.name: numpy_helper.to_array(t) for t in kept.model.graph.initializer}
     folded = p["w2"] * (p["g2"] / np.sqrt(p["v2"] + EPS))[:, None, None, None]  # folded with the stored statistics
     spec = kept.plan.tensors["w2"]
     np.testing.assert_allclose(spec.scale, get_format("int8").scale_for(channel_amax(folded, 0)), rtol=1e-6)
@@ -288,14 +286,6 @@ def test_guard_keeps_stored_statistics_when_recalibration_is_worse_on_held_out_s
     # judged right: on the held-out samples the final models compare as the guard measured
     assert kept.report.outputs["y"]["sqnr_db"] > applied.report.outputs["y"]["sqnr_db"] + 3
     np.testing.assert_allclose(kept.report.outputs["y"]["sqnr_db"], bn["sqnr_without"]["y"], atol=0.5)
-
-
-@pytest.fixture()
-def runner():
-    try:
-        return CliRunner(mix_stderr=False)
-    except TypeError:  # click >= 8.2 keeps stderr apart by default
-        return CliRunner()
 
 
 def _write_case(tmp_path, model, x, name="m"):

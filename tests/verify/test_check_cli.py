@@ -10,19 +10,10 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 from onnx import numpy_helper
 
 import onnxfp8
 from onnxfp8.cli import cli
-
-
-@pytest.fixture()
-def runner():
-    try:
-        return CliRunner(mix_stderr=False)
-    except TypeError:  # click >= 8.2 keeps stderr apart by default
-        return CliRunner()
 
 
 @pytest.fixture(scope="module")
