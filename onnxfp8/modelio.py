@@ -60,7 +60,11 @@ def prepare_model(model: onnx.ModelProto, opset: int = 19, source: str = "model"
     version = ai_onnx_opset(model)
     if version < MIN_INPUT_OPSET:
         raise ModelError(f"{source}: opset {version} is not supported; export with opset {MIN_INPUT_OPSET} or newer")
-    if version < opset:
+    if version < opset and _unchanged_between(model, version, opset):
+        for imp in model.opset_import:  # no op of the graph changed between the versions: nothing to convert
+            if imp.domain in ("", "ai.onnx"):
+                imp.version = opset
+    elif version < opset:
         try:
             from onnx import version_converter
 
@@ -80,6 +84,25 @@ def _save_external(model: onnx.ModelProto, path: str, location: str) -> None:
     onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=location,
                     size_threshold=1024)
     external_data_helper.load_external_data_for_model(model, os.path.dirname(path))
+
+
+def _unchanged_between(model: onnx.ModelProto, old: int, new: int) -> bool:
+    """True when every ai.onnx op of the (subgraph-free) graph has the same definition at opset ``old`` and
+    ``new``: raising the opset import is then the whole conversion, and onnx's version converter (which copies
+    the model and takes seconds on a 100 MB one) is not needed."""
+    if model.functions:
+        return False
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            return False
+        try:
+            if onnx.defs.get_schema(node.op_type, new, "").since_version > old:
+                return False
+        except Exception:  # an op onnx does not know: let the converter decide
+            return False
+    return True
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

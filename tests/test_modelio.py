@@ -128,3 +128,23 @@ def test_external_data_paths(tmp_path, monkeypatch):
     np.testing.assert_array_equal(make_session(str(out)).run(None, x)[0], want)
     np.testing.assert_array_equal(make_session(reloaded).run(None, x)[0], want)  # via the temporary file
     assert np.isfinite(res.report.outputs["y"]["sqnr_db"])
+
+
+def test_opset_raised_in_place_when_no_op_changed():
+    """MatMul/Relu/Gemm are the same at opset 13 and 19: the import is raised without the version converter."""
+    m = prepare_model(_mlp(opset=13))
+    assert modelio.ai_onnx_opset(m) == 19
+    assert [n.op_type for n in m.graph.node] == ["MatMul", "Relu", "Gemm"]
+
+
+def test_opset_converted_when_an_op_changed():
+    """ReduceMean took its axes as an attribute until opset 18: the converter moves them to an input."""
+    g = helper.make_graph([helper.make_node("ReduceMean", ["x"], ["y"], axes=[1], keepdims=1, name="rm")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 1])])
+    m = prepare_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=7))
+    assert modelio.ai_onnx_opset(m) == 19
+    rm = m.graph.node[-1]
+    assert rm.op_type == "ReduceMean" and len(rm.input) == 2 and not rm.attribute[0].name == "axes"
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_allclose(make_session(m).run(None, {"x": x})[0], x.mean(axis=1, keepdims=True))
