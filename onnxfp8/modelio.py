@@ -105,10 +105,21 @@ def _unchanged_between(model: onnx.ModelProto, old: int, new: int) -> bool:
     return True
 
 
+def fits_protobuf(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` serializes to one protobuf message (under 2 GB). The tensors' payload decides it and is
+    cheap to add up; protobuf's exact ByteSize (0.3 s on a 100 MB model) is asked only near the limit."""
+    payload = 0
+    for t in model.graph.initializer:
+        payload += len(t.raw_data) + 4 * (len(t.float_data) + len(t.int32_data)) + 8 * (len(t.int64_data) + len(t.double_data))
+    if payload < TWO_GB - 2**28:
+        return True
+    return _can_bytesize(model) and model.ByteSize() < TWO_GB
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shape inference that also works for models over 2 GB (through a temporary file)."""
     try:
-        if model.ByteSize() < TWO_GB:
+        if fits_protobuf(model):
             return onnx.shape_inference.infer_shapes(model, data_prop=True)
         with tempfile.TemporaryDirectory() as tmp:
             src = os.path.join(tmp, "in.onnx")
@@ -171,7 +182,7 @@ def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], protect: I
     folder = os.path.dirname(target) or "."
     if not os.path.isdir(folder):
         raise ModelError(f"{path}: output folder {folder} does not exist")
-    big = model.ByteSize() >= TWO_GB - 2**26 if _can_bytesize(model) else True
+    big = not fits_protobuf(model)
     data_name = os.path.basename(target) + ".data"
     tmpdir = tempfile.mkdtemp(prefix=".onnxfp8-", dir=folder)
     try:
@@ -241,7 +252,7 @@ def make_session(model: Union[onnx.ModelProto, str], level: str = "basic",
 
         raise ConfigError(f"execution provider(s) {', '.join(unknown)} not available; available: {', '.join(available)}")
     if isinstance(model, onnx.ModelProto):
-        if _can_bytesize(model) and model.ByteSize() < TWO_GB:
+        if fits_protobuf(model):
             return ort.InferenceSession(model.SerializeToString(), so, providers=list(providers),
                                         disabled_optimizers=list(DISABLED_OPTIMIZERS))
         tmpdir = tempfile.mkdtemp(prefix="onnxfp8-session-")
