@@ -4,6 +4,7 @@ Exit codes: 0 success, 1 a check or lint found problems (or a pass failed), 2 ba
 naming the file and the problem, never a traceback)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -142,6 +143,7 @@ def check_options(fn):
         click.option("--max-rel-error", multiple=True, help=f"Maximum relative L2 error (default 0.2). {_t}"),
         click.option("--min-top1-agreement", multiple=True, help=f"Minimum top-1 agreement with FP32 of classifier outputs, a fraction or a percentage (default 90%). {_t}"),
         click.option("--max-accuracy-loss", multiple=True, help=f"Maximum relative accuracy loss with labels, a fraction or a percentage (default 1%). {_t}"),
+        click.option("--min-layer-sqnr", type=float, help="Fail when a quantized layer's own SQNR (the error it adds alone, on FP32 inputs) is below this many dB; turns --layers on. Off by default: catches a layer a residual connection hides from the outputs."),
         click.option("--layers", "check_layers", is_flag=True, help="Also attribute the error to each quantized layer (cumulative and own SQNR, worst first)."),
         click.option("--reference", is_flag=True, help="Also run the quantized model in onnx.reference (a second runtime) on a few samples and report the largest difference; for small models."),
         click.option("--reference-samples", type=int, default=4, show_default=True, help="Samples for --reference."),
@@ -157,10 +159,14 @@ def _pop_check_kw(kw: Dict[str, Any]) -> Dict[str, Any]:
 
     out = {k: kw.pop(k) for k in ("labels", "check_layers", "reference", "reference_samples")}
     raw = {k: kw.pop(k) for k in _THRESHOLD_FLAGS}
+    min_layer_sqnr = kw.pop("min_layer_sqnr")
     flags = {"check_layers": "layers"}
     out["given"] = ["--" + flags.get(k, k).replace("_", "-") for k in list(raw) + ["labels", "check_layers", "reference"]
                     if (raw.get(k) if k in raw else out.get(k))]
     out["thresholds"] = Thresholds.from_options({k: v for k, v in raw.items() if v})
+    if min_layer_sqnr is not None:
+        out["given"].append("--min-layer-sqnr")
+        out["thresholds"] = dataclasses.replace(out["thresholds"], min_layer_sqnr=min_layer_sqnr)
     return out
 
 

@@ -61,6 +61,9 @@ class Thresholds:
     min_top1_agreement: Optional[float] = 0.90
     max_accuracy_loss: Optional[float] = 0.01
     overrides: Mapping[str, Mapping[str, Optional[float]]] = field(default_factory=dict)
+    # every quantized layer's own SQNR (the error it adds alone, on FP32 inputs) must reach this; off by
+    # default, and setting it turns the per-layer attribution on. It catches a layer a residual path hides.
+    min_layer_sqnr: Optional[float] = None
 
     def for_output(self, name: str) -> Dict[str, Optional[float]]:
         out = {k: getattr(self, k) for k in _METRICS}
@@ -70,6 +73,7 @@ class Thresholds:
     def to_dict(self) -> Dict[str, Any]:
         d = {k: getattr(self, k) for k in _METRICS}
         d["overrides"] = {k: dict(v) for k, v in self.overrides.items()}
+        d["min_layer_sqnr"] = self.min_layer_sqnr
         return d
 
     @classmethod
@@ -223,11 +227,19 @@ class CheckReport:
 
     @property
     def passed(self) -> bool:
-        return all(o.passed for o in self.outputs.values())
+        return not self.failures
 
     @property
     def failures(self) -> List[str]:
-        return [f for o in self.outputs.values() for f in o.failures]
+        out = [f for o in self.outputs.values() for f in o.failures]
+        limit = self.thresholds.min_layer_sqnr
+        if limit is not None:
+            for layer in self.layers or []:
+                own = layer.own_sqnr_db
+                if own is not None and not own >= limit:  # NaN fails too
+                    out.append(f"layer {layer.node} ({layer.op_type}): own SQNR {own:.2f} dB < {limit:g} dB "
+                               f"(cumulative {layer.cumulative_sqnr_db:.2f} dB)")
+        return out
 
     @property
     def exit_code(self) -> int:
@@ -363,6 +375,7 @@ def check(fp32: ModelLike, quant: ModelLike, data: Any, thresholds: Optional[Thr
     _check_interfaces(fp32_model, quant_model, fp32_name, quant_name)
     out_names = [o.name for o in fp32_model.graph.output]
     thresholds.validate(out_names, quant_name)
+    layers = layers or thresholds.min_layer_sqnr is not None  # a per-layer gate needs the per-layer table
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     if samples is not None and samples < 1:
@@ -479,9 +492,10 @@ def _as_thresholds(t: Any) -> Thresholds:
     if isinstance(t, Thresholds):
         return t
     if isinstance(t, Mapping):
-        unknown = [k for k in t if k not in _METRICS and k != "overrides"]
+        unknown = [k for k in t if k not in _METRICS and k not in ("overrides", "min_layer_sqnr")]
         if unknown:
-            raise ConfigError(f"unknown threshold '{unknown[0]}' (known: {', '.join(_METRICS)}, overrides)")
+            raise ConfigError(f"unknown threshold '{unknown[0]}' (known: {', '.join(_METRICS)}, min_layer_sqnr, "
+                              f"overrides)")
         for name, per in dict(t.get("overrides") or {}).items():
             bad = [k for k in per if k not in _METRICS]
             if bad:

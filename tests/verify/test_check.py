@@ -414,3 +414,19 @@ def _with_output(model, name):
     m.CopyFrom(model)
     m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     return m
+
+
+def test_min_layer_sqnr_catches_what_a_residual_path_hides(examples, layered):
+    """The transformer's saturated FFN layer passes every output threshold; --min-layer-sqnr fails it, names
+    it, and turns the per-layer attribution on by itself."""
+    model, q, val = examples["transformer"]
+    bad = break_scale(q, BROKEN["transformer"])
+    assert onnxfp8.check(model, bad, [val], GATE).passed
+    gated = onnxfp8.check(model, bad, [val], {**GATE, "min_layer_sqnr": 20.0})
+    assert gated.layers is not None and not gated.passed and gated.exit_code == 1
+    assert len(gated.failures) == 1
+    assert gated.failures[0].startswith("layer layer0/ffn/fc2 (MatMul): own SQNR 0.0")
+    assert json.loads(gated.to_json())["thresholds"]["min_layer_sqnr"] == 20.0
+    # the unbroken model's worst layer is measured at 27.5 dB: the same gate passes it
+    assert min(l.own_sqnr_db for l in layered("transformer").layers) > 25
+    assert onnxfp8.check(model, q, [val], {**GATE, "min_layer_sqnr": 20.0}).passed

@@ -173,3 +173,18 @@ def test_exit_codes_through_a_process(mlp):
     assert r.stderr.startswith("FAIL:\n  logits: SQNR ") and "Traceback" not in r.stderr
     r = subprocess.run(cmd[:6] + ["--data", str(mlp["dir"] / "missing")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing" in r.stderr
+
+
+def test_min_layer_sqnr_flag(runner, mlp):
+    """--min-layer-sqnr turns the layer table on and fails on the broken layer, naming it; the good model passes."""
+    r = runner.invoke(cli, ["check", mlp["fp32"], mlp["broken"], "-d", mlp["val"], "--min-sqnr", "none",
+                            "--min-cosine", "none", "--max-rel-error", "none", "--min-top1-agreement", "none",
+                            "--min-layer-sqnr", "20"])
+    assert r.exit_code == 1, r.stdout + r.stderr
+    assert any(ln.startswith("per layer (3 quantized layer(s)") for ln in r.stdout.splitlines())
+    assert r.stdout.splitlines()[-1].strip().startswith("layer fc2 (MatMul): own SQNR ")
+    ok = runner.invoke(cli, ["check", mlp["fp32"], mlp["quant"], "-d", mlp["val"], "--min-layer-sqnr", "20"])
+    assert ok.exit_code == 0, ok.stdout + ok.stderr
+    q = runner.invoke(cli, ["quantize", mlp["fp32"], "--calib", mlp["calib"], "-o", str(mlp["dir"] / "g.onnx"),
+                            "--min-layer-sqnr", "20"])
+    assert q.exit_code == 2 and "--min-layer-sqnr" in q.stderr  # a check option without --check
