@@ -58,23 +58,20 @@ class AssignFormats(Pass):
             hists = activation_histograms(graph, ctx, todo) if todo else None
         for name, uses in weight_axes.items():
             over = dict(cfg.overrides.get(name, {}))
-            fmt = get_format(over.get("format", cfg.weight_format))
-            chosen = None
-            if cfg.weights_auto and "format" not in over:
-                axes0 = {ax for _, ax in uses}
-                ax0 = over.get("axis", axes0.pop() if len(axes0) == 1 else None)
-                chosen = choose_weight_format(weight_consts[name].values, ax0, cfg.formats)
-                fmt = get_format(chosen[0])
-            axes = {ax for _, ax in uses}
-            axis = axes.pop() if len(axes) == 1 else None
-            if len({ax for _, ax in uses}) > 1:
-                notes.append(f"{name}: consumers disagree on the channel axis, per-tensor scale")
-            axis = over.get("axis", axis)
             w = weight_consts[name].values
+            axes = {ax for _, ax in uses}
+            if len(axes) > 1:
+                notes.append(f"{name}: consumers disagree on the channel axis, per-tensor scale")
+            axis = over.get("axis", axes.pop() if len(axes) == 1 else None)
             if axis is not None and not -w.ndim <= axis < w.ndim:
                 raise ConfigError(f"{ctx.source}: override for {name}: axis {axis} out of range for rank {w.ndim}")
             if axis is not None and axis < 0:
                 axis += w.ndim
+            fmt = get_format(over.get("format", cfg.weight_format))
+            chosen = None
+            if cfg.weights_auto and "format" not in over:  # candidates judged on the axis the weight gets
+                chosen = choose_weight_format(w, axis, cfg.formats)
+                fmt = get_format(chosen[0])
             amax = channel_amax(w, axis)
             want = 1 if axis is None else w.shape[axis]
             if "amax" in over:  # a given range: one for the tensor, or one per channel along the axis

@@ -95,3 +95,13 @@ def test_zero_range_activation_gets_safe_scale(run_passes):
     _, ctx, _ = run_passes(MODEL, PASSES, calib=[{"x": np.zeros((2, 3, 6, 6), np.float32)}])
     x = ctx.plan.tensors["x"]
     assert x.amax == 0.0 and x.scale == 1.0 and any("safe scale" in n for n in x.notes)
+
+
+def test_auto_weight_format_judged_on_negative_override_axis(run_passes):
+    """A negative override axis is the same channel axis as its positive spelling: format auto must judge the
+    candidates per channel on it (it judged them per tensor, so the SQNRs and possibly the winner differed)."""
+    ctx_neg, _ = _plan(run_passes, weights_format="auto", activations_format="e4m3", overrides={"wg1": {"axis": -1}})
+    ctx_pos, _ = _plan(run_passes, weights_format="auto", activations_format="e4m3", overrides={"wg1": {"axis": 1}})
+    neg, pos = ctx_neg.plan.tensors["wg1"], ctx_pos.plan.tensors["wg1"]
+    assert neg.axis == pos.axis == 1
+    assert neg.candidates == pos.candidates and neg.format == pos.format
