@@ -31,7 +31,8 @@ import onnx
 from onnxfp8.calibrators.data import CalibrationData, as_data
 from onnxfp8.errors import ConfigError, DataError, ModelError
 from onnxfp8.modelio import ModelLike, load_model, make_session
-from onnxfp8.verify.compare import ClassifierStats, ErrorStats, _num, is_classifier, max_abs_diff
+from onnxfp8.plan import json_plain
+from onnxfp8.verify.compare import ClassifierStats, ErrorStats, is_classifier, max_abs_diff
 from onnxfp8.verify.layers import LayerResult, compare_layers, release_memory, shrinking_run_options
 
 # metric -> (value getter key, comparison, unit for messages)
@@ -134,8 +135,7 @@ class Criterion:
         return f"{label} {shown} {op if self.passed else bad} {limit}"
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"metric": self.metric, "limit": self.limit, "value": _num(self.value) if self.value is not None else None,
-                "passed": self.passed}
+        return json_plain({"metric": self.metric, "limit": self.limit, "value": self.value, "passed": self.passed})
 
 
 def _fmt_value(metric: str, v: Optional[float]) -> str:
@@ -264,7 +264,7 @@ class CheckReport:
         return d
 
     def to_json(self, indent: int = 1) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
+        return json.dumps(json_plain(self.to_dict()), indent=indent, allow_nan=False)
 
     def summary(self, max_layers: int = 10) -> str:
         """The compact table the CLI prints."""

@@ -18,6 +18,8 @@ from typing import Any, Dict
 
 import numpy as np
 
+from onnxfp8.plan import json_plain
+
 
 @dataclass
 class ErrorStats:
@@ -98,9 +100,9 @@ class ErrorStats:
         return self.abs_sum / self.count if self.count else 0.0
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"sqnr_db": _num(self.sqnr_db), "cosine": _num(self.cosine), "rel_l2": _num(self.rel_l2),
-                "max_abs": _num(self.max_abs), "mean_abs": _num(self.mean_abs), "count": self.count,
-                "nonfinite": self.nonfinite, "q_nonfinite": self.q_nonfinite}
+        return json_plain({"sqnr_db": self.sqnr_db, "cosine": self.cosine, "rel_l2": self.rel_l2,
+                           "max_abs": self.max_abs, "mean_abs": self.mean_abs, "count": self.count,
+                           "nonfinite": self.nonfinite, "q_nonfinite": self.q_nonfinite})
 
 
 def _dot(a: np.ndarray, b: np.ndarray) -> float:
@@ -178,12 +180,12 @@ class ClassifierStats:
         return (self.correct_ref - self.correct_q) / self.correct_ref
 
     def to_dict(self) -> Dict[str, Any]:
-        d: Dict[str, Any] = {"classes": self.classes, "top1_agreement": _num(self.top1_agreement),
+        d: Dict[str, Any] = {"classes": self.classes, "top1_agreement": self.top1_agreement,
                              "top5_agreement": self.top5_agreement}
         if self.labelled:
             d.update({"labelled": self.labelled, "accuracy_fp32": self.accuracy_fp32,
-                      "accuracy_quant": self.accuracy_quant, "accuracy_loss": _num(self.accuracy_loss)})
-        return d
+                      "accuracy_quant": self.accuracy_quant, "accuracy_loss": self.accuracy_loss})
+        return json_plain(d)
 
 
 def _argmax(x: np.ndarray) -> np.ndarray:
@@ -207,10 +209,3 @@ def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 def sqnr_db(ref: np.ndarray, q: np.ndarray) -> float:
     return ErrorStats().update(ref, q).sqnr_db
-
-
-def _num(v: float) -> Any:
-    """JSON has no inf/nan: write them as strings."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return "inf" if v > 0 else ("-inf" if v < 0 else "nan")
-    return v

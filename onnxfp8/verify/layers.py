@@ -35,7 +35,8 @@ from onnx import helper
 
 from onnxfp8.errors import ConfigError
 from onnxfp8.modelio import fits_protobuf, make_session
-from onnxfp8.verify.compare import ErrorStats, _num
+from onnxfp8.plan import json_plain
+from onnxfp8.verify.compare import ErrorStats
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 COMMUTING_OPS = ("Relu",)  # ops the quantizer may move behind a Q/DQ ("before:" placement)
@@ -81,12 +82,11 @@ class LayerResult:
         return own, self.cumulative_sqnr_db
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"node": self.node, "op_type": self.op_type, "output": self.output,
-                "quantized_inputs": self.quantized_inputs,
-                "own_sqnr_db": _num(self.own_sqnr_db) if self.own is not None else None,
-                "cumulative_sqnr_db": _num(self.cumulative_sqnr_db),
-                "cumulative": self.cumulative.to_dict(), "own": self.own.to_dict() if self.own is not None else None,
-                **({"own_note": self.own_note} if self.own_note else {})}
+        return json_plain({"node": self.node, "op_type": self.op_type, "output": self.output,
+                           "quantized_inputs": self.quantized_inputs, "own_sqnr_db": self.own_sqnr_db,
+                           "cumulative_sqnr_db": self.cumulative_sqnr_db, "cumulative": self.cumulative.to_dict(),
+                           "own": self.own.to_dict() if self.own is not None else None,
+                           **({"own_note": self.own_note} if self.own_note else {})})
 
 
 # -- finding the layers ------------------------------------------------------------------------------

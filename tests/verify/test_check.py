@@ -430,3 +430,18 @@ def test_min_layer_sqnr_catches_what_a_residual_path_hides(examples, layered):
     # the unbroken model's worst layer is measured at 27.5 dB: the same gate passes it
     assert min(l.own_sqnr_db for l in layered("transformer").layers) > 25
     assert onnxfp8.check(model, q, [val], {**GATE, "min_layer_sqnr": 20.0}).passed
+
+
+def test_json_report_is_strict_with_infinite_threshold(examples):
+    """--min-sqnr inf (a gate only an exact model passes) was written as the non-JSON literal Infinity."""
+    model, _, val = examples["mlp"]
+    r = onnxfp8.check(model, model, [val], {"min_sqnr": math.inf})
+    assert r.passed
+
+    def refuse(literal):
+        raise ValueError(f"non-strict JSON literal {literal}")
+
+    d = json.loads(r.to_json(), parse_constant=refuse)
+    assert d["thresholds"]["min_sqnr"] == "inf"
+    crit = d["outputs"][0]["criteria"][0]
+    assert crit["metric"] == "min_sqnr" and crit["limit"] == "inf" and crit["value"] == "inf"
