@@ -19,6 +19,7 @@ from onnxfp8.formats import get_format
 from onnxfp8.pipeline import Pass, PassContext, PassResult
 from onnxfp8.plan import QuantSpec
 from onnxfp8.rules import weight_axis
+from onnxfp8.verify.compare import ErrorStats
 
 
 def channel_amax(w: np.ndarray, axis) -> np.ndarray:
@@ -52,6 +53,8 @@ class AssignFormats(Pass):
                     if d.node not in act_consumers[t.name]:
                         act_consumers[t.name].append(d.node)
         notes = []
+        tensors = graph.tensors()
+        graph_outputs = {o.name for o in graph.outputs}
         hists = None
         if cfg.activations_auto and not cfg.dynamic:
             todo = [n for n in act_consumers if "format" not in cfg.overrides.get(n, {})]
@@ -119,9 +122,9 @@ class AssignFormats(Pass):
                 info = dynamic_info(name, consumers, by_name, plan, cfg.dynamic_granularity)
                 ctx.extras.setdefault("dynamic", {})[name] = info
                 spec.notes.append(info.pop("note"))
-            tensor = graph.tensors().get(name)
+            tensor = tensors.get(name)
             producer = tensor.inputs[0] if tensor is not None and len(tensor.inputs) == 1 else None
-            if producer is not None and producer.op == "Relu" and name not in [o.name for o in graph.outputs]:
+            if producer is not None and producer.op == "Relu" and name not in graph_outputs:
                 spec.placement = f"before:{producer.name}"
                 spec.notes.append("quantized on the Relu input (relu(q(x)) == q(relu(x)))")
             if spec.scale is not None and (amax == 0.0 or not np.isfinite(amax)):
@@ -145,24 +148,21 @@ class AssignFormats(Pass):
 
 
 def sqnr_db(signal: float, noise: float) -> float:
-    if noise <= 0.0:
-        return math.inf
-    if signal <= 0.0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)
+    return ErrorStats(signal=signal, noise=noise).sqnr_db
 
 
 def choose_weight_format(w: np.ndarray, axis, candidates: Sequence[str]) -> Tuple[str, Dict[str, float], str]:
     """The candidate format with the highest SQNR of the weight with max scaling (per channel along ``axis``):
     (format, {format: SQNR dB}, a remark on the data). Ties go to the earlier candidate."""
     w = np.asarray(w, dtype=np.float32)
+    w64 = w.astype(np.float64)
     amax = channel_amax(w, axis)
-    signal = float(np.sum(w.astype(np.float64) ** 2))
+    signal = float(np.sum(w64 ** 2))
     errs: Dict[str, float] = {}
     for f in candidates:
         fmt = get_format(f)
         fq = fmt.fake_quant(w, fmt.scale_for(amax), axis if np.ndim(amax) else None)
-        errs[fmt.name] = round(sqnr_db(signal, float(np.sum((w.astype(np.float64) - fq) ** 2))), 3)
+        errs[fmt.name] = round(sqnr_db(signal, float(np.sum((w64 - fq) ** 2))), 3)
     rms = math.sqrt(signal / max(w.size, 1))
     crest = float(np.max(np.abs(w))) / rms if rms > 0 else 0.0
     return _best(errs), errs, _shape_remark(crest)
