@@ -19,11 +19,15 @@ from onnxfp8.errors import DataError
 
 LABEL_KEYS = ("label", "labels")
 
-_ONNX_TO_NP = {
-    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.FLOAT16: np.float16,
-    onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT16: np.int16,
-    onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.BOOL: np.bool_,
-}
+
+def _np_dtype(elem_type: int) -> np.dtype:
+    """The numpy dtype of an ONNX element type (onnx's own mapping); float32 when the type is unset or has no
+    numeric numpy counterpart (strings)."""
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    except (KeyError, TypeError, ValueError):
+        return np.dtype(np.float32)
+    return np.dtype(np.float32) if dtype.kind == "O" else dtype
 
 
 @dataclass(frozen=True)
@@ -46,10 +50,10 @@ def input_specs(model: onnx.ModelProto) -> Dict[str, InputSpec]:
         if vi.name in inits:
             continue
         tt = vi.type.tensor_type
-        dtype = _ONNX_TO_NP.get(tt.elem_type, np.float32)
+        dtype = _np_dtype(tt.elem_type)
         shape = tuple((d.dim_value if d.HasField("dim_value") else (d.dim_param or None)) for d in tt.shape.dim) \
             if tt.HasField("shape") else ()
-        specs[vi.name] = InputSpec(vi.name, np.dtype(dtype), shape)
+        specs[vi.name] = InputSpec(vi.name, dtype, shape)
     return specs
 
 

@@ -107,6 +107,19 @@ def test_input_specs():
     assert specs["ids"].dtype == np.int64 and specs["a"].shape == ("N", 4)
 
 
+@pytest.mark.parametrize("onnx_type, np_type", [("uint16", np.uint16), ("uint32", np.uint32),
+                                                ("uint64", np.uint64), ("double", np.float64)])
+def test_input_dtypes_follow_onnx(onnx_type, np_type):
+    """Every numeric input type is read as its own numpy type (unsigned 16/32/64-bit inputs were taken as
+    float32, so their own data was refused as 'the model expects float32')."""
+    model = _model(f"{onnx_type}[N,4] x", "float[N,4] y", "y = Cast <to = 1> (x)")
+    assert input_specs(model)["x"].dtype == np_type
+    x = np.arange(8, dtype=np_type).reshape(2, 4)
+    got, = _batches(model, [{"x": x}])
+    assert got["x"].dtype == np_type
+    np.testing.assert_array_equal(got["x"], x)
+
+
 def _error(model, folder, **kw):
     with pytest.raises(DataError) as e:
         _batches(model, folder, **kw)
