@@ -26,9 +26,6 @@ from onnxfp8.errors import DataError
 from onnxfp8.modelio import to_model
 from onnxfp8.pipeline import Pass, PassContext, PassResult
 
-METHODS = ("max", "percentile", "mse", "entropy")
-
-
 def activation_tensors(graph: gs.Graph, ctx: PassContext) -> List[str]:
     """Activation tensors that quantized nodes read, in graph order, minus those whose scale is overridden."""
     by_name = {n.name: n for n in graph.nodes}
@@ -51,16 +48,21 @@ def tensor_method(cfg, name: str) -> Tuple[str, float]:
     return str(over.get("calibration", cfg.calibration)).lower(), float(over.get("percentile", cfg.percentile))
 
 
+def _calibrator(cfg, method: str, percentile: float, tensor_formats: Dict[str, str]):
+    """A histogram calibrator of ``method`` in the activations' format (mse: each tensor in its override's)."""
+    opts: Dict[str, Any] = {"format": cfg.activation_format}
+    if method == "percentile":
+        opts["percentile"] = percentile
+    if method == "mse":
+        opts["tensor_formats"] = tensor_formats
+    return make_calibrator(method, **opts)
+
+
 def _hist_calibrator(cfg, tensor_formats: Dict[str, str]):
     """The calibrator that collects the histograms: the config's method when it is a histogram method (so that
     format auto reuses it), else mse (its histograms serve every method)."""
     method = cfg.calibration if cfg.calibration != "max" else "mse"
-    opts: Dict[str, Any] = {"format": cfg.activation_format}
-    if method == "percentile":
-        opts["percentile"] = cfg.percentile
-    if method == "mse":
-        opts["tensor_formats"] = tensor_formats
-    return make_calibrator(method, **opts)
+    return _calibrator(cfg, method, cfg.percentile, tensor_formats)
 
 
 class Calibrate(Pass):
@@ -142,12 +144,7 @@ class Calibrate(Pass):
             key = (method, pct if method == "percentile" else 0.0)
             cal = by_method.get(key)
             if cal is None:
-                opts: Dict[str, Any] = {"format": cfg.activation_format}
-                if method == "percentile":
-                    opts["percentile"] = pct
-                if method == "mse":
-                    opts["tensor_formats"] = formats
-                cal = by_method[key] = make_calibrator(method, **opts)
+                cal = by_method[key] = _calibrator(cfg, method, pct, formats)
             cal.load_state({"kind": "histogram", "method": method, "tensors": {t: hists[t].to_dict()}})
             ranges[t] = cal.result()[t]
         for t in tensors:
