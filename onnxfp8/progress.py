@@ -19,6 +19,8 @@ from typing import Any, Callable, Optional, TextIO
 
 import numpy as np
 
+from onnxfp8.calibrators.data import LABEL_KEYS
+
 
 def _fmt_time(seconds: float) -> str:
     seconds = int(round(max(seconds, 0.0)))
@@ -146,7 +148,7 @@ def _file_shape(path: str, only: Optional[str]) -> Optional[tuple]:
             with open(path, "rb") as f:
                 return only, _header_shape(f)
         with zipfile.ZipFile(path) as z:
-            name = next(n for n in z.namelist() if n.endswith(".npy") and n[:-4] not in ("label", "labels"))
+            name = next(n for n in z.namelist() if n.endswith(".npy") and n[:-4] not in LABEL_KEYS)
             with z.open(name) as f:
                 return name[:-4], _header_shape(f)
     except Exception:

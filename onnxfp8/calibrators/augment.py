@@ -25,6 +25,7 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
+from onnxfp8.calibrators.data import _fmt_shape
 from onnxfp8.errors import ConfigError
 
 AUGMENTATIONS = ("flip", "crop", "jitter")
@@ -37,9 +38,8 @@ def check_image_inputs(specs, ops: Sequence[str], source: str = "model") -> None
     for spec in specs.values():
         dtype = np.dtype(spec.dtype)
         if len(spec.shape) != 4 or dtype.kind != "f":
-            shape = "[" + ", ".join(str(d) if isinstance(d, int) and d > 0 else (d or "?") for d in spec.shape) + "]"
             raise ConfigError(f"{source}: --augment {','.join(ops)} needs NCHW image inputs (float, rank 4), but input "
-                              f"'{spec.name}' is {dtype.name} {shape}; drop --augment for this model")
+                              f"'{spec.name}' is {dtype.name} {_fmt_shape(spec.shape)}; drop --augment for this model")
 
 
 def flip(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:

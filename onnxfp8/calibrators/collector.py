@@ -314,8 +314,9 @@ def collect(model: onnx.ModelProto, tensors: Sequence[str], data: CalibrationDat
                     progress(seen, pass_no)
             del sess
     result.passes = pass_no
-    result.minmax = {t: v for t, v in max_cal.minmax().items() if t in set(tensors)}
-    result.ranges = {t: v for t, v in max_cal.result().items() if t in set(tensors)} if tensors else {}
+    calibrated = set(tensors)
+    result.minmax = {t: v for t, v in max_cal.minmax().items() if t in calibrated}
+    result.ranges = {t: v for t, v in max_cal.result().items() if t in calibrated}
     if needs_hist:
         result.ranges.update({t: v for t, v in calibrator.result().items() if t in sized})
     for t in tensors:  # a tensor never seen finite gets range 0 (the scale code makes that safe)
