@@ -131,14 +131,6 @@ class QuantConfig:
         if self.calibration not in CALIBRATION_METHODS:
             raise ConfigError(f"calibration: unknown method '{self.calibration}'; choose one of "
                               f"{', '.join(CALIBRATION_METHODS)}")
-        for tensor, over in self.overrides.items():  # per-tensor calibration method (passes/calibrate.py)
-            method = over.get("calibration") if isinstance(over, Mapping) else None
-            if method is not None and method not in CALIBRATION_METHODS:
-                raise ConfigError(f"overrides.{tensor}.calibration: unknown method '{method}'; choose one of "
-                                  f"{', '.join(CALIBRATION_METHODS)}")
-            pct = over.get("percentile") if isinstance(over, Mapping) else None
-            if pct is not None and (isinstance(pct, bool) or not isinstance(pct, (int, float)) or not 0 < pct <= 100):
-                raise ConfigError(f"overrides.{tensor}.percentile must be in (0, 100], got {pct!r}")
         check_overrides(self.overrides)
         if self.bn_mode not in BN_MODES:
             raise ConfigError(f"bn_mode: unknown mode '{self.bn_mode}'; choose one of {', '.join(BN_MODES)}")
@@ -259,7 +251,8 @@ class QuantConfig:
 
 def check_overrides(overrides: Any, source: str = "") -> None:
     """Per-tensor overrides: a table per tensor holding only OVERRIDE_KEYS, a known format (not auto), a
-    positive scale/amax, an integer axis. ``source`` (a recipe file) prefixes the one-line error."""
+    positive scale/amax, an integer axis, a known calibration method (passes/calibrate.py) and a percentile in
+    (0, 100]. ``source`` (a recipe file) prefixes the one-line error."""
     pre = f"{source}: " if source else ""
     if not isinstance(overrides, Mapping):
         raise ConfigError(f"{pre}overrides: expected a table of tensor names, got {type(overrides).__name__}")
@@ -287,6 +280,13 @@ def check_overrides(overrides: Any, source: str = "") -> None:
                                       f"them per channel), got {v!r}")
         if "axis" in over and (isinstance(over["axis"], bool) or not isinstance(over["axis"], int)):
             raise ConfigError(f"{pre}overrides.{tensor}.axis must be an integer, got {over['axis']!r}")
+        method = over.get("calibration")
+        if method is not None and method not in CALIBRATION_METHODS:
+            raise ConfigError(f"{pre}overrides.{tensor}.calibration: unknown method '{method}'; choose one of "
+                              f"{', '.join(CALIBRATION_METHODS)}")
+        pct = over.get("percentile")
+        if pct is not None and (isinstance(pct, bool) or not isinstance(pct, (int, float)) or not 0 < pct <= 100):
+            raise ConfigError(f"{pre}overrides.{tensor}.percentile must be in (0, 100], got {pct!r}")
 
 
 def load_recipe_file(path: str) -> Dict[str, Any]:

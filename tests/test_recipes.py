@@ -221,6 +221,19 @@ def test_override_tables_are_checked(example_models, tmp_path):
         quantize(str(ex["model"]), str(ex["calib"]), config=recipe_config(str(r)))
 
 
+
+def test_override_calibration_checked_with_the_other_override_keys(tmp_path):
+    """A per-tensor calibration method or percentile is checked where every override key is: a recipe's error
+    names the file, and overrides that are not a table are a one-line ConfigError (they were an AttributeError)."""
+    r = tmp_path / "c.toml"
+    for body, msg in (('[overrides."input"]\ncalibration = "kl"\n', r"c\.toml: overrides\.input\.calibration: unknown method 'kl'"),
+                      ('[overrides."input"]\npercentile = 101\n', r"c\.toml: overrides\.input\.percentile must be in \(0, 100\]")):
+        r.write_text(body)
+        with pytest.raises(ConfigError, match=msg):
+            recipe_config(str(r))
+    with pytest.raises(ConfigError, match="overrides: expected a table of tensor names, got list"):
+        QuantConfig(overrides=["input"])
+
 def test_weight_overrides_of_scale_and_amax(example_models):
     """A per-tensor scale on a per-channel weight is used for every channel; an amax per channel sets the scales."""
     ex = example_models["mlp"]
