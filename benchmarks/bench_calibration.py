@@ -33,13 +33,12 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import math
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 ROOT = Path(__file__).resolve().parents[1]
 BIG = ("resnet50", "bert")
@@ -110,10 +109,9 @@ def child_ort(model: str, data: str, n: int, batch_size: int, kind: str, out: st
 
 
 def child_sqnr(fp32: str, val: str, n: int, batch_size: int, models_json: str) -> dict:
-    import numpy as np
-
     sys.path.insert(0, str(ROOT))
     from onnxfp8.modelio import make_session
+    from onnxfp8.verify.compare import ErrorStats
 
     results = json.load(open(models_json))
     ref_sess = make_session(fp32, level="basic")
@@ -126,14 +124,11 @@ def child_sqnr(fp32: str, val: str, n: int, batch_size: int, models_json: str) -
         except Exception as e:  # a peer's model onnxruntime cannot run
             out[label] = {"error": str(e).splitlines()[0][:160]}
             continue
-        sig = noise = 0.0
+        stats = ErrorStats()  # over every output together
         for feed, ref in zip(_batches(val, n, batch_size), refs):
-            got = sess.run(names, feed)
-            for r, g in zip(ref, got):
-                r64, g64 = r.astype(np.float64), g.astype(np.float64)
-                sig += float(np.sum(r64 ** 2))
-                noise += float(np.sum((r64 - g64) ** 2))
-        out[label] = {"sqnr_db": 10 * math.log10(sig / noise) if noise > 0 else math.inf}
+            for r, g in zip(ref, sess.run(names, feed)):
+                stats.update(r, g)
+        out[label] = {"sqnr_db": stats.sqnr_db}
     return out
 
 
@@ -192,10 +187,11 @@ def build(name: str, args, work: Path, max_samples: int) -> Dict[str, str]:
 
 
 def quantized_nodes(plan_path: str) -> List[str]:
-    plan = json.load(open(plan_path))
-    nodes = plan.get("nodes", {})
-    items = nodes.values() if isinstance(nodes, dict) else nodes
-    return sorted(d["node"] for d in items if d.get("quantized"))
+    sys.path.insert(0, str(ROOT))
+    from onnxfp8.plan import QuantPlan
+
+    with open(plan_path) as f:
+        return sorted(d.node for d in QuantPlan.from_json(f.read()).quantized_nodes())
 
 
 def _add_report(res: dict, path: Path) -> None:
@@ -226,6 +222,7 @@ def outlier_demo() -> List[str]:
     sys.path.insert(0, str(ROOT))
     import onnxfp8
     from onnxfp8.modelio import make_session
+    from onnxfp8.verify.compare import sqnr_db
 
     m = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 19]>
     g (float[N,64] x) => (float[N,16] y) { h = MatMul (x, w1)  a = Tanh (h)  y = MatMul (a, w2) }""")
@@ -244,15 +241,14 @@ def outlier_demo() -> List[str]:
     for k in (0.0, 30.0, 100.0):
         cal, val = (data(1, k), data(2, k)) if k else (np.random.default_rng(1).normal(0, 1, (1024, 64)).astype(np.float32),
                                                       np.random.default_rng(2).normal(0, 1, (1024, 64)).astype(np.float32))
-        ref = make_session(m, level="basic").run(None, {"x": val})[0].astype(np.float64)
+        ref = make_session(m, level="basic").run(None, {"x": val})[0]
         cells = []
         for f in ("e4m3", "int8"):
             got = {}
             for method in ("max", "mse"):
                 q = onnxfp8.quantize(m, [{"x": cal[i:i + 16]} for i in range(0, 1024, 16)],
                                      config=onnxfp8.QuantConfig(format=f, calibration=method))
-                y = make_session(q.model, level="basic").run(None, {"x": val})[0].astype(np.float64)
-                got[method] = 10 * math.log10(float(np.sum(ref ** 2) / np.sum((ref - y) ** 2)))
+                got[method] = sqnr_db(ref, make_session(q.model, level="basic").run(None, {"x": val})[0])
             cells.append(f"{f}: max {got['max']:.2f} dB, mse {got['mse']:.2f} dB ({got['mse'] - got['max']:+.2f})")
         what = f"spikes up to {k:g} in 0.1% of the values" if k else "no spikes (plain N(0,1))"
         lines.append(f"{what:38} " + "; ".join(cells))
