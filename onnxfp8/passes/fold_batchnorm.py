@@ -26,6 +26,20 @@ from onnxfp8.pipeline import Pass, PassContext, PassResult
 FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
 
 
+def bn_producer(bn: gs.Node) -> Optional[gs.Node]:
+    """The node whose output ``bn`` normalizes (None for a graph input)."""
+    x = bn.inputs[0]
+    return x.inputs[0] if len(x.inputs) == 1 else None
+
+
+def ensure_finite_biases(graph: gs.Graph) -> None:
+    """The postcondition of folding: no foldable node was left with a non-finite bias."""
+    for n in graph.nodes:
+        if n.op in FOLDABLE and len(n.inputs) > 2 and isinstance(n.inputs[2], gs.Constant):
+            if not np.isfinite(n.inputs[2].values).all():
+                raise ValueError(f"folding produced a non-finite bias in {n.name}")
+
+
 def fold_into(node: gs.Node, bn: gs.Node) -> Optional[str]:
     """Fold ``bn`` into ``node`` in place; return a reason string when it cannot."""
     if any(not isinstance(t, gs.Constant) for t in bn.inputs[1:5]):
@@ -110,12 +124,11 @@ class FoldBatchNorm(Pass):
         folded = 0
         graph_outputs = set(id(t) for t in graph.outputs)
         for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
-            x = bn.inputs[0]
-            producer = x.inputs[0] if len(x.inputs) == 1 else None
+            producer = bn_producer(bn)
             if producer is None or producer.op not in FOLDABLE:
                 notes.append(f"{bn.name}: not after Conv/ConvTranspose/Gemm, kept")
                 continue
-            if id(x) in graph_outputs:
+            if id(bn.inputs[0]) in graph_outputs:
                 notes.append(f"{bn.name}: {producer.name} output is a graph output, kept")
                 continue
             reason = fold_into(producer, bn)
@@ -128,7 +141,4 @@ class FoldBatchNorm(Pass):
         return PassResult(folded > 0, notes)
 
     def ensures(self, graph: gs.Graph, ctx: PassContext) -> None:
-        for n in graph.nodes:
-            if n.op in FOLDABLE and len(n.inputs) > 2 and isinstance(n.inputs[2], gs.Constant):
-                if not np.isfinite(n.inputs[2].values).all():
-                    raise ValueError(f"folding produced a non-finite bias in {n.name}")
+        ensure_finite_biases(graph)

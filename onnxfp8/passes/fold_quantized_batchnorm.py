@@ -35,15 +35,10 @@ from onnxfp8.formats import get_format
 from onnxfp8.modelio import make_session, to_model
 from onnxfp8.passes.assign_formats import _tolist, channel_amax
 from onnxfp8.passes.emulate import emitter_for
-from onnxfp8.passes.fold_batchnorm import FOLDABLE, fold_into
+from onnxfp8.passes.fold_batchnorm import FOLDABLE, bn_producer, ensure_finite_biases, fold_into
 from onnxfp8.pipeline import Pass, PassContext, PassResult
 
 RANGE_TOLERANCE = 0.01
-
-
-def _bn_producer(bn: gs.Node):
-    x = bn.inputs[0]
-    return x.inputs[0] if len(x.inputs) == 1 else None
 
 
 class StashFP32Weights(Pass):
@@ -63,7 +58,7 @@ class StashFP32Weights(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         stash: Dict[str, np.ndarray] = ctx.extras.setdefault("fp32_weights", {})
         for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
-            producer = _bn_producer(bn)
+            producer = bn_producer(bn)
             if producer is not None and producer.op in FOLDABLE and len(producer.inputs) > 1:
                 w = producer.inputs[1]
                 if isinstance(w, gs.Constant):
@@ -88,7 +83,7 @@ class FoldQuantizedBatchNorm(Pass):
         plain = requant = 0
         pending = []  # (producer, spec, folded weight values)
         for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
-            producer = _bn_producer(bn)
+            producer = bn_producer(bn)
             if producer is None or producer.op not in FOLDABLE:
                 notes.append(f"{bn.name}: not after Conv/ConvTranspose/Gemm, kept (recalibrated)")
                 continue
@@ -136,16 +131,13 @@ class FoldQuantizedBatchNorm(Pass):
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         notes.insert(0, f"folded {requant} recalibrated BatchNormalization node(s) into quantized ops (weights "
                         f"re-quantized with new scales)" + (f", {plain} into FP32 ops" if plain else ""))
-        if getattr(cfg, "bn_ranges", False):
+        if cfg.bn_ranges:
             notes.append(recalibrate_ranges(graph, ctx))
         ctx.extras.pop("fp32_weights", None)
         return PassResult(bool(requant or plain), notes)
 
     def ensures(self, graph: gs.Graph, ctx: PassContext) -> None:
-        for n in graph.nodes:
-            if n.op in FOLDABLE and len(n.inputs) > 2 and isinstance(n.inputs[2], gs.Constant):
-                if not np.isfinite(n.inputs[2].values).all():
-                    raise ValueError(f"folding produced a non-finite bias in {n.name}")
+        ensure_finite_biases(graph)
 
 
 def recalibrate_ranges(graph: gs.Graph, ctx: PassContext) -> str:
