@@ -14,7 +14,6 @@ class MaxCalibrator(Calibrator):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        self._amax: Dict[str, float] = {}
         self._min: Dict[str, float] = {}
         self._max: Dict[str, float] = {}
 
@@ -22,22 +21,23 @@ class MaxCalibrator(Calibrator):
         b = np.asarray(batch)
         if b.size == 0:
             return
-        finite = b[np.isfinite(b)] if not np.isfinite(b).all() else b
-        if finite.size == 0:
-            return
-        self.observe_reduced(name, float(np.max(finite)), float(np.min(finite)))
+        hi, lo = np.max(b), np.min(b)
+        if not (np.isfinite(hi) and np.isfinite(lo)):  # NaN propagates through max/min, Inf is one: filter only then
+            b = b[np.isfinite(b)]
+            if b.size == 0:
+                return
+            hi, lo = np.max(b), np.min(b)
+        self.observe_reduced(name, hi, lo)
 
     def observe_reduced(self, name: str, hi: float, lo: float) -> None:
-        hi, lo = float(hi), float(lo)
-        self._max[name] = max(self._max.get(name, -np.inf), hi)
-        self._min[name] = min(self._min.get(name, np.inf), lo)
-        self._amax[name] = max(abs(self._max[name]), abs(self._min[name]))
+        self._max[name] = max(self._max.get(name, -np.inf), float(hi))
+        self._min[name] = min(self._min.get(name, np.inf), float(lo))
 
     def result(self) -> Dict[str, float]:
-        return dict(self._amax)
+        return {k: max(abs(hi), abs(self._min[k])) for k, hi in self._max.items()}
 
     def minmax(self) -> Dict[str, tuple]:
-        return {k: (self._min[k], self._max[k]) for k in self._amax}
+        return {k: (self._min[k], hi) for k, hi in self._max.items()}
 
     def state(self) -> Dict[str, Any]:
         return {"method": self.method, "min": dict(self._min), "max": dict(self._max)}

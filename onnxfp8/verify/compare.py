@@ -38,7 +38,7 @@ class ErrorStats:
     def update(self, ref: np.ndarray, q: np.ndarray) -> "ErrorStats":
         r_all = np.asarray(ref).reshape(-1)
         x_all = np.asarray(q).reshape(-1)
-        if r_all.shape != x_all.shape or np.shape(ref) != np.shape(q):
+        if np.shape(ref) != np.shape(q):
             raise ValueError(f"shape mismatch: {np.shape(ref)} vs {np.shape(q)}")
         for start in range(0, max(r_all.size, 1), self.BLOCK):
             self._update_block(r_all[start:start + self.BLOCK], x_all[start:start + self.BLOCK])
