@@ -27,12 +27,12 @@ from __future__ import annotations
 from typing import Dict, List
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
-from onnx import helper
 
+from onnxfp8.calibrators.collector import collect
+from onnxfp8.calibrators.max import MaxCalibrator
 from onnxfp8.formats import get_format
-from onnxfp8.modelio import make_session, to_model
+from onnxfp8.modelio import to_model
 from onnxfp8.passes.assign_formats import _tolist, channel_amax
 from onnxfp8.passes.emulate import emitter_for
 from onnxfp8.passes.fold_batchnorm import FOLDABLE, bn_producer, ensure_finite_biases, fold_into
@@ -162,26 +162,14 @@ def recalibrate_ranges(graph: gs.Graph, ctx: PassContext) -> str:
     if not probes:
         return "no activation range to re-measure"
     model = to_model(graph.copy())
-    g = model.graph
-    fetch = []
-    for i, (name, (src, _, _)) in enumerate(probes.items()):
-        g.node.append(helper.make_node("ReduceMax", [src], [f"{src}__bnr_max"], keepdims=0, name=f"onnxfp8_bnr_max_{i}"))
-        g.node.append(helper.make_node("ReduceMin", [src], [f"{src}__bnr_min"], keepdims=0, name=f"onnxfp8_bnr_min_{i}"))
-        g.output.extend([helper.make_tensor_value_info(f"{src}__bnr_max", onnx.TensorProto.FLOAT, []),
-                         helper.make_tensor_value_info(f"{src}__bnr_min", onnx.TensorProto.FLOAT, [])])
-        fetch += [f"{src}__bnr_max", f"{src}__bnr_min"]
-    sess = make_session(model, level="basic", providers=cfg.providers, threads=cfg.threads)
-    hi = {k: -np.inf for k in probes}
-    lo = {k: np.inf for k in probes}
-    for batch in recalibration_data(model, ctx).batches():
-        vals = sess.run(fetch, batch)
-        for i, k in enumerate(probes):
-            hi[k] = max(hi[k], float(vals[2 * i]))
-            lo[k] = min(lo[k], float(vals[2 * i + 1]))
+    res = collect(model, [src for src, _, _ in probes.values()], recalibration_data(model, ctx), MaxCalibrator(),
+                  providers=cfg.providers, threads=cfg.threads, max_memory_mb=cfg.max_memory_mb, level="basic")
+    minmax = res.max_calibrator.minmax()
     moved = []
-    for k, (_, relu, scale_t) in probes.items():
+    for k, (src, relu, scale_t) in probes.items():
         spec = ctx.plan.tensors[k]
-        amax = max(hi[k], 0.0) if relu else max(abs(hi[k]), abs(lo[k]))
+        lo, hi = minmax.get(src, (0.0, 0.0))  # never finite on the data: nothing to update
+        amax = max(hi, 0.0) if relu else max(abs(hi), abs(lo))
         if not np.isfinite(amax) or amax <= 0:
             continue
         old = float(spec.amax or 0.0)
