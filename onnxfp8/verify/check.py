@@ -443,22 +443,22 @@ def check(fp32: ModelLike, quant: ModelLike, data: Any, thresholds: Optional[Thr
     # with --samples N the first N labels are used; otherwise labels and samples must pair up one to one
     if label_array is not None and (label_array.shape[0] < seen or (samples is None and label_array.shape[0] != seen)):
         raise DataError(f"{label_source}: holds {label_array.shape[0]} labels for {seen} samples")
-    del ref_sess, q_sess
-    release_memory()
     labelled = label_array is not None or bool(data_labels)
     if labelled and not any(r.classifier is not None for r in results.values()):
         raise DataError(f"{label_source or dataset.describe()}: labels given, but no output of {fp32_name} is "
                         f"classifier-like ([N, C] scores, C >= 2): outputs "
                         + ", ".join(f"{r.name} {r.shape}" for r in results.values()))
+    del ref_sess
+    ref_result = _reference(quant_model, q_sess, dataset, out_names, reference_samples) if reference else None
+    del q_sess
+    release_memory()
     for name, res in results.items():
         res.judge(thresholds.for_output(name))
 
     report = CheckReport(fp32_name, quant_name, results, thresholds, samples=seen, batches=batches,
-                         labelled=labelled,
+                         labelled=labelled, reference=ref_result,
                          runtime={"engine": "onnxruntime", "level": "basic", "providers": list(providers),
                                   "batch_size": dataset.batch_size})
-    if reference:
-        report.reference = _reference(quant_model, dataset, out_names, reference_samples, providers, threads)
     if layers:
         run = compare_layers(fp32_model, quant_model, dataset, max_memory_mb=max_memory_mb, providers=providers,
                              threads=threads, progress=progress)
@@ -543,9 +543,10 @@ def _fmt_type(elem: int, shape: Optional[List[Any]]) -> str:
     return name + ("" if shape is None else "[" + ", ".join(str(d) for d in shape) + "]")
 
 
-def _reference(model: onnx.ModelProto, dataset: CalibrationData, out_names: List[str], n: int,
-               providers: Sequence[str], threads: int) -> Dict[str, Any]:
-    """Largest |onnxruntime - onnx.reference| per output on the first ``n`` samples."""
+def _reference(model: onnx.ModelProto, sess: Any, dataset: CalibrationData, out_names: List[str],
+               n: int) -> Dict[str, Any]:
+    """Largest |onnxruntime - onnx.reference| per output on the first ``n`` samples (``sess``: the check's
+    onnxruntime session of ``model``)."""
     import warnings
 
     from onnx.reference import ReferenceEvaluator
@@ -554,7 +555,6 @@ def _reference(model: onnx.ModelProto, dataset: CalibrationData, out_names: List
         evaluator = ReferenceEvaluator(model)
     except Exception as e:
         return {"skipped": f"onnx.reference cannot load the model: {str(e).splitlines()[0]}"}
-    sess = make_session(model, level="basic", providers=providers, threads=threads)
     diffs = {o: 0.0 for o in out_names}
     done = 0
     for batch in dataset.batches():
