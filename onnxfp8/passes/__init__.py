@@ -22,18 +22,11 @@ def standard_pipeline(config: QuantConfig = None) -> Pipeline:
 def extended_pipeline(config: QuantConfig = None) -> Pipeline:
     """canonicalize -> fold_batchnorm -> match_layernorm -> select_ops -> calibrate -> assign_formats ->
     passthrough -> insert_qdq -> cleanup (the FP8 paper's extended scheme: see config.EXTENDED_OPS)"""
-    from onnxfp8.passes.assign_formats import AssignFormats
-    from onnxfp8.passes.calibrate import Calibrate
-    from onnxfp8.passes.canonicalize import Canonicalize
-    from onnxfp8.passes.cleanup import Cleanup
-    from onnxfp8.passes.fold_batchnorm import FoldBatchNorm
-    from onnxfp8.passes.insert_qdq import InsertQDQ
     from onnxfp8.passes.match_layernorm import MatchLayerNorm
     from onnxfp8.passes.passthrough import PassThrough
-    from onnxfp8.passes.select_ops import SelectOps
 
-    return Pipeline("extended", [Canonicalize(), FoldBatchNorm(), MatchLayerNorm(), SelectOps(), Calibrate(),
-                                 AssignFormats(), PassThrough(), InsertQDQ(), Cleanup()])
+    pipe = Pipeline("extended", standard_pipeline(config).passes)
+    return pipe.insert_after("fold_batchnorm", MatchLayerNorm()).insert_after("assign_formats", PassThrough())
 
 
 PIPELINES = {"standard": standard_pipeline, "extended": extended_pipeline}
