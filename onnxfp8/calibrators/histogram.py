@@ -245,6 +245,26 @@ def _check_int(name: str, value: Any, lo: int, hi: Optional[int] = None) -> int:
     return int(value)
 
 
+def _check_number(name: str, value: Any, lo: float, hi: float, include_hi: bool = False) -> float:
+    """``value`` as a float in ``(lo, hi)`` (``(lo, hi]`` with ``include_hi``), else a CalibrationOptionError."""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+          and math.isfinite(value) and lo < value and (value <= hi if include_hi else value < hi))
+    if not ok:
+        raise CalibrationOptionError(f"{name} must be a number in ({lo:g}, {hi:g}{']' if include_hi else ')'}, "
+                                     f"got {value!r}")
+    return float(value)
+
+
+def _check_format(value: Any, what: str):
+    """The Format named by ``value``, else a CalibrationOptionError starting with ``what``."""
+    from onnxfp8.formats import get_format
+
+    try:
+        return get_format(value)
+    except (ValueError, AttributeError, TypeError) as e:
+        raise CalibrationOptionError(f"{what}: {e}") from None
+
+
 class HistogramCalibrator(Calibrator):
     """Base of the histogram methods: one :class:`Histogram` of |x| per tensor; subclasses implement
     :meth:`compute_amax` (histogram -> clipping magnitude).
@@ -277,11 +297,7 @@ class HistogramCalibrator(Calibrator):
         if self.num_bins % 2:
             raise CalibrationOptionError(f"num_bins must be even (the range grows by merging bin pairs), "
                                          f"got {self.num_bins}")
-        from onnxfp8.formats import get_format
-        try:
-            self.format = get_format(merged["format"])
-        except (ValueError, AttributeError, TypeError) as e:
-            raise CalibrationOptionError(f"{self.method} calibration: {e}") from None
+        self.format = _check_format(merged["format"], f"{self.method} calibration")
         self._hists: Dict[str, Histogram] = {}
 
     # -- collecting

@@ -45,7 +45,8 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from onnxfp8.calibrators.base import register
-from onnxfp8.calibrators.histogram import CalibrationOptionError, Histogram, HistogramCalibrator, _check_int
+from onnxfp8.calibrators.histogram import (CalibrationOptionError, Histogram, HistogramCalibrator, _check_format,
+                                           _check_int, _check_number)
 
 
 def _ragged(lengths: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -148,22 +149,14 @@ class MSECalibrator(HistogramCalibrator):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        from onnxfp8.formats import get_format
-
         tf = self.options["tensor_formats"] or {}
         if not hasattr(tf, "items"):
             raise CalibrationOptionError(f"tensor_formats must map tensor names to formats, got {tf!r}")
-        try:
-            self.tensor_formats = {k: get_format(v) for k, v in tf.items()}
-        except (ValueError, AttributeError, TypeError) as e:
-            raise CalibrationOptionError(f"mse calibration: tensor_formats: {e}") from None
+        self.tensor_formats = {k: _check_format(v, "mse calibration: tensor_formats") for k, v in tf.items()}
         self.num_candidates = _check_int("num_candidates", self.options["num_candidates"], 2)
         self.refine = _check_int("refine", self.options["refine"], 0)
         mf = self.options["min_fraction"]
-        if mf is not None and (isinstance(mf, bool) or not isinstance(mf, (int, float, np.integer, np.floating))
-                               or not 0 < mf < 1):
-            raise CalibrationOptionError(f"min_fraction must be a number in (0, 1), got {mf!r}")
-        self.min_fraction = None if mf is None else float(mf)
+        self.min_fraction = None if mf is None else _check_number("min_fraction", mf, 0, 1)
 
     def format_of(self, name: str):
         return self.tensor_formats.get(name, self.format)

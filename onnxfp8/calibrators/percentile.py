@@ -9,13 +9,12 @@ Options: ``percentile`` (default 99.99, in (0, 100]), ``num_bins`` (default 2048
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
 from onnxfp8.calibrators.base import register
-from onnxfp8.calibrators.histogram import CalibrationOptionError, Histogram, HistogramCalibrator
+from onnxfp8.calibrators.histogram import Histogram, HistogramCalibrator, _check_number
 
 
 @register
@@ -25,11 +24,7 @@ class PercentileCalibrator(HistogramCalibrator):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        p = self.options["percentile"]
-        if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)) or not (
-                math.isfinite(p) and 0 < p <= 100):
-            raise CalibrationOptionError(f"percentile must be a number in (0, 100], got {p!r}")
-        self.percentile = float(p)
+        self.percentile = _check_number("percentile", self.options["percentile"], 0, 100, include_hi=True)
 
     def compute_amax(self, name: str, hist: Histogram) -> float:
         if self.percentile >= 100:
