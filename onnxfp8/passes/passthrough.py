@@ -34,7 +34,7 @@ import onnx_graphsurgeon as gs
 from onnxfp8.formats import get_format
 from onnxfp8.pipeline import Pass, PassContext, PassResult
 from onnxfp8.plan import QuantSpec
-from onnxfp8.rules import PASSTHROUGH_OPS, compile_pattern, is_const
+from onnxfp8.rules import PASSTHROUGH_OPS, NodeNameRule, is_const
 
 
 def _data_input(node: gs.Node) -> Optional[gs.Tensor]:
@@ -60,7 +60,7 @@ def _float(t: gs.Tensor) -> bool:
 class PassThrough(Pass):
     name = "passthrough"
 
-    def _allowed(self, node: gs.Node, ctx: PassContext) -> bool:
+    def _allowed(self, node: gs.Node, ctx: PassContext, name_rules: List[NodeNameRule]) -> bool:
         cfg = ctx.config
         if node.op not in PASSTHROUGH_OPS or node.op not in cfg.selected_op_types or node.op in cfg.exclude_ops:
             return False
@@ -68,14 +68,14 @@ class PassThrough(Pass):
             return False
         if node.op == "MaxPool" and len([o for o in node.outputs if o.outputs]) > 1:
             return False  # the Indices output is read
-        if any(compile_pattern(p)(node.name) for p in cfg.exclude_nodes):
-            return False
-        if cfg.include_nodes and not any(compile_pattern(p)(node.name) for p in cfg.include_nodes):
-            return False
-        return True
+        return all(rule.decide(node, None) is None for rule in name_rules)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         plan = ctx.plan
+        cfg = ctx.config
+        name_rules = [NodeNameRule(cfg.exclude_nodes)]  # --exclude-node / --include-node, as select_ops reads them
+        if cfg.include_nodes:
+            name_rules.append(NodeNameRule(cfg.include_nodes, include=True))
         dyn: Dict[str, dict] = ctx.extras.setdefault("dynamic", {})
         outputs = {t.name for t in graph.outputs}
         tensors = graph.tensors()
@@ -108,12 +108,12 @@ class PassThrough(Pass):
                 if len(cur.inputs) != 1:
                     break
                 p = cur.inputs[0]
-                if not self._allowed(p, ctx) or cur.name in outputs:
+                if not self._allowed(p, ctx, name_rules) or cur.name in outputs:
                     break
                 if chain and (len(cur.outputs) != 1 or cur.outputs[0] is not chain[-1]):
                     break
                 if p.op == "Concat":
-                    ins = [x for x in p.inputs]
+                    ins = list(p.inputs)
                     if all(not is_const(x) and x.name and _float(x) for x in ins) and len({x.name for x in ins}) == len(ins):
                         chain.append(p)
                         heads = ins
