@@ -73,6 +73,7 @@ from onnxfp8.pipeline import Pass, PassContext, PassResult, Pipeline
 from onnxfp8.verify.compare import ErrorStats
 
 MIN_BATCH = 64
+SUFFIX = "__onnxfp8_bnrecal"
 try:
     from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
 
@@ -83,7 +84,6 @@ except ImportError:  # pragma: no cover - older onnxruntime layouts
 
 class _FreedBatchFailed(Exception):
     """onnxruntime refused the working copy whose static batch dimension was freed."""
-SUFFIX = "__onnxfp8_bnrecal"
 
 
 class PooledMoments:
@@ -320,12 +320,6 @@ def evaluate(graph: gs.Graph, ctx: PassContext, inputs, refs, labels) -> Dict[st
     return out
 
 
-def output_sqnr(graph: gs.Graph, ctx: PassContext) -> Optional[Dict[str, float]]:
-    """Output SQNR (dB) of ``graph`` against the FP32 outputs captured during calibration, or None."""
-    inputs, refs, _, count = evaluation_set(ctx)
-    return evaluate(graph, ctx, inputs, refs, None)["sqnr"] if count else None
-
-
 def worse(with_: Dict[str, Any], without: Dict[str, Any]) -> Optional[str]:
     """Why the recalibrated model is worse on the evaluation samples, or None: lower accuracy (with labels),
     else lower top-1 agreement with FP32 of a classifier, else a lower mean output SQNR."""
@@ -466,7 +460,6 @@ class RecalibrateBatchNorm(Pass):
         notes.insert(0, f"recalibrated {len(layers)} BatchNormalization node(s) on {samples} sample(s) in {batches} "
                         f"batch(es)" + (f"; largest mean shift {worst['max_mean_shift']:.3f} sigma" if worst else ""))
         return PassResult(kept == "recalibrated", notes)
-
 
     @staticmethod
     def _collect(graphs: List[gs.Graph], bns: List[gs.Node], ctx: PassContext, hold_out: int, free: bool):
