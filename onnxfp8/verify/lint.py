@@ -38,6 +38,7 @@ Errors make the exit code 1; warnings only with ``strict``.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Union
 
@@ -197,13 +198,15 @@ def _dq_source(g: _Graph, tensor: str, depth: int = 8) -> Optional[onnx.NodeProt
     return p if p is not None and p.op_type == "DequantizeLinear" else None
 
 
-def lint_model(model: Union[str, onnx.ModelProto], target: str = "tensorrt", source: Optional[str] = None) -> LintReport:
+def lint_model(model: Union[str, os.PathLike, onnx.ModelProto], target: str = "tensorrt",
+               source: Optional[str] = None) -> LintReport:
     """Check ``model`` (a path or ModelProto) for Q/DQ placements ``target`` cannot fuse."""
     from onnxfp8.errors import ConfigError, ModelError
 
     if target not in TARGETS:
         raise ConfigError(f"lint: unknown target '{target}'; choose one of {', '.join(TARGETS)}")
-    if isinstance(model, str):
+    if isinstance(model, (str, os.PathLike)):
+        model = os.fspath(model)
         source = source or model
         try:
             model = onnx.load(model)

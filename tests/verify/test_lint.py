@@ -196,3 +196,13 @@ def test_cli_exit_codes(tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     with pytest.raises(ModelError, match="junk.onnx: cannot read"):
         lint_model(str(tmp_path / "junk.onnx"))
+
+
+def test_path_like_model(tmp_path):
+    """A pathlib.Path is read like a str path (it was taken for a ModelProto: AttributeError)."""
+    path = tmp_path / "bad.onnx"
+    onnx.save(conv_model(cin=3), path)
+    rep = lint_model(path)
+    assert rep.source == str(path) and [f.check for f in rep.errors] == ["channels"]
+    with pytest.raises(ModelError, match="missing.onnx: model file not found"):
+        lint_model(tmp_path / "missing.onnx")
