@@ -96,8 +96,8 @@ def match(node: gs.Node, graph_outputs) -> Optional[dict]:
     if len(readers) != (3 if sq.op == "Mul" else 2):
         return None
     rm2 = _only_consumer(sq.outputs[0], graph_outputs)
-    if rm2 is None or rm2.op != "ReduceMean" or _reduce_axes(rm2) is None \
-            or _trailing_axis(_reduce_axes(rm2), rank) != axis:
+    axes2 = _reduce_axes(rm2) if rm2 is not None and rm2.op == "ReduceMean" else None
+    if axes2 is None or _trailing_axis(axes2, rank) != axis:
         return None
     add = _only_consumer(rm2.outputs[0], graph_outputs)
     if add is None or add.op != "Add":
@@ -111,19 +111,15 @@ def match(node: gs.Node, graph_outputs) -> Optional[dict]:
         return None
     nodes = [node, sub, sq, rm2, add, sqrt, div]
     out = div.outputs[0]
-    gamma = beta = None
-    nxt = _only_consumer(out, graph_outputs)
-    if nxt is not None and nxt.op == "Mul":
-        other = nxt.inputs[1] if nxt.inputs[0] is out else nxt.inputs[0]
-        if _const_value(other) is not None:
-            gamma, out = other.values, nxt.outputs[0]
-            nodes.append(nxt)
-            nxt = _only_consumer(out, graph_outputs)
-    if nxt is not None and nxt.op == "Add":
-        other = nxt.inputs[1] if nxt.inputs[0] is out else nxt.inputs[0]
-        if _const_value(other) is not None:
-            beta, out = other.values, nxt.outputs[0]
-            nodes.append(nxt)
+    params = {}  # [* gamma] [+ beta], in that order
+    for op in ("Mul", "Add"):
+        nxt = _only_consumer(out, graph_outputs)
+        if nxt is not None and nxt.op == op:
+            other = nxt.inputs[1] if nxt.inputs[0] is out else nxt.inputs[0]
+            if _const_value(other) is not None:
+                params[op], out = other.values, nxt.outputs[0]
+                nodes.append(nxt)
+    gamma, beta = params.get("Mul"), params.get("Add")
     norm_shape = None
     if rank is not None and all(isinstance(s, int) for s in x.shape[axis:]):
         norm_shape = tuple(x.shape[axis:])
