@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import numpy as np
 import onnx
 
-from onnxfp8.calibrators.data import CalibrationData, as_data
+from onnxfp8.calibrators.data import CalibrationData, as_data, input_specs
 from onnxfp8.errors import ConfigError, DataError, ModelError
 from onnxfp8.modelio import ModelLike, load_model, make_session
 from onnxfp8.plan import json_plain
@@ -507,15 +507,11 @@ def _as_thresholds(t: Any) -> Thresholds:
 
 
 def _check_interfaces(fp32: onnx.ModelProto, quant: onnx.ModelProto, fp32_name: str, quant_name: str) -> None:
-    def inputs(m):
-        inits = {t.name for t in m.graph.initializer}
-        return [i.name for i in m.graph.input if i.name not in inits]
-
     fo, qo = [o.name for o in fp32.graph.output], [o.name for o in quant.graph.output]
     missing = [o for o in fo if o not in qo]
     if missing:
         raise ModelError(f"{quant_name}: has no output '{missing[0]}' of {fp32_name} (outputs: {', '.join(qo)})")
-    fi, qi = inputs(fp32), inputs(quant)
+    fi, qi = list(input_specs(fp32)), list(input_specs(quant))
     if set(fi) != set(qi):
         raise ModelError(f"{quant_name}: inputs {', '.join(qi)} differ from those of {fp32_name} ({', '.join(fi)})")
     ftypes = {i.name: _type_of(i) for i in fp32.graph.input}
