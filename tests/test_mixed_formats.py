@@ -1,6 +1,5 @@
 """Mixed formats in one graph: by role (--weights-format / --activations-format) and by data (--format auto)."""
 import json
-import math
 
 import numpy as np
 import onnx
@@ -14,6 +13,7 @@ from onnxfp8 import QuantConfig
 from onnxfp8.errors import ConfigError
 from onnxfp8.formats import get_format
 from onnxfp8.modelio import make_session
+from onnxfp8.verify.compare import sqnr_db
 
 F = TensorProto.FLOAT
 
@@ -75,11 +75,6 @@ def three_inputs(n, seed):
             "xg": rng.standard_t(3, [n, 24]).astype(np.float32)}  # heavy tails (max/rms ~15)
 
 
-def _sqnr(ref, got):
-    ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
-    return 10 * math.log10(np.sum(ref ** 2) / np.sum((ref - got) ** 2))
-
-
 def test_auto_picks_per_tensor_and_says_why():
     model = three_input_model()
     calib = [three_inputs(256, s) for s in range(4)]
@@ -98,20 +93,20 @@ def test_auto_picks_per_tensor_and_says_why():
         amax = float(np.abs(x).max())
         for f, est in t[name].candidates.items():
             fmt = get_format(f)
-            real = _sqnr(x, fmt.fake_quant(x, fmt.scale_for(np.float32(amax))))
+            real = sqnr_db(x, fmt.fake_quant(x, fmt.scale_for(np.float32(amax))))
             assert abs(real - est) < 0.3, (name, f, real, est)
     # weights: the recorded error is the exact SQNR of the per-channel fake quantization
     w = onnx.numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w1"))
     for f, est in t["w1"].candidates.items():
         fmt = get_format(f)
-        assert est == pytest.approx(_sqnr(w, fmt.fake_quant(w, fmt.scale_for(np.abs(w).max(axis=0)), axis=1)), abs=1e-3)
+        assert est == pytest.approx(sqnr_db(w, fmt.fake_quant(w, fmt.scale_for(np.abs(w).max(axis=0)), axis=1)), abs=1e-3)
     note = next(p.notes for p in res.report.passes if p.name == "assign_formats")[-1]
     assert "int8 chosen" in note and "INT8 wins" in note
     # mixed formats in one graph, and auto is at least as good as every single format on held-out data
     val = three_inputs(512, 99)
     ref = make_session(model, level="basic").run(None, val)[0]
-    auto = _sqnr(ref, make_session(res.model, level="basic").run(None, val)[0])
-    singles = {f: _sqnr(ref, make_session(onnxfp8.quantize(model, calib, config=QuantConfig(format=f)).model,
+    auto = sqnr_db(ref, make_session(res.model, level="basic").run(None, val)[0])
+    singles = {f: sqnr_db(ref, make_session(onnxfp8.quantize(model, calib, config=QuantConfig(format=f)).model,
                                           level="basic").run(None, val)[0]) for f in ("e4m3", "e3m4", "e5m2", "int8")}
     assert auto >= max(singles.values()) - 0.5, (auto, singles)
     np.testing.assert_allclose(ReferenceEvaluator(res.model).run(None, val)[0],
@@ -180,7 +175,7 @@ def test_auto_is_never_worse_than_the_best_single_format_on_the_transformer(exam
 
     def sq(**cfg):
         q = onnxfp8.quantize(model, str(ex["calib"]), config=QuantConfig(scheme=scheme, **cfg), check_model=False).model
-        return _sqnr(ref, make_session(q, level="basic").run(["logits"], val)[0])
+        return sqnr_db(ref, make_session(q, level="basic").run(["logits"], val)[0])
 
     singles = {f: sq(format=f) for f in ("e4m3", "e3m4", "e5m2", "int8")}
     auto = sq(format="auto")

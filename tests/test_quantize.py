@@ -14,6 +14,7 @@ from onnxfp8.modelio import make_session
 from onnxfp8.passes import standard_pipeline
 from onnxfp8.pipeline import Pass, PassResult
 from onnxfp8.plan import QuantPlan
+from onnxfp8.verify.compare import sqnr_db
 
 # Output SQNR (dB) vs FP32 on the 32 validation samples (seed 2) of models.build's examples, calibrated on
 # their 32 calibration samples (seed 1), measured with onnxruntime 1.32 at ENABLE_BASIC. Both styles compute
@@ -59,11 +60,6 @@ def fp32_outputs(example_models, val_data):
             for name in MODELS}
 
 
-def _sqnr(ref, q):
-    ref = ref.astype(np.float64)
-    return 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - q.astype(np.float64)) ** 2))
-
-
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("name", MODELS)
@@ -73,7 +69,7 @@ def test_end_to_end(name, fmt, style, quantized, val_data, fp32_outputs):
     feeds = val_data[name]
     got = make_session(res.model, level="basic").run(None, feeds)[0]
     assert np.isfinite(got).all()
-    sqnr = _sqnr(fp32_outputs[name], got)
+    sqnr = sqnr_db(fp32_outputs[name], got)
     want = MEASURED_SQNR[(name, fmt)]
     # a regression fails the lower bound; an SQNR far above the measured one means something was not quantized
     assert want - TOLERANCE_DB <= sqnr <= want + 3.0, f"{name} {fmt} {style}: SQNR {sqnr:.3f} dB, measured {want}"

@@ -5,7 +5,6 @@ The quantized model computes exactly ``op(fake_quant(x, max|x| / format max))`` 
 batch being run (per tensor) or over each row (per token; the right operand of an activation MatMul per
 column), and its accuracy on the transformer example is compared with static quantization (measured SQNR
 pinned)."""
-import math
 
 import numpy as np
 import onnx
@@ -17,6 +16,7 @@ import onnxfp8
 from onnxfp8 import QuantConfig
 from onnxfp8.formats import get_format
 from onnxfp8.modelio import make_session
+from onnxfp8.verify.compare import sqnr_db
 
 F = TensorProto.FLOAT
 
@@ -47,11 +47,6 @@ def _row_fq(fmt, x, axis):
     """Fake quantization with one scale per slice along ``axis`` (keepdims), as DynamicScale computes it."""
     s = np.maximum(np.abs(x).max(axis=axis, keepdims=True) / np.float32(fmt.max), np.float32(2.0 ** -126))
     return fmt.fake_quant(x / s.astype(np.float32), np.float32(1.0)) * s.astype(np.float32)
-
-
-def _sqnr(ref, got):
-    ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
-    return 10 * math.log10(np.sum(ref ** 2) / np.sum((ref - got) ** 2))
 
 
 @pytest.mark.parametrize("fmt_name", ["e4m3", "int8", "e3m4"])
@@ -92,8 +87,8 @@ def test_dynamic_per_token_scales_each_row(fmt_name, style):
         return
     tensor = onnxfp8.quantize(model, None, config=QuantConfig(dynamic=True)).model
     ref = x @ w
-    per_token = _sqnr(ref, got)
-    per_tensor = _sqnr(ref, make_session(tensor, level="basic").run(None, {"x": x})[0])
+    per_token = sqnr_db(ref, got)
+    per_tensor = sqnr_db(ref, make_session(tensor, level="basic").run(None, {"x": x})[0])
     # rows hold different magnitudes only through the shared outlier column here, so the gain is small but real
     assert per_token > per_tensor, (per_token, per_tensor)
 
@@ -120,7 +115,7 @@ def test_dynamic_token_on_attention_matmul_rows_and_columns():
         for gran in ("tensor", "token"):
             m = onnxfp8.quantize(model, None, config=QuantConfig(format=f, scheme="extended", dynamic=True,
                                                                  dynamic_granularity=gran)).model
-            sq[gran] = _sqnr(ref, make_session(m, level="basic").run(None, {"q": q, "k": k})[0])
+            sq[gran] = sqnr_db(ref, make_session(m, level="basic").run(None, {"q": q, "k": k})[0])
         gains[f] = sq["token"] - sq["tensor"]
     assert 4.7 < gains["int8"] < 5.3 and 0.3 < gains["e4m3"] < 0.7, gains
 
@@ -151,7 +146,7 @@ def test_dynamic_vs_static_on_the_transformer(example_models, load_feeds):
         cfg = QuantConfig() if mode == "static" else QuantConfig(dynamic=True, dynamic_granularity=mode)
         calib = str(ex["calib"]) if mode == "static" else None
         q = onnxfp8.quantize(model, calib, config=cfg).model
-        got[mode] = _sqnr(ref, make_session(q, level="basic").run(["logits"], val)[0])
+        got[mode] = sqnr_db(ref, make_session(q, level="basic").run(["logits"], val)[0])
     for mode, bound in DYN_BOUNDS.items():
         assert bound <= got[mode] < bound + 1.0, got
     assert got["token"] > got["static"] > got["tensor"], got

@@ -5,7 +5,6 @@ leaves the op alone), the quantized model computes exactly ``FP32 op(fake_quant(
 scales (formats.py as the reference), onnxruntime at level basic agrees with onnx.reference, and the output
 SQNR vs FP32 on held-out data is pinned (bounds ~0.3 dB under the measured value; seeds are fixed).
 """
-import math
 
 import numpy as np
 import onnx
@@ -17,6 +16,7 @@ import onnxfp8
 from onnxfp8 import QuantConfig
 from onnxfp8.formats import get_format
 from onnxfp8.modelio import make_session
+from onnxfp8.verify.compare import sqnr_db
 
 F = TensorProto.FLOAT
 
@@ -43,11 +43,6 @@ def _data(inputs, n, seed, outlier=False):
             d[name] = x
         out.append(d)
     return out
-
-
-def sqnr(ref, got):
-    ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
-    return 10 * math.log10(np.sum(ref ** 2) / np.sum((ref - got) ** 2))
 
 
 def _case(name):
@@ -141,7 +136,7 @@ def test_extended_op_is_quantized_exactly(op):
         np.testing.assert_allclose(ref.run(None, f)[0], g, rtol=1e-5, atol=1e-6)
 
     fp32 = _run(model, val)
-    measured = sqnr(np.concatenate(fp32), np.concatenate(got))
+    measured = sqnr_db(np.concatenate(fp32), np.concatenate(got))
     assert measured >= SQNR_BOUNDS[op], f"{op}: {measured:.2f} dB"
     assert measured < SQNR_BOUNDS[op] + 1.0, f"{op}: {measured:.2f} dB (bound stale?)"
 

@@ -9,6 +9,7 @@ from onnx.reference import ReferenceEvaluator
 import onnxfp8
 from onnxfp8 import QuantConfig
 from onnxfp8.modelio import make_session
+from onnxfp8.verify.compare import sqnr_db
 
 F = TensorProto.FLOAT
 
@@ -73,11 +74,6 @@ def conv_bn_relu_conv():
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
 
 
-def _sqnr(ref, got):
-    ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
-    return 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - got) ** 2))
-
-
 def _data(n, shape, seed):
     rng = np.random.default_rng(seed)
     return [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(n)]
@@ -110,7 +106,7 @@ def test_maxpool_and_relu_carry_the_quantized_tensor(dynamic):
     ref = ReferenceEvaluator(ext.model).run(None, val[0])[0]
     np.testing.assert_allclose(ref, _run(ext.model, val[:1]), rtol=1e-5, atol=1e-6)
     if not dynamic:  # measured output SQNR vs FP32: 24.63 dB
-        assert 24.4 < _sqnr(_run(model, val), _run(ext.model, val)) < 24.9
+        assert 24.4 < sqnr_db(_run(model, val), _run(ext.model, val)) < 24.9
 
 
 def test_a_tensor_read_in_fp32_elsewhere_stops_the_climb():
@@ -143,7 +139,7 @@ def test_concat_inputs_share_one_scale():
     conv_c = next(n for n in ext.model.graph.node if n.name == "conv_c")
     assert _producer(ext.model, conv_c.input[0]).op_type == "Concat"
     np.testing.assert_array_equal(_run(ext.model, val), _run(std.model, val))
-    assert 27.1 < _sqnr(_run(model, val), _run(ext.model, val)) < 27.6  # measured: 27.37 dB
+    assert 27.1 < sqnr_db(_run(model, val), _run(ext.model, val)) < 27.6  # measured: 27.37 dB
 
 
 def test_nearest_resize_carries_the_quantized_tensor():
@@ -160,7 +156,7 @@ def test_nearest_resize_carries_the_quantized_tensor():
     # nearest upsampling copies values: the scale of its output is the scale of its input, same function
     assert ext.plan.tensors["c1"].scale == std.plan.tensors["u"].scale
     np.testing.assert_array_equal(_run(ext.model, val), _run(std.model, val))
-    assert 25.1 < _sqnr(_run(model, val), _run(ext.model, val)) < 25.6  # measured: 25.36 dB
+    assert 25.1 < sqnr_db(_run(model, val), _run(ext.model, val)) < 25.6  # measured: 25.36 dB
 
 
 def test_unfolded_batchnorm_input_is_quantized():
@@ -175,8 +171,8 @@ def test_unfolded_batchnorm_input_is_quantized():
     assert all(i in {t.name for t in res.model.graph.initializer} for i in bn.input[1:])  # parameters FP32
     # BN's output is quantized again before Relu (for conv2): measured SQNR 24.18 dB, vs 25.29 folded
     ref = _run(model, val)
-    assert 23.9 < _sqnr(ref, _run(res.model, val)) < 24.4
-    assert 25.0 < _sqnr(ref, _run(folded.model, val)) < 25.5
+    assert 23.9 < sqnr_db(ref, _run(res.model, val)) < 24.4
+    assert 25.0 < sqnr_db(ref, _run(folded.model, val)) < 25.5
 
 
 def test_attention_reshape_transpose_carry_q_and_k():
