@@ -629,8 +629,9 @@ def test_scale_for_is_always_safe(fmt):
 
 def _qdq_session(fmt, scale, axis, opset, shape):
     import onnx
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
+
+    from onnxfp8.modelio import make_session
 
     scale = np.asarray(scale, F32)
     zp = numpy_helper.from_array(np.zeros(scale.shape, dtype=fmt.storage_dtype), "zp")
@@ -651,9 +652,7 @@ def _qdq_session(fmt, scale, axis, opset, shape):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 9
     onnx.checker.check_model(model)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return make_session(model, level="basic")
 
 
 def scaled_ties(fmt, scale):

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
@@ -15,6 +14,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from models import build  # noqa: E402
+from onnxfp8.modelio import make_session  # noqa: E402
 
 NUM_CLASSES = {"cnn": 10, "mlp": 10, "transformer": 10}
 
@@ -25,10 +25,7 @@ def examples():
 
 
 def _session(model, optimize=True):
-    opts = ort.SessionOptions()
-    if not optimize:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return make_session(model, level="all" if optimize else "disable")
 
 
 def _run_with_intermediates(model, feeds, names):
