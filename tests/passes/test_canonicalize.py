@@ -8,7 +8,7 @@ from onnx import helper, numpy_helper
 
 from onnxfp8.config import QuantConfig
 from onnxfp8.errors import ModelError
-from onnxfp8.modelio import to_graph
+from onnxfp8.modelio import make_session, to_graph
 from onnxfp8.passes.canonicalize import Canonicalize
 from onnxfp8.pipeline import PassContext
 
@@ -65,3 +65,25 @@ def test_requires_opset_19():
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     with pytest.raises(ModelError, match="opset 17 < 19"):
         Canonicalize().requires(to_graph(model), PassContext(source="m.onnx"))
+
+
+def test_constant_graph_output_read_by_a_quantized_layer():
+    """A Constant node whose output is a graph output keeps its node; its readers got an initializer of the
+    output's very name, two tensors of one name, and the pipeline failed in the first pass that changed the
+    graph (insert_qdq). They now read an initializer of their own name and the model quantizes."""
+    import onnxfp8
+
+    model = onnx.parser.parse_model("""<ir_version: 9, opset_import: ["" : 19]>
+    g (float[2,4] x) => (float[2,3] y, float[4] c) {
+        c = Constant <value = float[4] {1.0, 2.0, 3.0, 4.0}> ()
+        a = Add (x, c)
+        y = MatMul (a, w)
+    }""")
+    w = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+    model.graph.initializer.append(numpy_helper.from_array(w, "w"))
+    x = np.random.default_rng(1).normal(size=(2, 4)).astype(np.float32)
+    res = onnxfp8.quantize(model, [{"x": x}], config=QuantConfig(summary_samples=0))
+    assert res.plan.tensors["w"].role == "weight"
+    y, c = make_session(res.model).run(None, {"x": x})
+    np.testing.assert_array_equal(c, [1.0, 2.0, 3.0, 4.0])
+    assert y.shape == (2, 3) and np.isfinite(y).all()
