@@ -244,9 +244,10 @@ class QuantConfig:
 
     @classmethod
     def from_file(cls, path: str, **overrides: Any) -> "QuantConfig":
-        data = load_recipe_file(path)
-        data.update(overrides)
-        return cls.from_dict(data, source=path)
+        """A recipe file (or built-in recipe name) with ``overrides`` on top: recipes.recipe_config."""
+        from onnxfp8.recipes import recipe_config
+
+        return recipe_config(path, **overrides)
 
 
 def check_overrides(overrides: Any, source: str = "") -> None:
