@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 
@@ -227,8 +228,6 @@ def select(nodes: Iterable[gs.Node], rules: Sequence[NodeRule], info: GraphInfo)
 # --------------------------------------------------------------------------------------------------
 # TensorRT placement (--target tensorrt)
 # --------------------------------------------------------------------------------------------------
-import numpy as np  # noqa: E402
-
 TRT_CHANNEL_MULTIPLE = 16  # FP8 Conv/GEMM kernels: channel counts (K, N) multiples of 16 (see TensorRTRule)
 TRT_MAX_FP8_FILTER = 32  # FP8 convolution kernels: kernel area kh*kw*... at most 32
 TRT_WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
