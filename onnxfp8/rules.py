@@ -101,9 +101,6 @@ class NodeNameRule(NodeRule):
             return None if hit else Decision(False, f"name does not match any {flag} pattern")
         return Decision(False, f"name matches {flag} '{hit[0]}'") if hit else None
 
-    def unmatched(self) -> List[str]:
-        return [p for p, names in self.matches.items() if not names]
-
 
 class FirstLastRule(NodeRule):
     """Keep the first and the last compute layer in FP32 (a common CV practice)."""
