@@ -111,10 +111,9 @@ def build_config(kw: Dict[str, Any]):
     if recipe:
         recipe = resolve_recipe(recipe)
         data.update(load_recipe(recipe))
-    mapping = {"format_": "format"}
     listy = {"op_types", "exclude_op", "include_node", "exclude_node", "providers", "formats", "augment"}
-    rename = {"exclude_op": "exclude_ops", "include_node": "include_nodes", "exclude_node": "exclude_nodes",
-              "fold_bn": "fold_batchnorm"}
+    rename = {"format_": "format", "exclude_op": "exclude_ops", "include_node": "include_nodes",
+              "exclude_node": "exclude_nodes", "fold_bn": "fold_batchnorm"}
     for key, value in kw.items():
         if key in ("include_node", "exclude_node"):  # a regex may hold commas: split globs only
             value = tuple(p for v in value or () for p in ((v,) if v.startswith(("/", "re:")) else _split((v,))))
@@ -126,7 +125,7 @@ def build_config(kw: Dict[str, Any]):
                 continue
         if value is None:
             continue
-        data[rename.get(key, mapping.get(key, key))] = value
+        data[rename.get(key, key)] = value
     return QuantConfig.from_dict(data, source=recipe or "options")
 
 
