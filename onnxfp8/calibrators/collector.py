@@ -196,7 +196,9 @@ class _Capture:
         n = _batch_size(batch)
         take = min(self.limit - self.count, n)
         self.result.captured_inputs.append({k: np.array(v[:take]) for k, v in batch.items()})
-        self.result.captured_outputs.append({k: np.array(np.asarray(v)[:take]) for k, v in outputs.items()})
+        # outputs without the batch axis (a constant output, say) are kept whole
+        self.result.captured_outputs.append({k: np.array(v[:take] if take < n and v.ndim and v.shape[0] == n else v)
+                                             for k, v in ((k, np.asarray(v)) for k, v in outputs.items())})
         self.count += take
 
     @property
