@@ -114,6 +114,21 @@ def fold_into(node: gs.Node, bn: gs.Node) -> Optional[str]:
     return None
 
 
+def fold_candidates(graph: gs.Graph, notes: List[str], kept: str = "kept"):
+    """The BatchNormalization nodes that may fold into the Conv/ConvTranspose/Gemm before them, as
+    ``(bn, producer)``; the others get a note ending in ``kept``."""
+    graph_outputs = set(id(t) for t in graph.outputs)
+    for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
+        producer = bn_producer(bn)
+        if producer is None or producer.op not in FOLDABLE:
+            notes.append(f"{bn.name}: not after Conv/ConvTranspose/Gemm, {kept}")
+            continue
+        if id(bn.inputs[0]) in graph_outputs:
+            notes.append(f"{bn.name}: {producer.name} output is a graph output, kept")
+            continue
+        yield bn, producer
+
+
 class FoldBatchNorm(Pass):
     name = "fold_batchnorm"
 
@@ -122,15 +137,7 @@ class FoldBatchNorm(Pass):
             return PassResult(False, ["BatchNorm folding disabled"])
         notes: List[str] = []
         folded = 0
-        graph_outputs = set(id(t) for t in graph.outputs)
-        for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
-            producer = bn_producer(bn)
-            if producer is None or producer.op not in FOLDABLE:
-                notes.append(f"{bn.name}: not after Conv/ConvTranspose/Gemm, kept")
-                continue
-            if id(bn.inputs[0]) in graph_outputs:
-                notes.append(f"{bn.name}: {producer.name} output is a graph output, kept")
-                continue
+        for bn, producer in fold_candidates(graph, notes):
             reason = fold_into(producer, bn)
             if reason:
                 notes.append(f"{bn.name}: not folded into {producer.name}: {reason}")

@@ -35,7 +35,7 @@ from onnxfp8.formats import get_format
 from onnxfp8.modelio import to_model
 from onnxfp8.passes.assign_formats import _tolist, channel_amax
 from onnxfp8.passes.emulate import emitter_for
-from onnxfp8.passes.fold_batchnorm import FOLDABLE, bn_producer, ensure_finite_biases, fold_into
+from onnxfp8.passes.fold_batchnorm import FOLDABLE, bn_producer, ensure_finite_biases, fold_candidates, fold_into
 from onnxfp8.pipeline import Pass, PassContext, PassResult
 
 RANGE_TOLERANCE = 0.01
@@ -78,18 +78,10 @@ class FoldQuantizedBatchNorm(Pass):
         if not cfg.fold_batchnorm:
             return PassResult(False, ["BatchNorm folding disabled: recalibrated BatchNormalization kept"])
         stash = ctx.extras.get("fp32_weights", {})
-        graph_outputs = set(id(t) for t in graph.outputs)
         notes: List[str] = []
         plain = requant = 0
         pending = []  # (producer, spec, folded weight values)
-        for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
-            producer = bn_producer(bn)
-            if producer is None or producer.op not in FOLDABLE:
-                notes.append(f"{bn.name}: not after Conv/ConvTranspose/Gemm, kept (recalibrated)")
-                continue
-            if id(bn.inputs[0]) in graph_outputs:
-                notes.append(f"{bn.name}: {producer.name} output is a graph output, kept")
-                continue
+        for bn, producer in fold_candidates(graph, notes, kept="kept (recalibrated)"):
             w = producer.inputs[1] if len(producer.inputs) > 1 else None
             if isinstance(w, gs.Constant):  # producer not quantized: the FP32 fold
                 reason = fold_into(producer, bn)
