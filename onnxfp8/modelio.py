@@ -7,8 +7,9 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Iterable, Optional, Sequence, Union
+from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import external_data_helper
@@ -68,7 +69,8 @@ def prepare_model(model: onnx.ModelProto, opset: int = 19, source: str = "model"
         try:
             from onnx import version_converter
 
-            model = version_converter.convert_version(model, opset)
+            light, heavy = light_copy(model)  # the converter copies the model: give it no weights to copy
+            model = heal(version_converter.convert_version(light, opset), heavy)
         except Exception as e:
             raise ModelError(f"{source}: cannot upgrade from opset {version} to {opset} ({str(e).splitlines()[0]})") from None
     model.ir_version = min(max(model.ir_version, MIN_IR_VERSION), MAX_IR_VERSION)
@@ -107,29 +109,121 @@ def _unchanged_between(model: onnx.ModelProto, old: int, new: int) -> bool:
 
 def fits_protobuf(model: onnx.ModelProto) -> bool:
     """Whether ``model`` serializes to one protobuf message (under 2 GB). The tensors' payload decides it and is
-    cheap to add up; protobuf's exact ByteSize (0.3 s on a 100 MB model) is asked only near the limit."""
-    payload = 0
-    for t in model.graph.initializer:
-        payload += len(t.raw_data) + 4 * (len(t.float_data) + len(t.int32_data)) + 8 * (len(t.int64_data) + len(t.double_data))
+    cheap to add up (from their shapes: reading ``raw_data`` copies it); protobuf's exact ByteSize (0.3 s on a
+    100 MB model) is asked only near the limit."""
+    payload = sum(_payload_bytes(t) for t in model.graph.initializer)
     if payload < TWO_GB - 2**28:
         return True
     return _can_bytesize(model) and model.ByteSize() < TWO_GB
 
 
+# -- light copies: the graph without the bytes of its big tensors ---------------------------------------
+# onnx's version converter, shape inference and checker, and onnxruntime's session, take a serialized model:
+# serializing (and their parsing) a 440 MB BERT-base costs ~1 s each, and the version converter copies the
+# model (4.5 s). None of them needs the weights' bytes, so they get a light copy whose tensors over
+# LIGHT_THRESHOLD bytes are marked external (location IN_MEMORY) and hold no bytes; ``heal`` puts them back,
+# and make_session hands them to onnxruntime as arrays (SessionOptions.add_external_initializers). This also
+# spares the temporary files models over 2 GB needed.
+LIGHT_THRESHOLD = 1024
+IN_MEMORY = "onnxfp8-in-memory.data"
+_ITEMSIZE = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.UINT8: 1, onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT16: 2,
+             onnx.TensorProto.INT16: 2, onnx.TensorProto.INT32: 4, onnx.TensorProto.INT64: 8, onnx.TensorProto.BOOL: 1,
+             onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.UINT32: 4,
+             onnx.TensorProto.UINT64: 8, onnx.TensorProto.BFLOAT16: 2, onnx.TensorProto.FLOAT8E4M3FN: 1,
+             onnx.TensorProto.FLOAT8E4M3FNUZ: 1, onnx.TensorProto.FLOAT8E5M2: 1, onnx.TensorProto.FLOAT8E5M2FNUZ: 1}
+
+# types numpy has natively (ml_dtypes' float8 / bfloat16 go to onnxruntime as bytes tagged with their type)
+_NUMPY_NATIVE = {onnx.TensorProto.FLOAT, onnx.TensorProto.UINT8, onnx.TensorProto.INT8, onnx.TensorProto.UINT16,
+                 onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64, onnx.TensorProto.BOOL,
+                 onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64}
+
+
+def _raw_nbytes(t: onnx.TensorProto) -> int:
+    """Bytes of ``t``'s raw_data from its shape and type, or -1 when that cannot tell (no raw_data, external
+    data, a type without a fixed item size)."""
+    size = _ITEMSIZE.get(t.data_type)
+    if size is None or t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data"):
+        return -1
+    n = size
+    for d in t.dims:
+        n *= d
+    return n
+
+
+def _payload_bytes(t: onnx.TensorProto) -> int:
+    n = _raw_nbytes(t)
+    if n < 0:
+        n = len(t.raw_data) if t.HasField("raw_data") else 0
+    return n + 4 * (len(t.float_data) + len(t.int32_data)) + 8 * (len(t.int64_data) + len(t.double_data))
+
+
+def _copy_fields(dst, src, skip: str) -> None:
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        if getattr(fd, "is_repeated", False):
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def light_copy(model: onnx.ModelProto, threshold: int = LIGHT_THRESHOLD) -> Tuple[onnx.ModelProto, Dict[str, onnx.TensorProto]]:
+    """A copy of ``model`` whose initializers of ``threshold`` bytes or more carry no bytes (marked external
+    with location IN_MEMORY), and a dict from their names to the original TensorProtos (not copied)."""
+    light = onnx.ModelProto()
+    _copy_fields(light, model, skip="graph")
+    _copy_fields(light.graph, model.graph, skip="initializer")
+    heavy: Dict[str, onnx.TensorProto] = {}
+    for t in model.graph.initializer:
+        if _raw_nbytes(t) >= threshold:
+            lt = light.graph.initializer.add(name=t.name, data_type=t.data_type, doc_string=t.doc_string,
+                                             data_location=onnx.TensorProto.EXTERNAL)
+            lt.dims.extend(t.dims)
+            lt.external_data.add(key="location", value=IN_MEMORY)
+            heavy[t.name] = t
+        else:
+            light.graph.initializer.append(t)
+    return light, heavy
+
+
+def _is_placeholder(t: onnx.TensorProto) -> bool:
+    return (t.data_location == onnx.TensorProto.EXTERNAL
+            and any(e.key == "location" and e.value == IN_MEMORY for e in t.external_data))
+
+
+def heal(light: onnx.ModelProto, heavy: Dict[str, onnx.TensorProto]) -> onnx.ModelProto:
+    """Put the bytes of ``heavy`` back into ``light``'s placeholders (in place; returns ``light``)."""
+    for t in light.graph.initializer:
+        if _is_placeholder(t):
+            if t.name not in heavy:
+                raise ModelError(f"internal error: no data for the tensor '{t.name}' of a light model copy")
+            t.CopyFrom(heavy[t.name])
+    return light
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """onnx.checker.check_model(full_check=True) on a light copy (any size). The checker wants an external
+    file it can see, so the light copy goes to a temporary folder beside an empty IN_MEMORY file; the bytes
+    of the big tensors are the only thing not checked."""
+    light, _ = light_copy(model)
+    with tempfile.TemporaryDirectory(prefix="onnxfp8-check-") as tmp:
+        open(os.path.join(tmp, IN_MEMORY), "wb").close()
+        path = os.path.join(tmp, "model.onnx")
+        onnx.save_model(light, path)
+        onnx.checker.check_model(path, full_check=True)
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shape inference that also works for models over 2 GB (through a temporary file)."""
+    """Shape inference (with data propagation) on a light copy, healed: any model size."""
+    light, heavy = light_copy(model)
     try:
-        if fits_protobuf(model):
-            return onnx.shape_inference.infer_shapes(model, data_prop=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            src = os.path.join(tmp, "in.onnx")
-            dst = os.path.join(tmp, "out.onnx")
-            _save_external(model, src, "in.data")
-            onnx.shape_inference.infer_shapes_path(src, dst)
-            return onnx.load(dst, load_external_data=True)
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
     except Exception as e:  # inference is a convenience: a model that fails it can still be quantized
         log.warning("shape inference failed (%s); continuing without inferred shapes", str(e).splitlines()[0])
         return model
+    return heal(inferred, heavy)
 
 
 def name_nodes(graph: onnx.GraphProto) -> int:
@@ -211,11 +305,15 @@ def _can_bytesize(model: onnx.ModelProto) -> bool:
 
 
 def model_bytes(model: onnx.ModelProto) -> int:
-    """Serialized size of a model including the data it holds (external data counted)."""
+    """Serialized size of a model including the data it holds (to a few bytes per big tensor: the light copy's
+    placeholders are counted instead of their tensors' headers). protobuf's ByteSize serializes to measure:
+    1.5 s on BERT-base."""
+    light, heavy = light_copy(model)
     try:
-        return model.ByteSize()
+        size = light.ByteSize()
     except Exception:
-        return sum(len(t.raw_data) for t in model.graph.initializer)
+        size = 0
+    return size + sum(_payload_bytes(t) for t in heavy.values())
 
 
 # -- onnxruntime ---------------------------------------------------------------------------------------
@@ -251,16 +349,24 @@ def make_session(model: Union[onnx.ModelProto, str], level: str = "basic",
         from onnxfp8.errors import ConfigError
 
         raise ConfigError(f"execution provider(s) {', '.join(unknown)} not available; available: {', '.join(available)}")
+    kwargs = dict(providers=list(providers), disabled_optimizers=list(DISABLED_OPTIMIZERS))
     if isinstance(model, onnx.ModelProto):
-        if fits_protobuf(model):
-            return ort.InferenceSession(model.SerializeToString(), so, providers=list(providers),
-                                        disabled_optimizers=list(DISABLED_OPTIMIZERS))
-        tmpdir = tempfile.mkdtemp(prefix="onnxfp8-session-")
-        try:
-            p = os.path.join(tmpdir, "model.onnx")
-            _save_external(model, p, "model.data")
-            return ort.InferenceSession(p, so, providers=list(providers), disabled_optimizers=list(DISABLED_OPTIMIZERS))
-        finally:
-            shutil.rmtree(tmpdir, ignore_errors=True)
-    return ort.InferenceSession(os.fspath(model), so, providers=list(providers),
-                                disabled_optimizers=list(DISABLED_OPTIMIZERS))
+        light, heavy = light_copy(model)
+        names, values, keep = [], [], []
+        for name, t in heavy.items():
+            arr = np.frombuffer(t.raw_data, dtype=np.uint8)
+            if t.data_type in _NUMPY_NATIVE:
+                arr = arr.view(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(tuple(t.dims))
+                value = ort.OrtValue.ortvalue_from_numpy(arr)
+            else:  # float8 / bfloat16: bytes tagged with their ONNX type
+                arr = arr.reshape(tuple(t.dims))
+                value = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr, t.data_type)
+            names.append(name)
+            values.append(value)
+            keep.append(arr)
+        if names:
+            so.add_external_initializers(names, values)
+        sess = ort.InferenceSession(light.SerializeToString(), so, **kwargs)
+        sess._onnxfp8_buffers = (keep, values)  # onnxruntime reads them in place: they live as long as the session
+        return sess
+    return ort.InferenceSession(os.fspath(model), so, **kwargs)

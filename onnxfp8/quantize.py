@@ -12,7 +12,8 @@ import onnx
 from onnxfp8.calibrators.data import as_data
 from onnxfp8.config import QuantConfig
 from onnxfp8.errors import ModelError
-from onnxfp8.modelio import ModelLike, fits_protobuf, load_model, make_session, model_bytes, prepare_model, save_model, to_graph, to_model
+from onnxfp8 import modelio
+from onnxfp8.modelio import ModelLike, load_model, make_session, model_bytes, prepare_model, save_model, to_graph, to_model
 from onnxfp8.passes import pipeline_for
 from onnxfp8.pipeline import PassContext, Pipeline
 from onnxfp8.plan import QuantPlan
@@ -61,8 +62,7 @@ def quantize(model: Union[ModelLike], calib: Any = None, config: Optional[QuantC
     out_model = to_model(graph, like=proto)
     if check_model:
         try:
-            if fits_protobuf(out_model):
-                onnx.checker.check_model(out_model, full_check=True)
+            modelio.check_model(out_model)
         except onnx.checker.ValidationError as e:
             raise ModelError(f"{source}: the quantized model fails the ONNX checker ({str(e).splitlines()[0]})") from e
     report = QuantReport(source=source, output=output, config=config.to_dict(), passes=ctx.records, plan=ctx.plan,

@@ -126,7 +126,7 @@ def test_external_data_paths(tmp_path, monkeypatch):
     x = _calib(seed=2)[0]
     want = make_session(res.model).run(None, x)[0]
     np.testing.assert_array_equal(make_session(str(out)).run(None, x)[0], want)
-    np.testing.assert_array_equal(make_session(reloaded).run(None, x)[0], want)  # via the temporary file
+    np.testing.assert_array_equal(make_session(reloaded).run(None, x)[0], want)  # FP8 weights as arrays
     assert np.isfinite(res.report.outputs["y"]["sqnr_db"])
 
 
@@ -148,3 +148,65 @@ def test_opset_converted_when_an_op_changed():
     assert rm.op_type == "ReduceMean" and len(rm.input) == 2 and not rm.attribute[0].name == "axes"
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     np.testing.assert_allclose(make_session(m).run(None, {"x": x})[0], x.mean(axis=1, keepdims=True))
+
+
+def _heavy_model():
+    """ReduceMean (axes an attribute until opset 18: the converter must rewrite it) -> MatMul with a 4 KB
+    FP32 weight, plus an FP8 weight (a DequantizeLinear) and a small bias."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(0, 1, (32, 32)).astype(np.float32)
+    w8 = rng.normal(0, 1, (32, 40)).astype(np.float32)
+    q8 = onnx.helper.make_tensor("w8q", TensorProto.FLOAT8E4M3FN, w8.shape,
+                                 w8.astype(onnx.helper.tensor_dtype_to_np_dtype(TensorProto.FLOAT8E4M3FN)).tobytes(),
+                                 raw=True)
+    inits = [onnx.numpy_helper.from_array(w, "w"), q8, onnx.numpy_helper.from_array(np.float32(0.5), "s"),
+             onnx.numpy_helper.from_array(rng.normal(0, 1, 40).astype(np.float32), "b")]
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[1], keepdims=0, name="rm"),
+             helper.make_node("MatMul", ["m", "w"], ["h"], name="mm"),
+             helper.make_node("DequantizeLinear", ["w8q", "s"], ["w8"], name="dq"),
+             helper.make_node("MatMul", ["h", "w8"], ["h8"], name="mm8"),
+             helper.make_node("Add", ["h8", "b"], ["y"], name="add")]
+    g = helper.make_graph(nodes, "heavy", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 40])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=9), w, w8
+
+
+def test_light_copy_holds_no_weight_bytes_and_heals_to_the_same_model():
+    m, _, _ = _heavy_model()
+    before = m.SerializeToString(deterministic=True)
+    light, heavy = modelio.light_copy(m)
+    assert sorted(heavy) == ["w", "w8q"]  # 4096 and 1280 bytes; the 4-byte scale and 160-byte bias stay
+    assert len(light.SerializeToString()) < 1500 < len(before)
+    assert m.SerializeToString(deterministic=True) == before  # the source is untouched
+    assert modelio.heal(light, heavy).SerializeToString(deterministic=True) == before
+
+
+def test_prepare_convert_and_infer_keep_the_weights():
+    """The version converter and shape inference see a light copy; the prepared model holds the weights and
+    computes what numpy does (converter's ReduceMean rewrite included)."""
+    m, w, w8 = _heavy_model()
+    p = prepare_model(m)
+    rm = next(n for n in p.graph.node if n.op_type == "ReduceMean")
+    assert modelio.ai_onnx_opset(p) == 19 and len(rm.input) == 2  # axes moved to an input
+    assert any(v.name == "h" for v in p.graph.value_info)  # shapes inferred
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(next(t for t in p.graph.initializer if t.name == "w")), w)
+    x = np.random.default_rng(4).normal(0, 1, (2, 3, 32)).astype(np.float32)
+    w8q = w8.astype(onnx.helper.tensor_dtype_to_np_dtype(TensorProto.FLOAT8E4M3FN)).astype(np.float32) * 0.5
+    want = (x.mean(axis=1) @ w) @ w8q + onnx.numpy_helper.to_array(p.graph.initializer[-1])
+    got = make_session(p).run(None, {"x": x})[0]  # FP32 and FP8 weights handed to onnxruntime as arrays
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_check_model_on_a_light_copy(tmp_path):
+    m, _, _ = _heavy_model()
+    p = prepare_model(m)
+    modelio.check_model(p)
+    next(n for n in p.graph.node if n.op_type == "MatMul").op_type = "NoSuchOp"
+    with pytest.raises(onnx.checker.ValidationError, match="NoSuchOp"):
+        modelio.check_model(p)
+
+
+def test_model_bytes_from_the_payload():
+    m, _, _ = _heavy_model()
+    exact = m.ByteSize()
+    assert abs(modelio.model_bytes(m) - exact) <= 2 * 48  # each placeholder stands for a big tensor's header
