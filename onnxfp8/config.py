@@ -24,6 +24,7 @@ EXTENDED_OPS = STANDARD_OPS + ("LayerNormalization", "BatchNormalization", "Inst
                                "Relu", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Identity")
 AUTO = "auto"
 AUTO_CANDIDATES = ("e4m3", "e3m4", "e5m2", "int8")
+SUMMARY_MIN, SUMMARY_MAX = 16, 64  # the summary's sample count when summary_samples is None (auto)
 GRANULARITIES = ("tensor", "token")
 LEVELS = ("disable", "basic", "extended", "all")
 BN_MODES = ("replace", "shift")
@@ -60,7 +61,9 @@ class QuantConfig:
     percentile: float = 99.99
     calib_samples: Optional[int] = None
     batch_size: int = 16
-    summary_samples: int = 64
+    # post-quantization output SQNR vs FP32 on the first calibration samples; None (auto): an eighth of the
+    # calibration samples, at least 16 and at most 64 (the exact quantized run costs ~2 FP32 samples each)
+    summary_samples: Optional[int] = None
     providers: Tuple[str, ...] = ("CPUExecutionProvider",)
     threads: int = 0
     max_memory_mb: int = 2048
@@ -134,6 +137,8 @@ class QuantConfig:
         check_overrides(self.overrides)
         if self.bn_mode not in BN_MODES:
             raise ConfigError(f"bn_mode: unknown mode '{self.bn_mode}'; choose one of {', '.join(BN_MODES)}")
+        if self.summary_samples is not None and self.summary_samples < 0:
+            raise ConfigError(f"summary_samples must be >= 0, got {self.summary_samples}")
         if self.bn_samples is not None and self.bn_samples < 1:
             raise ConfigError(f"bn_samples must be >= 1, got {self.bn_samples}")
         if isinstance(self.augment, str):
@@ -211,6 +216,20 @@ class QuantConfig:
     def activation_format(self) -> str:
         f = self.activations_format or self.format
         return self.formats[0] if f == AUTO else f
+
+    @property
+    def capture_samples(self) -> int:
+        """Calibration samples whose inputs and FP32 outputs are kept: the summary's (auto: up to 64) and the
+        BatchNorm recalibration guard's evaluation samples."""
+        return SUMMARY_MAX if self.summary_samples is None else self.summary_samples
+
+    def summary_count(self, calibration_samples: int) -> int:
+        """Samples the summary runs through the quantized model: ``summary_samples``, or (auto) an eighth of
+        the calibration samples within [SUMMARY_MIN, SUMMARY_MAX], so that it costs at most ~1/4 of the
+        calibration pass (the exact quantized run costs ~2 FP32 samples each)."""
+        if self.summary_samples is not None:
+            return self.summary_samples
+        return max(SUMMARY_MIN, min(SUMMARY_MAX, int(calibration_samples) // 8))
 
     @property
     def selected_op_types(self) -> Tuple[str, ...]:

@@ -61,22 +61,23 @@ def prepare_model(model: onnx.ModelProto, opset: int = 19, source: str = "model"
     version = ai_onnx_opset(model)
     if version < MIN_INPUT_OPSET:
         raise ModelError(f"{source}: opset {version} is not supported; export with opset {MIN_INPUT_OPSET} or newer")
-    if version < opset and _unchanged_between(model, version, opset):
-        for imp in model.opset_import:  # no op of the graph changed between the versions: nothing to convert
+    # the converter and shape inference work on a light copy (no weight bytes to serialize or copy), healed once
+    light, heavy = light_copy(model)
+    if version < opset and _unchanged_between(light, version, opset):
+        for imp in light.opset_import:  # no op of the graph changed between the versions: nothing to convert
             if imp.domain in ("", "ai.onnx"):
                 imp.version = opset
     elif version < opset:
         try:
             from onnx import version_converter
 
-            light, heavy = light_copy(model)  # the converter copies the model: give it no weights to copy
-            model = heal(version_converter.convert_version(light, opset), heavy)
+            light = version_converter.convert_version(light, opset)
         except Exception as e:
             raise ModelError(f"{source}: cannot upgrade from opset {version} to {opset} ({str(e).splitlines()[0]})") from None
-    model.ir_version = min(max(model.ir_version, MIN_IR_VERSION), MAX_IR_VERSION)
-    name_nodes(model.graph)
-    model = infer_shapes(model)
-    return model
+    light.ir_version = min(max(light.ir_version, MIN_IR_VERSION), MAX_IR_VERSION)
+    name_nodes(light.graph)
+    light = _infer_light(light)
+    return heal(light, heavy)
 
 
 def _save_external(model: onnx.ModelProto, path: str, location: str) -> None:
@@ -218,12 +219,16 @@ def check_model(model: onnx.ModelProto) -> None:
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shape inference (with data propagation) on a light copy, healed: any model size."""
     light, heavy = light_copy(model)
+    inferred = _infer_light(light)
+    return model if inferred is light else heal(inferred, heavy)
+
+
+def _infer_light(light: onnx.ModelProto) -> onnx.ModelProto:
     try:
-        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+        return onnx.shape_inference.infer_shapes(light, data_prop=True)
     except Exception as e:  # inference is a convenience: a model that fails it can still be quantized
         log.warning("shape inference failed (%s); continuing without inferred shapes", str(e).splitlines()[0])
-        return model
-    return heal(inferred, heavy)
+        return light
 
 
 def name_nodes(graph: onnx.GraphProto) -> int:

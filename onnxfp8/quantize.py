@@ -78,20 +78,31 @@ def quantize(model: Union[ModelLike], calib: Any = None, config: Optional[QuantC
 
 
 def _measure(model: onnx.ModelProto, ctx: PassContext, report: QuantReport, config: QuantConfig) -> None:
-    """Output SQNR of the quantized model vs the FP32 outputs captured during calibration."""
+    """Output SQNR of the quantized model vs the FP32 outputs captured during calibration, on the first
+    ``config.summary_count(calibration samples)`` captured samples."""
     inputs = ctx.extras.get("captured_inputs") or []
     refs = ctx.extras.get("captured_outputs") or []
-    if not inputs:
+    captured = sum(next(iter(f.values())).shape[0] for f in inputs)
+    want = min(captured, config.summary_count(ctx.extras.get("calibration", {}).get("samples") or captured))
+    if not inputs or want <= 0:
         return
     sess = make_session(model, level="basic", providers=config.providers, threads=config.threads)
     names = [o.name for o in sess.get_outputs()]
     stats = {n: ErrorStats() for n in names}
     count = 0
     for feed, ref in zip(inputs, refs):
+        n = next(iter(feed.values())).shape[0]
+        if count + n > want:  # cut the last batch (outputs without the batch axis stay whole)
+            take = want - count
+            feed = {k: v[:take] for k, v in feed.items()}
+            ref = {k: v[:take] if v.ndim and v.shape[0] == n else v for k, v in ref.items()}
+            n = take
         got = sess.run(names, feed)
-        for n, v in zip(names, got):
-            if n in ref:
-                stats[n].update(ref[n], v)
-        count += next(iter(feed.values())).shape[0]
+        for name, v in zip(names, got):
+            if name in ref:
+                stats[name].update(ref[name], v)
+        count += n
+        if count >= want:
+            break
     report.outputs = {n: s.to_dict() for n, s in stats.items()}
     report.summary_samples = count

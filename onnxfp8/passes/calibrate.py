@@ -114,7 +114,7 @@ class Calibrate(Pass):
             try:
                 res = collect(model, list(dict.fromkeys(todo_max + todo_hist)), data, cal,
                               providers=cfg.providers, threads=cfg.threads, max_memory_mb=cfg.max_memory_mb,
-                              capture=cfg.summary_samples, level="all", progress=progress,
+                              capture=cfg.capture_samples, level="all", progress=progress,
                               known_ranges=stats.max_calibrator() if stats is not None else None,
                               hist_tensors=todo_hist)
             finally:
@@ -125,8 +125,8 @@ class Calibrate(Pass):
             max_cal = res.max_calibrator
         else:
             max_cal = stats.max_calibrator(tensors)
-            if data is not None and cfg.summary_samples > 0:
-                res = capture_outputs(model, data, cfg.summary_samples, providers=cfg.providers,
+            if data is not None and cfg.capture_samples > 0:
+                res = capture_outputs(model, data, cfg.capture_samples, providers=cfg.providers,
                                       threads=cfg.threads, level="all")
         if stats is not None:
             stats.load_histograms(hist_cal, [t for t in hist_want if t not in todo_hist])

@@ -21,11 +21,11 @@ class CalibrateDynamic(Pass):
         if ctx.calib is None:
             return PassResult(False, ["dynamic quantization: no activation calibration (no data given)"])
         res = collect(to_model(graph.copy()), [], ctx.calib, MaxCalibrator(), providers=cfg.providers,
-                      threads=cfg.threads, max_memory_mb=cfg.max_memory_mb, capture=cfg.summary_samples,
+                      threads=cfg.threads, max_memory_mb=cfg.max_memory_mb, capture=cfg.capture_samples,
                       level="all", progress=ctx.extras.get("progress"))
         ctx.extras["captured_inputs"] = res.captured_inputs
         ctx.extras["captured_outputs"] = res.captured_outputs
         ctx.extras["calibration"] = {"samples": res.samples, "batches": res.batches, "passes": res.passes,
                                      "seconds": res.seconds, "dynamic": True}
-        return PassResult(False, [f"dynamic quantization: no activation calibration; {min(res.samples, cfg.summary_samples)}"
+        return PassResult(False, [f"dynamic quantization: no activation calibration; {min(res.samples, cfg.capture_samples)}"
                                   f" sample(s) captured for the FP32 comparison"])

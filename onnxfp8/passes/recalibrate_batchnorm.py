@@ -19,8 +19,9 @@ unfolded:
    recalibration data: ``--bn-calib`` or else the calibration data, at most ``--bn-samples`` samples,
    optionally augmented (``--augment``, calibrators/augment.py). In ``shift`` mode the FP32 working copy
    runs on the same batch too (two runs per batch, never one per layer). When the recalibration data is the
-   calibration data and holds at least twice as many samples, the first ``summary_samples`` (those whose
-   FP32 outputs were captured during calibration) are held out of it to judge the result (step 5).
+   calibration data and holds at least twice as many samples, the first ``capture_samples`` (64, or
+   ``summary_samples`` when set: those whose FP32 outputs were captured during calibration) are held out of
+   it to judge the result (step 5).
    A static batch dimension (an export with batch 1) is freed on the working copy so that batch statistics
    come from real batches; when the model cannot run so (a Reshape to [1, -1]...), the static batch is kept
    and the report says what that means.
@@ -269,7 +270,7 @@ def recalibration_data(model: onnx.ModelProto, ctx: PassContext, hold_out: int =
 
 def evaluation_set(ctx: PassContext):
     """The samples that judge recalibration: the inputs and FP32 outputs captured during calibration (the
-    first ``summary_samples`` calibration samples) and, when the calibration data has a ``label`` key, their
+    first ``config.capture_samples`` calibration samples) and, when the calibration data has a ``label`` key, their
     labels. Returns (inputs, fp32 outputs, labels or None, count)."""
     inputs = ctx.extras.get("captured_inputs") or []
     refs = ctx.extras.get("captured_outputs") or []
