@@ -148,22 +148,32 @@ def _augment_reduce(model: onnx.ModelProto, tensors: Sequence[str], sized: Set[s
     m.CopyFrom(model)
     g = m.graph
     types = _tensor_types(model)
+    added: Dict[str, List[onnx.NodeProto]] = {}  # tensor -> its reduction nodes
     for i, t in enumerate(tensors):
         rank = _rank(types.get(t))
         et = _elem_type(types.get(t))
         src = t
+        nodes = added.setdefault(t, [])
         if rank is not None and rank >= 3 and (et is None or et in _GMP_TYPES):
             # per-channel max in onnxruntime's own layout, then a reduction of [N, C, 1...] values
             src = t + "__onnxfp8_gmp"
-            g.node.append(helper.make_node("GlobalMaxPool", [t], [src], name=f"onnxfp8_calib_gmp_{i}"))
-        g.node.append(helper.make_node("ReduceMax", [src], [t + MAX_SUFFIX], keepdims=0, name=f"onnxfp8_calib_max_{i}"))
+            nodes.append(helper.make_node("GlobalMaxPool", [t], [src], name=f"onnxfp8_calib_gmp_{i}"))
+        nodes.append(helper.make_node("ReduceMax", [src], [t + MAX_SUFFIX], keepdims=0, name=f"onnxfp8_calib_max_{i}"))
         g.output.append(helper.make_tensor_value_info(t + MAX_SUFFIX, et or onnx.TensorProto.FLOAT, []))
         if t not in nonneg:
-            g.node.append(helper.make_node("ReduceMin", [t], [t + MIN_SUFFIX], keepdims=0, name=f"onnxfp8_calib_min_{i}"))
+            nodes.append(helper.make_node("ReduceMin", [t], [t + MIN_SUFFIX], keepdims=0, name=f"onnxfp8_calib_min_{i}"))
             g.output.append(helper.make_tensor_value_info(t + MIN_SUFFIX, et or onnx.TensorProto.FLOAT, []))
         if t in sized:
-            g.node.append(helper.make_node("Size", [t], [t + SIZE_SUFFIX], name=f"onnxfp8_calib_size_{i}"))
+            nodes.append(helper.make_node("Size", [t], [t + SIZE_SUFFIX], name=f"onnxfp8_calib_size_{i}"))
             g.output.append(helper.make_tensor_value_info(t + SIZE_SUFFIX, onnx.TensorProto.INT64, []))
+    # onnxruntime orders nodes by a depth-first walk from the graph's leaves, the one of highest index first:
+    # reductions appended in the order of their tensors were walked from the last, so every reduction ran after
+    # the whole network and held its tensor to the end (ResNet-50, batch 16 at 224x224: 1.8 GB peak RSS
+    # against 0.6 GB for the plain model). Appended in reverse order, each runs as soon as its tensor exists.
+    produced = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
+    first = sorted(added, key=lambda t: produced.get(t, -1))  # tensors in the order the graph makes them
+    for t in reversed(first):
+        g.node.extend(added[t])
     return m
 
 
