@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -68,7 +68,8 @@ class QuantPlan:
     def to_dict(self) -> Dict[str, Any]:
         return {
             "nodes": [asdict(d) for d in self.nodes.values()],
-            "tensors": [json_plain(asdict(s)) for s in self.tensors.values()],
+            # not asdict: it deep-copies every per-channel scale list before json_plain copies it again
+            "tensors": [json_plain({f.name: getattr(s, f.name) for f in fields(s)}) for s in self.tensors.values()],
         }
 
     def to_json(self, indent: int = 1) -> str:
@@ -97,10 +98,12 @@ def json_plain(obj: Any) -> Any:
     JSON has no literal for (an infinite SQNR, say) as the strings "inf", "-inf", "nan"."""
     if isinstance(obj, dict):
         return {k: json_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_plain(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return json_plain(obj.tolist())
+        obj = obj.tolist()
+    if isinstance(obj, (list, tuple)):
+        if all(type(v) is int or (type(v) is float and math.isfinite(v)) for v in obj):
+            return list(obj)  # finite numbers (a per-channel scale list): as they are, without a call per value
+        return [json_plain(v) for v in obj]
     if isinstance(obj, np.generic):
         obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
