@@ -7,7 +7,7 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -269,6 +269,44 @@ def to_model(graph: gs.Graph, like: Optional[onnx.ModelProto] = None) -> onnx.Mo
     return model
 
 
+def to_light_model(graph: gs.Graph, like: Optional[onnx.ModelProto] = None,
+                   threshold: int = LIGHT_THRESHOLD) -> Tuple[onnx.ModelProto, Dict[str, Any]]:
+    """``to_model`` without the bytes of the graph's big constants: a light model (placeholders as in
+    ``light_copy``) and their values by name (numpy arrays, or the TensorProtos graphsurgeon has not loaded),
+    for ``make_session(model, arrays=...)``. Exporting BERT-base whole copies 440 MB into protobuf only for
+    onnxruntime to get the bytes out again."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    saved = {}
+    for t in graph.tensors().values():
+        if not isinstance(t, gs.Constant) or t.name in saved or getattr(t, "export_dtype", t.dtype) != t.dtype:
+            continue
+        v = t._values
+        proto = v.tensor if isinstance(v, LazyValues) else None
+        if proto is not None and proto.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        nbytes = _raw_nbytes(proto) if proto is not None else getattr(v, "nbytes", -1)
+        if nbytes < threshold:
+            continue
+        placeholder = onnx.TensorProto(name=t.name, data_type=gs_dtype_to_onnx(t.dtype), dims=list(t.shape),
+                                       data_location=onnx.TensorProto.EXTERNAL)
+        placeholder.external_data.add(key="location", value=IN_MEMORY)
+        saved[t.name] = (t, v)
+        t._values = LazyValues(placeholder)
+    try:
+        model = to_model(graph, like=like)
+    finally:
+        for t, v in saved.values():
+            t._values = v
+    return model, {name: (v.tensor if isinstance(v, LazyValues) else v) for name, (_, v) in saved.items()}
+
+
+def gs_dtype_to_onnx(dtype) -> int:
+    if isinstance(dtype, int):
+        return dtype
+    return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
 def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], protect: Iterable[str] = ()) -> str:
     """Write ``model`` atomically: into a temporary folder beside ``path``, then renamed into place, so a
     failure leaves no partial file. Models over 2 GB go with external data (``<file>.data``).
@@ -322,6 +360,24 @@ def model_bytes(model: onnx.ModelProto) -> int:
 
 
 # -- onnxruntime ---------------------------------------------------------------------------------------
+def _ort_value(src: Any, placeholder: onnx.TensorProto, ort):
+    """(buffer to keep alive, OrtValue over it) for a placeholder's value: a TensorProto with raw_data or a
+    numpy array (float8 / bfloat16 as bytes tagged with their ONNX type)."""
+    if isinstance(src, onnx.TensorProto):
+        arr = np.frombuffer(src.raw_data, dtype=np.uint8)
+        if placeholder.data_type in _NUMPY_NATIVE:
+            arr = arr.view(onnx.helper.tensor_dtype_to_np_dtype(placeholder.data_type))
+        arr = arr.reshape(tuple(placeholder.dims))
+    else:
+        arr = np.ascontiguousarray(src)
+        if placeholder.data_type not in _NUMPY_NATIVE:
+            arr = arr.view(np.uint8) if arr.dtype.itemsize == 1 else arr.view(np.uint16)
+    if placeholder.data_type in _NUMPY_NATIVE:
+        return arr, ort.OrtValue.ortvalue_from_numpy(arr)
+    return arr, ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr, placeholder.data_type)
+
+
+
 _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
            "all": "ORT_ENABLE_ALL"}
 
@@ -334,7 +390,8 @@ DISABLED_OPTIMIZERS = ("WeightBiasQuantization",)
 
 
 def make_session(model: Union[onnx.ModelProto, str], level: str = "basic",
-                 providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0):
+                 providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
+                 arrays: Optional[Mapping[str, Any]] = None):
     """An onnxruntime InferenceSession at a named optimization level.
 
     Quantized models are always run at ``basic`` inside onnxfp8: at ENABLE_ALL onnxruntime fuses Q/DQ around
@@ -357,16 +414,16 @@ def make_session(model: Union[onnx.ModelProto, str], level: str = "basic",
     kwargs = dict(providers=list(providers), disabled_optimizers=list(DISABLED_OPTIMIZERS))
     if isinstance(model, onnx.ModelProto):
         light, heavy = light_copy(model)
+        if arrays:
+            heavy.update(arrays)  # the values of a light model's placeholders (to_light_model), or fresher ones
         names, values, keep = [], [], []
-        for name, t in heavy.items():
-            arr = np.frombuffer(t.raw_data, dtype=np.uint8)
-            if t.data_type in _NUMPY_NATIVE:
-                arr = arr.view(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(tuple(t.dims))
-                value = ort.OrtValue.ortvalue_from_numpy(arr)
-            else:  # float8 / bfloat16: bytes tagged with their ONNX type
-                arr = arr.reshape(tuple(t.dims))
-                value = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr, t.data_type)
-            names.append(name)
+        for t in light.graph.initializer:
+            if not _is_placeholder(t):
+                continue
+            if t.name not in heavy:
+                raise ModelError(f"internal error: no data for the tensor '{t.name}' of a light model")
+            arr, value = _ort_value(heavy[t.name], t, ort)
+            names.append(t.name)
             values.append(value)
             keep.append(arr)
         if names:

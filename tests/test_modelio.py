@@ -210,3 +210,21 @@ def test_model_bytes_from_the_payload():
     m, _, _ = _heavy_model()
     exact = m.ByteSize()
     assert abs(modelio.model_bytes(m) - exact) <= 2 * 48  # each placeholder stands for a big tensor's header
+
+
+def test_light_export_of_a_graph_runs_like_the_whole_export():
+    """to_light_model leaves the big constants' bytes in the graph (loaded or not, float32 or float8) and
+    make_session takes them as arrays: same outputs as the whole export, and the graph is unchanged."""
+    m, _, _ = _heavy_model()
+    graph = modelio.to_graph(prepare_model(m))
+    w8q = next(t for t in graph.tensors().values() if t.name == "w8q")
+    w8q.values = w8q.values.copy()  # one constant loaded into numpy (float8), the other left lazy
+    whole = modelio.to_model(graph.copy())
+    light, arrays = modelio.to_light_model(graph.copy())
+    assert sorted(arrays) == ["w", "w8q"] and len(light.SerializeToString()) < 1500
+    x = np.random.default_rng(5).normal(0, 1, (3, 3, 32)).astype(np.float32)
+    np.testing.assert_array_equal(make_session(light, arrays=arrays).run(None, {"x": x})[0],
+                                  make_session(whole).run(None, {"x": x})[0])
+    assert modelio.to_model(graph.copy()).SerializeToString(deterministic=True) == whole.SerializeToString(deterministic=True)
+    with pytest.raises(ModelError, match="no data for the tensor 'w8?q?'"):
+        make_session(light)

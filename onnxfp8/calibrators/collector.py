@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Set
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
 import numpy as np
 import onnx
@@ -92,9 +92,11 @@ def _elem_type(tp: Optional[onnx.TypeProto]) -> Optional[int]:
     return tp.tensor_type.elem_type or None
 
 
-def nonnegative_tensors(model: onnx.ModelProto) -> Set[str]:
-    """Tensors that are >= 0 by construction (in graph order, so producers are seen first)."""
-    inits = {t.name: t for t in model.graph.initializer}
+def nonnegative_tensors(model: onnx.ModelProto, arrays: Optional[Dict[str, Any]] = None) -> Set[str]:
+    """Tensors that are >= 0 by construction (in graph order, so producers are seen first). ``arrays``: the
+    values of a light model's weights (modelio.to_light_model)."""
+    inits: Dict[str, Any] = {t.name: t for t in model.graph.initializer}
+    inits.update(arrays or {})
     consts: Dict[str, np.ndarray] = {}
     for n in model.graph.node:
         if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
@@ -103,7 +105,8 @@ def nonnegative_tensors(model: onnx.ModelProto) -> Set[str]:
 
     def const_nonneg(name: str) -> bool:
         if name in inits:
-            arr = onnx.numpy_helper.to_array(inits[name])
+            v = inits[name]
+            arr = onnx.numpy_helper.to_array(v) if isinstance(v, onnx.TensorProto) else np.asarray(v)
         elif name in consts:
             arr = consts[name]
         else:
@@ -226,13 +229,14 @@ def collect(model: onnx.ModelProto, tensors: Sequence[str], data: CalibrationDat
             providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0, max_memory_mb: int = 2048,
             capture: int = 0, level: str = "all", progress: Optional[Progress] = None,
             known_ranges: Optional[MaxCalibrator] = None,
-            hist_tensors: Optional[Sequence[str]] = None) -> CollectResult:
+            hist_tensors: Optional[Sequence[str]] = None, arrays: Optional[Dict[str, Any]] = None) -> CollectResult:
     """Calibrate ``tensors`` of ``model`` on ``data``. ``capture`` keeps the inputs and the model outputs of
     the first ``capture`` samples (for the post-quantization summary). ``progress(samples, pass_number)`` is
     called after every batch. ``known_ranges``: max statistics of (some of) the tensors already known (the max
     pass then only runs for the others, and not at all for histogram methods when every range is known).
     ``hist_tensors``: with a histogram calibrator, the subset of ``tensors`` it histograms (default: all);
-    the others only get max statistics (``result.max_calibrator``), from the same max pass."""
+    the others only get max statistics (``result.max_calibrator``), from the same max pass. ``arrays``: the
+    values of a light model's weights (modelio.to_light_model)."""
     start = time.perf_counter()
     tensors = _float_tensors(model, list(dict.fromkeys(tensors)))
     out_names = [o.name for o in model.graph.output]
@@ -258,13 +262,13 @@ def collect(model: onnx.ModelProto, tensors: Sequence[str], data: CalibrationDat
     else:
         run_max_pass = bool(todo_max) or capture > 0 or not tensors
         reduced = todo_max
-    bounded = nonnegative_tensors(model) & set(reduced) if reduced else set()
+    bounded = nonnegative_tensors(model, arrays) & set(reduced) if reduced else set()
     result.min_bounded = [t for t in todo_max if t in bounded]
     sized = set(hist)
     pass_no = 0
     if run_max_pass:
         pass_no += 1
-        session = make_session(_augment_reduce(model, reduced, sized, bounded), level=level,
+        session = make_session(_augment_reduce(model, reduced, sized, bounded), level=level, arrays=arrays,
                                providers=providers, threads=threads)
         fetch = list(out_names)
         slots = []
@@ -309,7 +313,8 @@ def collect(model: onnx.ModelProto, tensors: Sequence[str], data: CalibrationDat
             pass_no += 1
             need_outputs = not run_max_pass and gi == 0
             fetch = list(group) + ([o for o in out_names if o not in group] if need_outputs else [])
-            sess = make_session(_augment_expose(model, group), level=level, providers=providers, threads=threads)
+            sess = make_session(_augment_expose(model, group), level=level, providers=providers, threads=threads,
+                                arrays=arrays)
             seen = 0
             for batch in data.batches():
                 values = sess.run(fetch, batch)
@@ -339,7 +344,7 @@ def collect(model: onnx.ModelProto, tensors: Sequence[str], data: CalibrationDat
 
 def capture_outputs(model: onnx.ModelProto, data: CalibrationData, count: int, *,
                     providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
-                    level: str = "all") -> CollectResult:
+                    level: str = "all", arrays: Optional[Dict[str, Any]] = None) -> CollectResult:
     """Run the FP32 model on the first ``count`` samples only and keep their inputs and outputs (the summary
     samples when the statistics come from a cache and no calibration pass runs)."""
     start = time.perf_counter()
@@ -347,7 +352,7 @@ def capture_outputs(model: onnx.ModelProto, data: CalibrationData, count: int, *
     if count <= 0:
         return result
     out_names = [o.name for o in model.graph.output]
-    sess = make_session(model, level=level, providers=providers, threads=threads)
+    sess = make_session(model, level=level, providers=providers, threads=threads, arrays=arrays)
     cap = _Capture(count, result)
     for batch in data.batches():
         n = _batch_size(batch)

@@ -23,7 +23,7 @@ from onnxfp8.calibrators.cache import (CalibrationStats, FingerprintingData, Sta
 from onnxfp8.calibrators.collector import capture_outputs, collect
 from onnxfp8.calibrators.max import MaxCalibrator
 from onnxfp8.errors import DataError
-from onnxfp8.modelio import to_model
+from onnxfp8.modelio import to_light_model, to_model
 from onnxfp8.pipeline import Pass, PassContext, PassResult
 
 def activation_tensors(graph: gs.Graph, ctx: PassContext) -> List[str]:
@@ -77,7 +77,11 @@ class Calibrate(Pass):
         formats = {t: str(cfg.overrides[t]["format"]) for t in tensors
                    if "format" in cfg.overrides.get(t, {})}
         hist_needed = [t for t in tensors if methods[t][0] != "max"]
-        model = to_model(graph.copy())
+        arrays = None
+        if cfg.load_stats or cfg.save_stats:
+            model = to_model(graph.copy())  # the statistics cache fingerprints the weights too
+        else:
+            model, arrays = to_light_model(graph.copy())
         progress = ctx.extras.get("progress")
         notes: List[str] = []
 
@@ -116,7 +120,7 @@ class Calibrate(Pass):
                               providers=cfg.providers, threads=cfg.threads, max_memory_mb=cfg.max_memory_mb,
                               capture=cfg.capture_samples, level="all", progress=progress,
                               known_ranges=stats.max_calibrator() if stats is not None else None,
-                              hist_tensors=todo_hist)
+                              hist_tensors=todo_hist, arrays=arrays)
             finally:
                 if progress is not None and hasattr(progress, "close"):
                     progress.close()
@@ -127,7 +131,7 @@ class Calibrate(Pass):
             max_cal = stats.max_calibrator(tensors)
             if data is not None and cfg.capture_samples > 0:
                 res = capture_outputs(model, data, cfg.capture_samples, providers=cfg.providers,
-                                      threads=cfg.threads, level="all")
+                                      threads=cfg.threads, level="all", arrays=arrays)
         if stats is not None:
             stats.load_histograms(hist_cal, [t for t in hist_want if t not in todo_hist])
 
