@@ -74,7 +74,7 @@ def config_options(fn):
         click.option("--calibration", type=click.Choice(["max", "percentile", "mse", "entropy"]), help="Calibration method (default max)."),
         click.option("--percentile", type=float, help="Percentile for --calibration percentile (default 99.99)."),
         click.option("--calib-samples", type=int, help="Use at most N calibration samples."),
-        click.option("--summary-samples", type=int, help="Measure the quantized model's output SQNR vs FP32 on the first N calibration samples (default: an eighth of the calibration samples, at least 16, at most 64; 0 skips it). The exact quantized run costs about 2 FP32 inferences per sample."),
+        click.option("--summary-samples", type=int, help="Measure the quantized model's output SQNR vs FP32 on the first N calibration samples (default: a sixteenth of the calibration samples, at least 8, at most 64; 0 skips it). The exact quantized run costs about 2.5 FP32 inferences per sample."),
         click.option("--batch-size", type=int, help="Samples per onnxruntime run (default 16)."),
         click.option("--op-types", multiple=True, help="Operator types to quantize (comma separated)."),
         click.option("--exclude-op", multiple=True, help="Operator types to keep FP32 (comma separated)."),

@@ -89,14 +89,17 @@ def _measure(model: onnx.ModelProto, ctx: PassContext, report: QuantReport, conf
     sess = make_session(model, level="basic", providers=config.providers, threads=config.threads)
     names = [o.name for o in sess.get_outputs()]
     stats = {n: ErrorStats() for n in names}
+    static = {i.name: i.shape[0] for i in sess.get_inputs() if i.shape and isinstance(i.shape[0], int)}
     count = 0
     for feed, ref in zip(inputs, refs):
         n = next(iter(feed.values())).shape[0]
-        if count + n > want:  # cut the last batch (outputs without the batch axis stay whole)
+        if count + n > want and not static:  # cut the last batch (outputs without the batch axis stay whole)
             take = want - count
             feed = {k: v[:take] for k, v in feed.items()}
             ref = {k: v[:take] if v.ndim and v.shape[0] == n else v for k, v in ref.items()}
             n = take
+        elif any(feed[k].shape[0] != b for k, b in static.items() if k in feed):
+            continue  # a short last batch a model with a fixed batch size cannot run
         got = sess.run(names, feed)
         for name, v in zip(names, got):
             if name in ref:

@@ -33,11 +33,12 @@ def _gemm_model():
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
 
 
-@pytest.mark.parametrize("samples,summary,expected", [(40, None, 16), (200, None, 25), (1000, None, 64),
+@pytest.mark.parametrize("samples,summary,expected", [(40, None, 8), (200, None, 12), (1000, None, 62),
+                                                      (1100, None, 64),
                                                       (200, 8, 8), (200, 100, 100), (10, 100, 10), (200, 0, 0)])
 def test_summary_sample_count(samples, summary, expected):
-    """Auto (None): an eighth of the calibration samples within [16, 64], so that the exact quantized run
-    costs at most ~1/4 of the calibration pass; an explicit count is taken as it is (up to the data)."""
+    """Auto (None): a sixteenth of the calibration samples within [8, 64], so that the exact quantized run
+    costs ~0.15x of the calibration pass; an explicit count is taken as it is (up to the data)."""
     rng = np.random.default_rng(2)
     calib = [{"x": rng.normal(0, 1, (min(16, samples - i), 16)).astype(np.float32)} for i in range(0, samples, 16)]
     res = onnxfp8.quantize(_gemm_model(), calib, onnxfp8.QuantConfig(summary_samples=summary))
@@ -48,3 +49,15 @@ def test_summary_sample_count(samples, summary, expected):
 def test_negative_summary_samples_refused():
     with pytest.raises(onnxfp8.errors.ConfigError, match="summary_samples"):
         onnxfp8.QuantConfig(summary_samples=-1)
+
+
+def test_summary_of_a_fixed_batch_model_runs_whole_batches():
+    """An export with batch 3: the summary cannot cut a batch to reach its count, so it runs whole ones."""
+    m = _gemm_model()
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 3
+    m.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 3
+    rng = np.random.default_rng(3)
+    calib = [{"x": rng.normal(0, 1, (3, 16)).astype(np.float32)} for _ in range(14)]  # 42 samples: auto 8
+    res = onnxfp8.quantize(m, calib, onnxfp8.QuantConfig())
+    assert res.report.summary_samples == 9
+    assert 15 < res.report.outputs["y"]["sqnr_db"] < 60
