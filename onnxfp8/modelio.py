@@ -248,7 +248,27 @@ def name_nodes(graph: onnx.GraphProto) -> int:
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
-    return gs.import_onnx(model)
+    graph = gs.import_onnx(model)
+    if graph.import_domains is not None:  # a view into the model's proto, which kept all of it alive
+        graph.import_domains = [onnx.helper.make_opsetid(d.domain, d.version) for d in graph.import_domains]
+    return graph
+
+
+def load_values(graph: gs.Graph) -> int:
+    """Load every constant graphsurgeon holds lazily (a reference into the source ModelProto) into numpy, for
+    the types numpy has natively; returns how many. Afterwards nothing refers into the source proto, so the
+    caller can let it go: the weights are then held once (numpy) instead of twice (protobuf + numpy once a
+    pass reads them), and onnxruntime sessions take the arrays without a copy out of protobuf."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    count = 0
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant) and isinstance(t._values, LazyValues) \
+                and t._values.tensor.data_type in _NUMPY_NATIVE \
+                and t._values.tensor.data_location != onnx.TensorProto.EXTERNAL:
+            t._values = np.array(onnx.numpy_helper.to_array(t._values.tensor))
+            count += 1
+    return count
 
 
 def to_model(graph: gs.Graph, like: Optional[onnx.ModelProto] = None) -> onnx.ModelProto:
@@ -375,7 +395,6 @@ def _ort_value(src: Any, placeholder: onnx.TensorProto, ort):
     if placeholder.data_type in _NUMPY_NATIVE:
         return arr, ort.OrtValue.ortvalue_from_numpy(arr)
     return arr, ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr, placeholder.data_type)
-
 
 
 _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",

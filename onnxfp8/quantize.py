@@ -52,6 +52,10 @@ def quantize(model: Union[ModelLike], calib: Any = None, config: Optional[QuantC
     size_before = model_bytes(proto)
     proto = prepare_model(proto, opset=config.opset, source=source)
     graph = to_graph(proto)
+    # the weights live in the graph now: let protobuf's copy go (a 2.25 GiB model: 7.4 -> 5.2 GiB peak RSS).
+    # The light copy is re-parsed because protobuf (upb) ties a copied message's memory to its source's.
+    modelio.load_values(graph)
+    proto = onnx.ModelProto.FromString(modelio.light_copy(proto)[0].SerializeToString())
     ctx = PassContext(config=config, source=source)
     if progress is not None:
         ctx.extras["progress"] = progress

@@ -228,3 +228,17 @@ def test_light_export_of_a_graph_runs_like_the_whole_export():
     assert modelio.to_model(graph.copy()).SerializeToString(deterministic=True) == whole.SerializeToString(deterministic=True)
     with pytest.raises(ModelError, match="no data for the tensor 'w8?q?'"):
         make_session(light)
+
+
+def test_graph_holds_no_reference_into_the_source_model():
+    """After to_graph + load_values nothing refers into the source ModelProto (graphsurgeon's lazy constants
+    and its import_domains did), so quantize() can let the source's protobuf memory go."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    m, w, _ = _heavy_model()
+    graph = modelio.to_graph(prepare_model(m))
+    assert isinstance(graph.import_domains, list)
+    assert modelio.load_values(graph) >= 2
+    lazy = [t.name for t in graph.tensors().values() if isinstance(getattr(t, "_values", None), LazyValues)]
+    assert lazy == ["w8q"]  # float8 stays lazy: numpy has no float8 of its own
+    np.testing.assert_array_equal(next(t for t in graph.tensors().values() if t.name == "w").values, w)
