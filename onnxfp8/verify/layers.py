@@ -34,7 +34,7 @@ import onnx
 from onnx import helper
 
 from onnxfp8.errors import ConfigError
-from onnxfp8.modelio import fits_protobuf, make_session
+from onnxfp8.modelio import inferred_light, make_session
 from onnxfp8.plan import json_plain
 from onnxfp8.verify.compare import ErrorStats
 
@@ -196,7 +196,7 @@ def find_layers(fp32: onnx.ModelProto, quant: onnx.ModelProto) -> Tuple[List[Lay
 def _value_types(model: onnx.ModelProto) -> Dict[str, int]:
     types: Dict[str, int] = {}
     try:
-        inferred = onnx.shape_inference.infer_shapes(model) if fits_protobuf(model) else model
+        inferred = inferred_light(model)
     except Exception:
         inferred = model
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):

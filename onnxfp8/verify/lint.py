@@ -46,6 +46,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from onnxfp8.modelio import inferred_light
 from onnxfp8.rules import TRT_CHANNEL_MULTIPLE, TRT_MAX_FP8_FILTER
 
 TARGETS = ("tensorrt",)
@@ -119,7 +120,7 @@ class _Graph:
         self.outputs = {o.name for o in g.output}
         self.shapes: Dict[str, List] = {}
         try:
-            inferred = onnx.shape_inference.infer_shapes(model)
+            inferred = inferred_light(model)
             for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
                 dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
                 self.shapes[vi.name] = dims
