@@ -1,6 +1,6 @@
 """BatchNorm recalibration on a trained CNN: accuracy and output SQNR without and with recalibration.
 
-The model is models/digits.py's CNN (conv-bn-relu x2 + fc), trained in numpy on scikit-learn's real 8x8
+The model is onnxfp8/examples/digits.py's CNN (conv-bn-relu x2 + fc), trained in numpy on scikit-learn's real 8x8
 digits (a few seconds). For E3M4, E4M3 and INT8 it quantizes the model with the standard pipeline (BN
 folded first) and with ``bn_recalibrate`` (BN left unfolded, recalibrated on the quantized graph, then folded
 and its weights re-quantized) in ``shift`` mode (the default) and ``replace`` mode (the FP8 paper's, with the
@@ -36,7 +36,7 @@ import onnxfp8  # noqa: E402
 from onnxfp8.config import QuantConfig  # noqa: E402
 from onnxfp8.modelio import make_session  # noqa: E402
 from onnxfp8.verify.compare import sqnr_db  # noqa: E402
-from models.digits import build_digits  # noqa: E402
+from onnxfp8.examples.digits import build_digits  # noqa: E402
 
 
 def run(model, x):

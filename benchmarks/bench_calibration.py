@@ -1,6 +1,6 @@
 """Calibration cost and quality: onnxfp8 quantize vs one FP32 inference pass and vs onnxruntime's quantize_static.
 
-Models (built in code, random but settled weights, see models/build.py): ``resnet50`` (ResNet-50-shaped
+Models (built in code, random but settled weights, see onnxfp8/examples/build.py): ``resnet50`` (ResNet-50-shaped
 bottleneck CNN, 25.6M parameters, 224x224), ``bert`` (BERT-base-sized encoder: 12 layers, hidden 768, 12
 heads, sequence 128, ~110M parameters), and the bundled examples ``cnn``, ``mlp``, ``transformer``. For each
 model and each calibration sample count, every measurement runs in a fresh process (its peak RSS is its own
@@ -165,7 +165,7 @@ def build(name: str, args, work: Path, max_samples: int) -> Dict[str, str]:
     sys.path.insert(0, str(ROOT))
     import onnx
 
-    from models.build import build_bert_like, build_cnn, build_mlp, build_resnet_like, build_transformer, write_data
+    from onnxfp8.examples.build import build_bert_like, build_cnn, build_mlp, build_resnet_like, build_transformer, write_data
 
     tag = {"resnet50": f"resnet50-{args.size}", "bert": f"bert-{args.bert_layers}x768-s{args.seq}"}.get(name, name)
     folder = work / tag

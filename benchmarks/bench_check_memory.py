@@ -1,6 +1,6 @@
 """Peak memory of `onnxfp8.check` vs a plain FP32 inference run over the same data.
 
-The model is the 12-layer transformer-block example (models.build.build_transformer(num_layers=12, ...)),
+The model is the 12-layer transformer-block example (onnxfp8.examples.build.build_transformer(num_layers=12, ...)),
 quantized to FP8 E4M3 (Q/DQ) by onnxfp8.quantize; the data is 256 validation samples, one .npz per sample.
 Each measurement runs in a fresh subprocess and reports that process's peak RSS (VmHWM):
 
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     import onnx
 
     import onnxfp8
-    from models.build import build_transformer, write_data
+    from onnxfp8.examples.build import build_transformer, write_data
 
     with tempfile.TemporaryDirectory(prefix="onnxfp8-bench-") as tmp:
         t0 = time.perf_counter()

@@ -26,7 +26,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from models.build import build_resnet_like, build_transformer, make_inputs  # noqa: E402
+from onnxfp8.examples.build import build_resnet_like, build_transformer, make_inputs  # noqa: E402
 from onnxfp8 import QuantConfig, quantize  # noqa: E402
 from onnxfp8.modelio import make_session  # noqa: E402
 from onnxfp8.verify.compare import ErrorStats  # noqa: E402

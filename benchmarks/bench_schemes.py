@@ -1,6 +1,6 @@
 """Output SQNR of every format choice and scheme on the transformer example, in one table.
 
-The model is models/build.py's ``build_transformer`` (a BERT-style encoder with outlier channels). Rows:
+The model is onnxfp8/examples/build.py's ``build_transformer`` (a BERT-style encoder with outlier channels). Rows:
 E4M3, E3M4, E5M2, INT8, mixed by role (weights E3M4 / activations E4M3, and the reverse) and ``auto``
 (per tensor, the candidate of e4m3,e3m4,e5m2,int8 with the least error on the calibration data). Columns:
 standard vs extended scheme, each static (max calibration), dynamic per tensor and dynamic per token.
@@ -30,7 +30,7 @@ import onnxfp8  # noqa: E402
 from onnxfp8.config import QuantConfig  # noqa: E402
 from onnxfp8.modelio import make_session  # noqa: E402
 from onnxfp8.verify.compare import sqnr_db  # noqa: E402
-from models.build import build_cnn, build_mlp, build_transformer, make_inputs  # noqa: E402
+from onnxfp8.examples.build import build_cnn, build_mlp, build_transformer, make_inputs  # noqa: E402
 
 ROWS = [("e4m3", dict(format="e4m3")), ("e3m4", dict(format="e3m4")), ("e5m2", dict(format="e5m2")),
         ("int8", dict(format="int8")),

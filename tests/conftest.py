@@ -17,7 +17,7 @@ EXAMPLE_NAMES = ("cnn", "mlp", "transformer")
 def example_models(tmp_path_factory):
     """``{name: {"model": Path, "calib": Path (dir), "val": Path (dir), ...}}`` for cnn, mlp, transformer,
     with 32 calibration and 32 validation samples each (one sample per .npz file)."""
-    from models.build import build_all
+    from onnxfp8.examples.build import build_all
 
     out = tmp_path_factory.mktemp("examples")
     return build_all(out_dir=out, calib=32, val=32)

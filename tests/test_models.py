@@ -1,4 +1,4 @@
-"""Tests for models/build.py: the example models build, check, run, and their data files are usable."""
+"""Tests for onnxfp8/examples/build.py: the example models build, check, run, and their data files are usable."""
 
 import subprocess
 import sys
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from models import build  # noqa: E402
+from onnxfp8.examples import build  # noqa: E402
 from onnxfp8.modelio import make_session  # noqa: E402
 
 NUM_CLASSES = {"cnn": 10, "mlp": 10, "transformer": 10}
@@ -253,7 +253,7 @@ def test_build_all(tmp_path):
 
 
 def test_script_entry_point(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "models" / "build.py"), "--out", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "onnxfp8.examples.build", "--out", str(tmp_path),
                            "--only", "mlp", "--calib", "2", "--val", "2"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -16,7 +16,7 @@ from onnxfp8.pipeline import Pass, PassResult
 from onnxfp8.plan import QuantPlan
 from onnxfp8.verify.compare import sqnr_db
 
-# Output SQNR (dB) vs FP32 on the 32 validation samples (seed 2) of models.build's examples, calibrated on
+# Output SQNR (dB) vs FP32 on the 32 validation samples (seed 2) of onnxfp8.examples.build's examples, calibrated on
 # their 32 calibration samples (seed 1), measured with onnxruntime 1.32 at ENABLE_BASIC. Both styles compute
 # the same function, so they share the figure.
 MEASURED_SQNR = {

@@ -23,7 +23,7 @@ import pytest
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
-from models.build import build_cnn, build_mlp, build_transformer, make_inputs
+from onnxfp8.examples.build import build_cnn, build_mlp, build_transformer, make_inputs
 from onnxfp8 import QuantConfig, quantize
 from onnxfp8.modelio import make_session
 

@@ -73,7 +73,7 @@ def test_not_fused_when_it_is_not_the_pattern():
 
 
 def test_decomposed_transformer_quantizes_like_the_fused_one():
-    from models.build import build_transformer, make_inputs
+    from onnxfp8.examples.build import build_transformer, make_inputs
 
     kw = dict(seq=16, hidden=32, heads=2, ffn=64, vocab=100)
     fused = build_transformer(**kw)

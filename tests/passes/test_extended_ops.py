@@ -151,7 +151,7 @@ def test_add_with_a_constant_is_left_fp32():
 
 
 def test_extended_scheme_on_the_transformer_quantizes_attention_and_norms():
-    from models.build import build_transformer, make_inputs
+    from onnxfp8.examples.build import build_transformer, make_inputs
 
     model = build_transformer(seq=16, hidden=32, heads=2, ffn=64, vocab=100)
     calib = [make_inputs(model, 8, seed=s) for s in range(2)]

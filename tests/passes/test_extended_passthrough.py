@@ -176,7 +176,7 @@ def test_unfolded_batchnorm_input_is_quantized():
 
 
 def test_attention_reshape_transpose_carry_q_and_k():
-    from models.build import build_transformer, make_inputs
+    from onnxfp8.examples.build import build_transformer, make_inputs
 
     model = build_transformer(seq=16, hidden=32, heads=2, ffn=64, vocab=100)
     res = onnxfp8.quantize(model, [make_inputs(model, 8, seed=0)], config=QuantConfig(scheme="extended"))

@@ -1,5 +1,5 @@
 """onnxfp8.check: FP32-vs-quantized metrics per output, thresholds, labels, per-layer attribution, the second
-runtime, and the JSON report, on the example models (models/build.py)."""
+runtime, and the JSON report, on the example models (onnxfp8/examples/build.py)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import pytest
 from onnx import numpy_helper
 
 import onnxfp8
-from models.build import build_cnn, build_mlp, build_transformer, make_inputs
+from onnxfp8.examples.build import build_cnn, build_mlp, build_transformer, make_inputs
 from onnxfp8 import CheckReport, QuantConfig, Thresholds, quantize
 from onnxfp8.errors import ConfigError, DataError, ModelError
 from onnxfp8.modelio import make_session

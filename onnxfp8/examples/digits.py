@@ -15,7 +15,7 @@ test images. ``write_digits`` writes ``<out>/digits.onnx`` and ``<out>/data/digi
 calib = 1024 training images (for calibration and BN recalibration), val = the 360 test images with
 ``label``.
 
-    python models/digits.py [--out models] [--epochs 12] [--seed 0]
+    python -m onnxfp8.examples.digits [--out models] [--epochs 12] [--seed 0]
 """
 from __future__ import annotations
 
@@ -242,7 +242,7 @@ def write_digits(out: str = "models", epochs: int = 12, seed: int = 0, per_file:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
+    ap.add_argument("--out", default="models")
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)

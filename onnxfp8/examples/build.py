@@ -10,9 +10,9 @@ statistics, LayerNorm outlier channels stay 10-20x at every depth, classifier he
 onnxruntime single-threaded, so the same seed gives byte-identical files on a given machine (another CPU
 may differ in the last bits of the settled values).
 
-Importable from the repository root as ``models.build`` and runnable as a script::
+Importable as ``onnxfp8.examples.build`` and runnable as a script::
 
-    python models/build.py [--out models] [--only cnn,mlp,transformer] [--calib 64] [--val 64]
+    python -m onnxfp8.examples.build [--out models] [--only cnn,mlp,transformer] [--calib 64] [--val 64]
 
 which writes ``<out>/<name>.onnx`` and ``<out>/data/<name>/{calib,val}/NNNNN.npz`` (calibration data from
 seed 1, validation data from seed 2). The .onnx files and data are git-ignored: build them, never commit them.
@@ -790,8 +790,8 @@ def build_all(out_dir: PathLike = "models", calib: int = 64, val: int = 64,
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Build the onnxfp8 example models and their data.")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent),
-                        help="output folder (default: the models/ folder holding this script)")
+    parser.add_argument("--out", default="models",
+                        help="output folder (default: ./models)")
     parser.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(EXAMPLES)}")
     parser.add_argument("--calib", type=int, default=64, help="calibration samples (seed 1)")
     parser.add_argument("--val", type=int, default=64, help="validation samples (seed 2)")
