@@ -190,6 +190,86 @@ def _run_check(fp32, quant, data, ck: Dict[str, Any], json_path: Optional[str], 
     return report.exit_code
 
 
+def tuning_options(fn):
+    """Tuning to a target (quantize --target-*): onnxfp8/tuning/tune.py."""
+    opts = [
+        click.option("--target-cosine", type=float, help="Tune to this output cosine vs FP32 on --val (the FP8 paper's criterion: 0.995): search formats per tensor, the calibration method, then leave the most sensitive layers in FP32 until it holds; exit 1 when it cannot within --max-fallback (the best model found is written)."),
+        click.option("--target-sqnr", type=float, help="Tune to this output SQNR (dB) vs FP32 on --val (as --target-cosine)."),
+        click.option("--max-fallback", help="With a target: at most N layers, or P% of the quantized layers, left in high precision (default 10%)."),
+        click.option("--tune-samples", type=int, help="With a target: use at most N validation samples."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _pop_tuning_kw(kw: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: kw.pop(k) for k in ("target_cosine", "target_sqnr", "max_fallback", "tune_samples")}
+
+
+def _tuning_target(tk: Dict[str, Any], ck: Dict[str, Any], do_check: bool, val):
+    """The tuning target the options give (None: no tuning). --max-accuracy-loss with --val and without
+    --check is a target (with labels); with --check it stays a check threshold."""
+    from onnxfp8.errors import ConfigError
+    from onnxfp8.tuning.evaluate import Target
+
+    targets = []
+    if tk["target_cosine"] is not None:
+        targets.append(Target("cosine", tk["target_cosine"]))
+    if tk["target_sqnr"] is not None:
+        targets.append(Target("sqnr", tk["target_sqnr"]))
+    if not do_check and val and "--max-accuracy-loss" in ck["given"]:
+        loss = ck["thresholds"].max_accuracy_loss
+        if loss is None or ck["thresholds"].overrides:
+            raise ConfigError("--max-accuracy-loss as a tuning target takes one VALUE (a fraction or a percentage)")
+        targets.append(Target("accuracy_loss", loss))
+    if len(targets) > 1:
+        raise ConfigError("give one tuning target: " + " or ".join(t.flag for t in targets))
+    if targets and not val:
+        raise ConfigError(f"{targets[0].flag} needs --val DIR: the target is judged on validation data, never on "
+                          f"the calibration data")
+    return targets[0] if targets else None
+
+
+def _run_tuning(model, calib, output, plan_path, report_path, quiet, do_check, val, check_json, target, tk, ck, kw):
+    """quantize --target-*: tune, write the chosen model, plan and report; exit 1 when the target is not met."""
+    import json
+
+    from onnxfp8.errors import ConfigError
+    from onnxfp8.progress import progress_for
+    from onnxfp8.quantize import default_output
+    from onnxfp8.tuning.tune import tune
+
+    if not calib and not kw.get("load_stats"):
+        raise ConfigError("tuning needs --calib DIR (or --load-stats FILE): it calibrates once and then searches")
+    check_memory = kw.get("max_memory_mb") or 32
+    config = build_config(kw)
+    output = output or default_output(model, config)
+    res = tune(model, calib, val, target, config, labels=ck["labels"], max_fallback=tk["max_fallback"],
+               output=output, samples=tk["tune_samples"], progress=progress_for(sys.stderr, quiet))
+    if plan_path:
+        _write_text(plan_path, res.plan.to_json())
+    if report_path:
+        data = res.report.to_dict()
+        data["tuning"] = res.tuning.to_dict()
+        from onnxfp8.plan import json_plain
+
+        _write_text(report_path, json.dumps(json_plain(data), indent=1, allow_nan=False))
+    if not quiet:
+        click.echo(res.report.summary())
+        click.echo(res.tuning.summary())
+        click.echo(f"wrote {output}")
+    code = 0
+    if do_check:
+        code = _run_check(model, res.model, val, ck, check_json, quiet, batch_size=config.batch_size, samples=None,
+                          max_memory_mb=check_memory, providers=config.providers, threads=config.threads,
+                          quant_name=str(output))
+    if not res.met:
+        click.echo(f"error: {res.tuning.message}", err=True)
+        code = 1
+    sys.exit(code)
+
+
 @cli.command()
 @click.argument("fp32", type=click.Path())
 @click.argument("quant", type=click.Path())
@@ -221,6 +301,7 @@ def check(fp32, quant, data, samples, batch_size, json_path, max_memory_mb, prov
 @click.option("--check", "do_check", is_flag=True, help="Then check the quantized model against MODEL on --val data (exit 1 when a threshold fails).")
 @click.option("--val", type=click.Path(), help="Validation data for --check (same formats as --calib).")
 @click.option("--check-json", type=click.Path(), help="With --check: write the check report (JSON) here.")
+@tuning_options
 @check_options
 @config_options
 @handle_errors
@@ -229,7 +310,15 @@ def quantize(model, calib, output, plan_path, report_path, quiet, do_check, val,
     from onnxfp8.errors import ConfigError
     from onnxfp8.quantize import default_output, quantize as run
 
+    tk = _pop_tuning_kw(kw)
     ck = _pop_check_kw(kw)
+    target = _tuning_target(tk, ck, do_check, val)
+    if target is not None:
+        return _run_tuning(model, calib, output, plan_path, report_path, quiet, do_check, val, check_json, target,
+                           tk, ck, kw)
+    if tk["max_fallback"] is not None or tk["tune_samples"] is not None:
+        raise ConfigError(f"{'--max-fallback' if tk['max_fallback'] is not None else '--tune-samples'} is only used "
+                          f"when tuning to a target (--target-cosine, --target-sqnr, --max-accuracy-loss with --val)")
     if do_check and not val:
         raise ConfigError("--check needs --val DIR (validation data)")
     if not do_check and (val or check_json or ck["given"]):
@@ -257,6 +346,63 @@ def quantize(model, calib, output, plan_path, report_path, quiet, do_check, val,
                           samples=None, max_memory_mb=check_memory, providers=config.providers,
                           threads=config.threads, quant_name=str(output))
         sys.exit(code)
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option("--calib", "-c", type=click.Path(), help="Calibration data (calibrated once).")
+@click.option("--val", required=True, type=click.Path(), help="Validation data: every layer's error is measured on it.")
+@click.option("--labels", type=click.Path(), help="A .npy of class labels for --val (accuracy in the output-level figures).")
+@click.option("--samples", type=int, help="Use at most N validation samples.")
+@click.option("--top", type=int, default=5, show_default=True, help="Also measure the model outputs with only / all but each of the N most sensitive layers quantized (two whole-model runs each; 0: none).")
+@click.option("--json", "json_path", type=click.Path(), help="Write the ranking (JSON) here.")
+@click.option("--plot", "plot_path", type=click.Path(), help="Write a PNG bar chart of the per-layer, per-format own SQNR here (needs matplotlib: the plots extra).")
+@click.option("--limit", type=int, default=20, show_default=True, help="Rows of the printed table.")
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
+@config_options
+@handle_errors
+def sensitivity(model, calib, val, labels, samples, top, json_path, plot_path, limit, quiet, **kw):
+    """Per quantized layer: its error alone in each format (E4M3/E3M4/E5M2/INT8: which wins, by how much), ranked
+    worst first, from shared passes over --val; the model outputs with only it quantized / only it in FP32 for
+    the --top most sensitive layers."""
+    from onnxfp8.errors import ConfigError
+    from onnxfp8.progress import progress_for
+    from onnxfp8.verify.sensitivity import sensitivity as run
+
+    if not calib and not kw.get("load_stats"):
+        raise ConfigError("sensitivity needs --calib DIR (or --load-stats FILE)")
+    if top < 0:
+        raise ConfigError(f"--top must be >= 0, got {top}")
+    if plot_path:
+        from onnxfp8.report.plots import require
+
+        require()  # fail before the work, not after it
+    config = build_config(kw)
+    report = run(model, calib, val, config, formats=config.formats, labels=labels, top=top, samples=samples,
+                 progress=progress_for(sys.stderr, quiet))
+    if json_path:
+        _write_text(json_path, report.to_json())
+    if plot_path:
+        from onnxfp8.report.plots import sensitivity_png
+
+        _write_bytes(plot_path, sensitivity_png(report))
+    if not quiet:
+        click.echo(report.summary(limit=limit))
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".onnxfp8-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _write_text(path: str, text: str) -> None:

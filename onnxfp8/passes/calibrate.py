@@ -93,7 +93,8 @@ class Calibrate(Pass):
             if ctx.calib is not None:
                 data_fp = data_fingerprint(ctx.calib)
                 stats.check_data(data_fp.hexdigest(), data_fp.samples)
-        hist_want = tensors if cfg.save_stats else hist_needed
+        # format auto reads every tensor's histogram: from a statistics file, load them all (no data needed)
+        hist_want = tensors if cfg.save_stats or (cfg.load_stats and cfg.activations_auto) else hist_needed
         todo_max = [t for t in tensors if stats is None or t not in stats.minmax]
         todo_hist = [t for t in hist_want if stats is None or t not in stats.histograms]
         hist_cal = _hist_calibrator(cfg, formats)
