@@ -406,18 +406,7 @@ def _write_bytes(path: str, data: bytes) -> None:
 
 
 def _write_text(path: str, text: str) -> None:
-    import tempfile
-
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".onnxfp8-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _write_bytes(path, text.encode("utf-8"))
 
 
 @cli.command()
