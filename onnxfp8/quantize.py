@@ -13,7 +13,8 @@ from onnxfp8.calibrators.data import as_data
 from onnxfp8.config import QuantConfig
 from onnxfp8.errors import ModelError
 from onnxfp8 import modelio
-from onnxfp8.modelio import ModelLike, load_model, make_session, model_bytes, prepare_model, save_model, to_graph, to_model
+from onnxfp8.modelio import ModelLike, load_model, make_session, model_bytes, prepare_model, to_graph, to_model
+from onnxfp8.outputs import Outputs
 from onnxfp8.passes import pipeline_for
 from onnxfp8.pipeline import PassContext, Pipeline
 from onnxfp8.plan import QuantPlan
@@ -39,16 +40,52 @@ def default_output(path: str, config: QuantConfig) -> str:
 
 def quantize(model: Union[ModelLike], calib: Any = None, config: Optional[QuantConfig] = None,
              output: Optional[str] = None, pipeline: Optional[Pipeline] = None, progress=None,
-             check_model: bool = True) -> QuantResult:
+             check_model: bool = True, outputs: Optional[Outputs] = None) -> QuantResult:
     """Quantize ``model`` (a path or a ModelProto) with calibration data ``calib`` (a folder, a file, an
     iterable of ``{input: array}`` dicts or a CalibrationData). Returns the quantized model, the plan and
-    the report; writes ``output`` atomically when given (never over the input model)."""
+    the report; writes ``output`` atomically when given (never over the input model, its external data or
+    any other input: outputs.py).
+
+    ``outputs``: an outputs.Outputs the caller declared its own artifacts in (the CLI's --plan, --report...):
+    this run's files are added to it, all are checked before any work, the model is staged there and the
+    caller commits them together. Without it the files of this call are committed before returning."""
     config = config or QuantConfig()
     start = time.perf_counter()
     source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model"
-    if output and source != "model" and os.path.abspath(os.fspath(output)) == os.path.abspath(source):
-        raise ModelError(f"{output}: refusing to overwrite the input model; choose another output with -o")
-    proto = load_model(model)
+    own = outputs is None
+    outs = Outputs() if own else outputs
+    try:
+        external: list = []
+        proto = load_model(model, external=external)
+        if source != "model":
+            outs.protect(source, "the input model")
+            for f in external:
+                outs.protect(f, f"an external-data file of the input model {source}")
+        if isinstance(calib, (str, os.PathLike)):
+            outs.protect(calib, "the calibration data")
+        if not (config.load_stats and config.save_stats and _same_file(config.load_stats, config.save_stats)):
+            outs.protect(config.load_stats, "--load-stats")  # the same file: read, then replaced with additions
+        outs.protect(config.bn_calib, "--bn-calib")
+        outs.add(output, "the output model (-o)", model=True)
+        outs.add(config.save_stats, "--save-stats")
+        outs.validate()  # every output check before any work
+        result = _quantize(proto, source, calib, config, output, pipeline, progress, check_model, outs, start)
+        if own:
+            outs.commit()
+        return result
+    finally:
+        if own:
+            outs.discard()
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _quantize(proto, source, calib, config, output, pipeline, progress, check_model, outs, start) -> QuantResult:
     size_before = model_bytes(proto)
     proto = prepare_model(proto, opset=config.opset, source=source)
     graph = to_graph(proto)
@@ -57,6 +94,7 @@ def quantize(model: Union[ModelLike], calib: Any = None, config: Optional[QuantC
     modelio.load_values(graph)
     proto = onnx.ModelProto.FromString(modelio.light_copy(proto)[0].SerializeToString())
     ctx = PassContext(config=config, source=source)
+    ctx.extras["outputs"] = outs  # passes that write files (calibrate --save-stats) stage them there
     if progress is not None:
         ctx.extras["progress"] = progress
     if calib is not None:
@@ -76,7 +114,7 @@ def quantize(model: Union[ModelLike], calib: Any = None, config: Optional[QuantC
     report.how_to_run = RUN_EXACTLY if config.style == "qdq" else ""
     _measure(out_model, ctx, report, config)
     if output:
-        save_model(out_model, output, protect=[source] if source != "model" else [])
+        outs.write_model(output, out_model)
     report.seconds = time.perf_counter() - start
     return QuantResult(out_model, ctx.plan, report, output)
 
