@@ -194,6 +194,8 @@ class Outputs:
         path = os.fspath(path)
         if self._validated:
             raise RuntimeError("Outputs.add after validate")
+        if path in self._outputs and self._outputs[path] != what:
+            raise OutputError(f"{path}: {what} and {self._outputs[path]} name the same file; give each its own")
         self._outputs.setdefault(path, what)
         if model:
             self._data_files[path + ".data"] = f"the external data of {what}"
@@ -236,7 +238,7 @@ class Outputs:
         seen[real] = what
         try:
             st = os.stat(path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             st = None
         except OSError as e:
             raise OutputError(_oserror(path, e)) from None
