@@ -9,7 +9,7 @@ from typing import Any, Optional, Union
 
 import onnx
 
-from onnxfp8.calibrators.data import as_data
+from onnxfp8.calibrators.data import as_data, batch_size, output_batch_axes, take_outputs, take_samples
 from onnxfp8.config import QuantConfig
 from onnxfp8.errors import ModelError
 from onnxfp8 import modelio
@@ -124,23 +124,27 @@ def _measure(model: onnx.ModelProto, ctx: PassContext, report: QuantReport, conf
     ``config.summary_count(calibration samples)`` captured samples."""
     inputs = ctx.extras.get("captured_inputs") or []
     refs = ctx.extras.get("captured_outputs") or []
-    captured = sum(next(iter(f.values())).shape[0] for f in inputs)
+    captured = sum(batch_size(f) for f in inputs)
     want = min(captured, config.summary_count(ctx.extras.get("calibration", {}).get("samples") or captured))
     if not inputs or want <= 0:
         return
     sess = make_session(model, level="basic", providers=config.providers, threads=config.threads)
     names = [o.name for o in sess.get_outputs()]
     stats = {n: ErrorStats() for n in names}
-    static = {i.name: i.shape[0] for i in sess.get_inputs() if i.shape and isinstance(i.shape[0], int)}
+    axes = getattr(ctx.calib, "axes", {})  # each input's batch axis: a fixed batch cannot run a short batch
+    static = {i.name: i.shape[axes.get(i.name, 0)] for i in sess.get_inputs()
+              if axes.get(i.name, 0) is not None and len(i.shape) > axes.get(i.name, 0)
+              and isinstance(i.shape[axes.get(i.name, 0)], int)}
+    out_axes = output_batch_axes(model, ctx.calib)
     count = 0
     for feed, ref in zip(inputs, refs):
-        n = next(iter(feed.values())).shape[0]
-        if count + n > want and not static:  # cut the last batch (outputs without the batch axis stay whole)
+        n = batch_size(feed)
+        if count + n > want and not static and out_axes is not None:  # cut the last batch
             take = want - count
-            feed = {k: v[:take] for k, v in feed.items()}
-            ref = {k: v[:take] if v.ndim and v.shape[0] == n else v for k, v in ref.items()}
+            feed = take_samples(feed, take)
+            ref = take_outputs(ref, n, take, out_axes)
             n = take
-        elif any(feed[k].shape[0] != b for k, b in static.items() if k in feed):
+        elif any(feed[k].shape[axes.get(k, 0)] != b for k, b in static.items() if k in feed):
             continue  # a short last batch a model with a fixed batch size cannot run
         got = sess.run(names, feed)
         for name, v in zip(names, got):
