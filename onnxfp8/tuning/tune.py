@@ -149,12 +149,13 @@ def tune(model, calib: Any, val: Any, target: Target, config: Optional[QuantConf
          labels: Any = None, max_fallback: Union[str, int, None] = None, output: Optional[str] = None,
          formats: Optional[Sequence[str]] = None, methods: Optional[Sequence[str]] = None,
          samples: Optional[int] = None, sensitivity_samples: Optional[int] = 16, max_memory_mb: float = 64,
-         progress=None,
-         workspace: Optional[Workspace] = None, evaluator: Optional[Evaluator] = None) -> TuneResult:
+         progress=None, workspace: Optional[Workspace] = None, evaluator: Optional[Evaluator] = None,
+         outputs=None) -> TuneResult:
     """Search plans for ``model`` until ``target`` holds on ``val``; see the module docstring. ``formats``:
     candidate formats (default config.formats); ``methods``: calibration methods tried (default every other
-    one); ``samples``: at most this many validation samples. Writes the chosen model to ``output`` when given."""
-    from onnxfp8.modelio import save_model
+    one); ``samples``: at most this many validation samples. Writes the chosen model to ``output`` when given
+    (``outputs``: an outputs.Outputs the caller commits, as quantize() takes; else written before returning)."""
+    from onnxfp8.outputs import Outputs
 
     start = time.perf_counter()
     config = config or QuantConfig()
@@ -162,9 +163,35 @@ def tune(model, calib: Any, val: Any, target: Target, config: Optional[QuantConf
         raise ConfigError(f"target: expected a Target, got {type(target).__name__}")
     if config.dynamic:
         raise ConfigError("tuning searches calibrated plans; dynamic quantization has no calibration to tune")
-    if target.metric == "accuracy_loss" and labels is None and evaluator is None:
-        pass  # labels may come in the data ('label' key); checked once the data is read
     timings: Dict[str, float] = {}
+    own_outs = outputs is None
+    outs = Outputs() if own_outs else outputs
+    source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
+    outs.protect_model(source, "the input model")
+    if isinstance(calib, (str, os.PathLike)):
+        outs.protect(calib, "the calibration data")
+    if isinstance(val, (str, os.PathLike)):
+        outs.protect(val, "the validation data")
+    outs.add(output, "the output model (-o)", model=True)
+    outs.validate()  # before any work
+    try:
+        result = _tune(model, calib, val, target, config, labels, max_fallback, formats, methods, samples,
+                       sensitivity_samples, max_memory_mb, progress, workspace, evaluator, timings)
+        if output:
+            outs.write_model(output, result.model)
+            result.output = output
+            result.report.output = output
+        if own_outs:
+            outs.commit()
+    finally:
+        if own_outs:
+            outs.discard()
+    result.tuning.seconds = time.perf_counter() - start
+    return result
+
+
+def _tune(model, calib, val, target, config, labels, max_fallback, formats, methods, samples, sensitivity_samples,
+          max_memory_mb, progress, workspace, evaluator, timings) -> TuneResult:
     own_ws = workspace is None
     t = time.perf_counter()
     ws = workspace or Workspace(model, calib, config, progress=progress)
@@ -182,11 +209,6 @@ def tune(model, calib: Any, val: Any, target: Target, config: Optional[QuantConf
     finally:
         if own_ws:
             ws.close()
-    if output:
-        save_model(result.model, output, protect=[ws.source] if ws.source != "model" else [])
-        result.output = output
-        result.report.output = output
-    result.tuning.seconds = time.perf_counter() - start
     return result
 
 
