@@ -481,6 +481,76 @@ def sensitivity(model, calib, val, labels, samples, top, json_path, plot_path, l
 
 
 @cli.command()
+@click.argument("model", type=click.Path())
+@click.option("--calib", "-c", required=True, type=click.Path(), help="Calibration data (calibrated once per scheme).")
+@click.option("--val", required=True, type=click.Path(), help="Validation data: every configuration is scored on it.")
+@click.option("--labels", type=click.Path(), help="A .npy of class labels for --val (accuracy; the criterion becomes < 1% relative accuracy loss).")
+@click.option("--out", "out_dir", type=click.Path(), help="Folder for sweep.md, sweep.json and sweep.html (default: <model>.sweep beside the model).")
+@click.option("--formats", "sweep_formats", default="e4m3,e3m4,e5m2,int8,auto", show_default=True, help="Formats to sweep (comma separated; auto: per tensor).")
+@click.option("--schemes", default="standard,extended", show_default=True, help="Schemes to sweep.")
+@click.option("--calibrations", default="max,percentile,mse,entropy", show_default=True, help="Calibration methods to sweep.")
+@click.option("--tune/--no-tune", "do_tune", default=True, show_default=True, help="Add the tuned result (quantize --target-* on the same statistics).")
+@click.option("--target-cosine", type=float, help="The table's criterion and the tuner's target (default: cosine >= 0.995, or < 1% accuracy loss with labels).")
+@click.option("--target-sqnr", type=float, help="Criterion and tuning target: output SQNR in dB.")
+@click.option("--max-accuracy-loss", help="Criterion and tuning target with --labels: relative accuracy loss (1% or 0.01).")
+@click.option("--max-fallback", help="Tuning: at most N or P% of the quantized layers in high precision (default 10%).")
+@click.option("--samples", type=int, help="Use at most N validation samples.")
+@click.option("--calib-samples", type=int, help="Use at most N calibration samples.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Samples per onnxruntime run.")
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
+@handle_errors
+def sweep(model, calib, val, labels, out_dir, sweep_formats, schemes, calibrations, do_tune, target_cosine, target_sqnr,
+          max_accuracy_loss, max_fallback, samples, calib_samples, batch_size, quiet):
+    """The paper's table for MODEL: formats x schemes x calibration methods, plus the tuned result (SQNR, cosine,
+    accuracy, size, layers in fallback), as markdown, JSON and one self-contained HTML report with plots."""
+    from onnxfp8.config import QuantConfig
+    from onnxfp8.errors import ConfigError
+    from onnxfp8.outputs import Outputs
+    from onnxfp8.progress import progress_for
+    from onnxfp8.report.html import render
+    from onnxfp8.tuning.evaluate import Target
+    from onnxfp8.tuning.sweep import sweep as run
+
+    targets = []
+    if target_cosine is not None:
+        targets.append(Target("cosine", target_cosine))
+    if target_sqnr is not None:
+        targets.append(Target("sqnr", target_sqnr))
+    if max_accuracy_loss is not None:
+        from onnxfp8.verify.check import Thresholds
+
+        targets.append(Target("accuracy_loss", Thresholds.from_options({"max_accuracy_loss": [max_accuracy_loss]})
+                              .max_accuracy_loss))
+    if len(targets) > 1:
+        raise ConfigError("give one criterion: " + " or ".join(t.flag for t in targets))
+    out_dir = out_dir or os.path.splitext(model)[0] + ".sweep"
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"{out_dir}: --out is not a folder")
+    config = QuantConfig(batch_size=batch_size, calib_samples=calib_samples)
+    paths = {k: os.path.join(out_dir, f"sweep.{k}") for k in ("md", "json", "html")}
+    os.makedirs(out_dir, exist_ok=True)
+    with Outputs() as outs:
+        outs.protect_model(model, "the input model")
+        outs.protect(calib, "the calibration data")
+        outs.protect(val, "the validation data (--val)")
+        outs.protect(labels, "--labels")
+        for k, p in paths.items():
+            outs.add(p, f"--out ({os.path.basename(p)})")
+        outs.validate()
+        report = run(model, calib, val, config, formats=_split((sweep_formats,)), schemes=_split((schemes,)),
+                     calibrations=_split((calibrations,)), labels=labels, target=targets[0] if targets else None,
+                     tune=do_tune, max_fallback=max_fallback, samples=samples,
+                     progress=progress_for(sys.stderr, quiet))
+        outs.write_text(paths["md"], report.to_markdown())
+        outs.write_text(paths["json"], report.to_json())
+        outs.write_text(paths["html"], render(report))
+        outs.commit()
+    if not quiet:
+        click.echo(report.to_markdown().rstrip())
+        click.echo("wrote " + ", ".join(paths.values()))
+
+
+@cli.command()
 @handle_errors
 def formats():
     """List the formats with their bits, bias, range and ONNX type."""
