@@ -15,6 +15,7 @@ from onnxfp8.errors import ModelError
 from onnxfp8 import modelio
 from onnxfp8.modelio import ModelLike, load_model, make_session, model_bytes, prepare_model, to_graph, to_model
 from onnxfp8.outputs import Outputs
+from onnxfp8.validate import control_flow_nodes, validate_model
 from onnxfp8.passes import pipeline_for
 from onnxfp8.pipeline import PassContext, Pipeline
 from onnxfp8.plan import QuantPlan
@@ -78,6 +79,25 @@ def quantize(model: Union[ModelLike], calib: Any = None, config: Optional[QuantC
             outs.discard()
 
 
+def _why_empty(plan: QuantPlan, control_flow) -> str:
+    """The reasons no node was quantized, most frequent first (a few nodes named each)."""
+    reasons = {}
+    for d in plan.skipped_nodes():
+        reasons.setdefault(d.reason, []).append(d.node)
+    parts = [f"{len(v)} x {r} ({', '.join(v[:3])}{' ...' if len(v) > 3 else ''})"
+             for r, v in sorted(reasons.items(), key=lambda kv: -len(kv[1]))[:3]]
+    if control_flow:
+        parts.append(f"{len(control_flow)} candidate(s) inside If/Loop/Scan bodies, which are not quantized")
+    return "; ".join(parts) or "the graph has no node"
+
+
+def control_flow_warning(nodes) -> str:
+    shown = ", ".join(f"{d['op_type']} '{d['node']}' ({d['parent_op']} '{d['parent']}' {d['body']})" for d in nodes[:4])
+    more = f" and {len(nodes) - 4} more" if len(nodes) > 4 else ""
+    return (f"{len(nodes)} node(s) inside If/Loop/Scan bodies left FP32 (onnxfp8 does not quantize subgraphs): "
+            f"{shown}{more}")
+
+
 def _same_file(a: str, b: str) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -86,6 +106,8 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def _quantize(proto, source, calib, config, output, pipeline, progress, check_model, outs, start) -> QuantResult:
+    validate_model(proto, source, providers=config.providers)  # one line, exit 2, before any work
+    control_flow = control_flow_nodes(proto, config.selected_op_types)
     size_before = model_bytes(proto)
     proto = prepare_model(proto, opset=config.opset, source=source)
     graph = to_graph(proto)
@@ -101,6 +123,9 @@ def _quantize(proto, source, calib, config, output, pipeline, progress, check_mo
         ctx.calib = as_data(calib, proto, batch_size=config.batch_size, limit=config.calib_samples)
     pipe = pipeline or pipeline_for(config)
     pipe.run(graph, ctx)
+    if not ctx.plan.quantized_nodes() and not config.allow_empty:
+        raise ModelError(f"{source}: nothing to quantize: {_why_empty(ctx.plan, control_flow)}; "
+                         f"--allow-empty (allow_empty=True) writes the model unchanged")
     out_model = to_model(graph, like=proto)
     if check_model:
         try:
@@ -112,6 +137,9 @@ def _quantize(proto, source, calib, config, output, pipeline, progress, check_mo
                          calibration=ctx.extras.get("calibration", {}),
                          batchnorm=ctx.extras.get("bn_recalibration", {}))
     report.how_to_run = RUN_EXACTLY if config.style == "qdq" else ""
+    if control_flow:
+        report.control_flow = control_flow
+        report.warnings.append(control_flow_warning(control_flow))
     _measure(out_model, ctx, report, config)
     if output:
         outs.write_model(output, out_model)

@@ -25,6 +25,7 @@ from onnxfp8.calibrators.max import MaxCalibrator
 from onnxfp8.errors import DataError
 from onnxfp8.modelio import to_light_model, to_model
 from onnxfp8.pipeline import Pass, PassContext, PassResult
+from onnxfp8.validate import refuse_nonfinite
 
 def activation_tensors(graph: gs.Graph, ctx: PassContext) -> List[str]:
     """Activation tensors that quantized nodes read, in graph order, minus those whose scale is overridden."""
@@ -126,12 +127,14 @@ class Calibrate(Pass):
                     progress.close()
             if res.samples == 0:
                 raise DataError(f"{ctx.source}: the calibration data holds no samples")
+            refuse_nonfinite(res.nonfinite, model, ctx.calib, ctx.source, arrays, cfg.providers, cfg.threads)
             max_cal = res.max_calibrator
         else:
             max_cal = stats.max_calibrator(tensors)
             if data is not None and cfg.capture_samples > 0:
                 res = capture_outputs(model, data, cfg.capture_samples, providers=cfg.providers,
                                       threads=cfg.threads, level="all", arrays=arrays)
+                refuse_nonfinite(res.nonfinite, model, data, ctx.source, arrays, cfg.providers, cfg.threads)
         if stats is not None:
             stats.load_histograms(hist_cal, [t for t in hist_want if t not in todo_hist])
 

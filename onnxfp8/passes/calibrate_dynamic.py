@@ -11,6 +11,7 @@ from onnxfp8.calibrators.collector import collect
 from onnxfp8.calibrators.max import MaxCalibrator
 from onnxfp8.modelio import to_model
 from onnxfp8.pipeline import Pass, PassContext, PassResult
+from onnxfp8.validate import refuse_nonfinite
 
 
 class CalibrateDynamic(Pass):
@@ -20,9 +21,11 @@ class CalibrateDynamic(Pass):
         cfg = ctx.config
         if ctx.calib is None:
             return PassResult(False, ["dynamic quantization: no activation calibration (no data given)"])
-        res = collect(to_model(graph.copy()), [], ctx.calib, MaxCalibrator(), providers=cfg.providers,
+        model = to_model(graph.copy())
+        res = collect(model, [], ctx.calib, MaxCalibrator(), providers=cfg.providers,
                       threads=cfg.threads, max_memory_mb=cfg.max_memory_mb, capture=cfg.capture_samples,
                       level="all", progress=ctx.extras.get("progress"))
+        refuse_nonfinite(res.nonfinite, model, ctx.calib, ctx.source, None, cfg.providers, cfg.threads)
         ctx.extras["captured_inputs"] = res.captured_inputs
         ctx.extras["captured_outputs"] = res.captured_outputs
         ctx.extras["calibration"] = {"samples": res.samples, "batches": res.batches, "passes": res.passes,

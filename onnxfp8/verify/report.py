@@ -32,6 +32,8 @@ class QuantReport:
     seconds: float = 0.0
     how_to_run: str = ""
     batchnorm: Dict[str, Any] = field(default_factory=dict)  # BN recalibration: per-layer shifts, SQNR without/with
+    warnings: List[str] = field(default_factory=list)  # one line each, printed as "warning: ..." (control flow)
+    control_flow: List[Dict[str, str]] = field(default_factory=list)  # nodes in If/Loop/Scan bodies left FP32
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -44,6 +46,7 @@ class QuantReport:
             "outputs": self.outputs, "summary_samples": self.summary_samples,
             "calibration": self.calibration, "seconds": round(self.seconds, 4), "how_to_run": self.how_to_run,
             "batchnorm": json_plain(self.batchnorm),
+            "warnings": self.warnings, "control_flow": self.control_flow,
         }
 
     def to_json(self, indent: int = 1) -> str:
@@ -88,6 +91,7 @@ class QuantReport:
             lines.extend(batchnorm_lines(self.batchnorm))
         if self.how_to_run:
             lines.append(f"to compute it exactly: {self.how_to_run}")
+        lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
 
 
