@@ -24,3 +24,15 @@ class PassError(OnnxFp8Error):
     """A pass of the pipeline failed; the message names the pass and those that ran before it."""
 
     exit_code = 1
+
+    def __init__(self, message: str = "", pass_name: str = ""):
+        super().__init__(message)
+        self.pass_name = pass_name
+
+
+class PreconditionError(PassError):
+    """A pass's ``requires`` found the graph or the context not in the state the pass needs."""
+
+
+class PostconditionError(PassError):
+    """A pass's ``ensures`` found the state the pass promises broken after it ran."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import onnx
+import onnx_graphsurgeon as gs
 
 from onnxfp8.calibrators.data import as_data
 from onnxfp8.config import QuantConfig
@@ -29,6 +30,44 @@ class QuantResult:
     output: Optional[str] = None
 
 
+@dataclass
+class Prepared:
+    """A model loaded and prepared once (opset, names, shapes; weights held as numpy in a graphsurgeon
+    graph) for many runs in memory: ``quantize(prepared, calib, ...)`` and ``apply_plan(prepared, plan)``
+    each work on a copy of ``graph`` (weights shared, not copied), so calibrating once and applying many
+    candidate plans never reloads or re-serializes the model."""
+
+    graph: gs.Graph
+    proto: onnx.ModelProto  # light copy (big weights as placeholders): metadata, opsets, input specs
+    source: str = "model"
+    size_before: int = 0
+    opset: int = 19
+
+    def working_graph(self) -> gs.Graph:
+        g = self.graph.copy()
+        g.producer_name, g.producer_version = self.graph.producer_name, self.graph.producer_version  # copy() drops them
+        return g
+
+
+def prepare(model: Union[ModelLike, Prepared], config: Optional[QuantConfig] = None) -> Prepared:
+    """Load and prepare ``model`` (a path or a ModelProto) for ``config.opset`` (default 19)."""
+    opset = (config or QuantConfig()).opset
+    if isinstance(model, Prepared):
+        if model.opset != opset:
+            raise ModelError(f"{model.source}: prepared for opset {model.opset}, the config asks for {opset}")
+        return model
+    source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model"
+    proto = load_model(model)
+    size_before = model_bytes(proto)
+    proto = prepare_model(proto, opset=opset, source=source)
+    graph = to_graph(proto)
+    # the weights live in the graph now: let protobuf's copy go (a 2.25 GiB model: 7.4 -> 5.2 GiB peak RSS).
+    # The light copy is re-parsed because protobuf (upb) ties a copied message's memory to its source's.
+    modelio.load_values(graph)
+    proto = onnx.ModelProto.FromString(modelio.light_copy(proto)[0].SerializeToString())
+    return Prepared(graph, proto, source, size_before, opset)
+
+
 def default_output(path: str, config: QuantConfig) -> str:
     stem, _ = os.path.splitext(path)
     tag = config.format
@@ -37,42 +76,86 @@ def default_output(path: str, config: QuantConfig) -> str:
     return f"{stem}.{tag}.onnx"
 
 
-def quantize(model: Union[ModelLike], calib: Any = None, config: Optional[QuantConfig] = None,
-             output: Optional[str] = None, pipeline: Optional[Pipeline] = None, progress=None,
-             check_model: bool = True) -> QuantResult:
-    """Quantize ``model`` (a path or a ModelProto) with calibration data ``calib`` (a folder, a file, an
-    iterable of ``{input: array}`` dicts or a CalibrationData). Returns the quantized model, the plan and
-    the report; writes ``output`` atomically when given (never over the input model)."""
-    config = config or QuantConfig()
-    start = time.perf_counter()
-    source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model"
+def _refuse_overwrite(source: str, output: Optional[str]) -> None:
     if output and source != "model" and os.path.abspath(os.fspath(output)) == os.path.abspath(source):
         raise ModelError(f"{output}: refusing to overwrite the input model; choose another output with -o")
-    proto = load_model(model)
-    size_before = model_bytes(proto)
-    proto = prepare_model(proto, opset=config.opset, source=source)
-    graph = to_graph(proto)
-    # the weights live in the graph now: let protobuf's copy go (a 2.25 GiB model: 7.4 -> 5.2 GiB peak RSS).
-    # The light copy is re-parsed because protobuf (upb) ties a copied message's memory to its source's.
-    modelio.load_values(graph)
-    proto = onnx.ModelProto.FromString(modelio.light_copy(proto)[0].SerializeToString())
-    ctx = PassContext(config=config, source=source)
-    if progress is not None:
-        ctx.extras["progress"] = progress
+
+
+def quantize(model: Union[ModelLike, Prepared], calib: Any = None, config: Optional[QuantConfig] = None,
+             output: Optional[str] = None, pipeline: Optional[Pipeline] = None, progress=None,
+             check_model: bool = True) -> QuantResult:
+    """Quantize ``model`` (a path, a ModelProto or a ``Prepared``) with calibration data ``calib`` (a folder,
+    a file, an iterable of ``{input: array}`` dicts or a CalibrationData). Returns the quantized model, the
+    plan (every decision: ``apply_plan`` rebuilds the model from it) and the report; writes ``output``
+    atomically when given (never over the input model)."""
+    config = config or QuantConfig()
+    start = time.perf_counter()
+    source = model.source if isinstance(model, Prepared) else (
+        os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model")
+    _refuse_overwrite(source, output)
+    prep = prepare(model, config)
+    graph = prep.working_graph() if isinstance(model, Prepared) else prep.graph
+    ctx = PassContext(config=config, source=source, progress=progress)
+    ctx.plan.config = config.to_dict()
     if calib is not None:
-        ctx.calib = as_data(calib, proto, batch_size=config.batch_size, limit=config.calib_samples)
+        ctx.calib = as_data(calib, prep.proto, batch_size=config.batch_size, limit=config.calib_samples)
     pipe = pipeline or pipeline_for(config)
+    return _finish(pipe, graph, ctx, prep, config, output, check_model, start)
+
+
+def apply_plan(model: Union[ModelLike, Prepared], plan: Union[QuantPlan, str, os.PathLike],
+               config: Optional[QuantConfig] = None, output: Optional[str] = None,
+               check_model: bool = True) -> QuantResult:
+    """Rebuild the quantized model from a plan, without calibration data: the model ``quantize`` made the
+    plan with, byte for byte, when the plan is unedited.
+
+    ``plan``: a QuantPlan (used as is, not modified: the pipeline works on a copy) or the path of a plan
+    JSON (``quantize --plan``). ``config``: the settings; default the ones the plan was made with
+    (``plan.config``); only the graph-shaping ones matter (scheme, style, BatchNorm folding and
+    recalibration, opset): the decisions come from the plan. ``model``: a path, a ModelProto, or a
+    ``Prepared`` (``prepare(model)``) to apply many plans to one loaded model cheaply (the tuner's loop:
+    calibrate once, evaluate many plans, all in memory).
+
+    Editing a plan before applying it (see plan.py): ``plan.set_format(tensor, "e5m2")`` (scale recomputed
+    from the tensor's amax), ``plan.set_scale(tensor, 0.02)``, ``plan.keep_fp32(node, "why")`` (the node reads
+    FP32 values; tensors no quantized node reads are dropped). In JSON: change a tensor's ``format`` and
+    ``scale``, or set a node's ``"quantized": false`` with a ``"reason"``. An edit that cannot work (an unknown
+    tensor, a scale <= 0, a consumer that is not quantized) raises ConfigError naming the plan and the entry."""
+    start = time.perf_counter()
+    plan_source = "plan"
+    if isinstance(plan, (str, os.PathLike)):
+        plan_source = os.fspath(plan)
+        plan = QuantPlan.load(plan_source)
+    if config is None:
+        config = QuantConfig.from_dict(plan.config, source=f"{plan_source} (config)") if plan.config else QuantConfig()
+    source = model.source if isinstance(model, Prepared) else (
+        os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model")
+    _refuse_overwrite(source, output)
+    prep = prepare(model, config)
+    graph = prep.working_graph() if isinstance(model, Prepared) else prep.graph
+    ctx = PassContext(config=config, source=source, plan=plan.copy())
+    ctx.plan.config = config.to_dict()
+    from onnxfp8.passes import plan_pipeline
+    from onnxfp8.passes.use_plan import UsePlan
+
+    pipe = plan_pipeline(config).replace("use_plan", UsePlan(plan_source))
+    return _finish(pipe, graph, ctx, prep, config, output, check_model, start)
+
+
+def _finish(pipe: Pipeline, graph: gs.Graph, ctx: PassContext, prep: Prepared, config: QuantConfig,
+            output: Optional[str], check_model: bool, start: float) -> QuantResult:
+    """Run the pipeline, export, check, measure, save: the common end of quantize and apply_plan."""
+    source = ctx.source
     pipe.run(graph, ctx)
-    out_model = to_model(graph, like=proto)
+    out_model = to_model(graph, like=prep.proto)
     if check_model:
         try:
             modelio.check_model(out_model)
         except onnx.checker.ValidationError as e:
             raise ModelError(f"{source}: the quantized model fails the ONNX checker ({str(e).splitlines()[0]})") from e
     report = QuantReport(source=source, output=output, config=config.to_dict(), passes=ctx.records, plan=ctx.plan,
-                         size_before=size_before, size_after=model_bytes(out_model),
-                         calibration=ctx.extras.get("calibration", {}),
-                         batchnorm=ctx.extras.get("bn_recalibration", {}))
+                         size_before=prep.size_before, size_after=model_bytes(out_model),
+                         calibration=ctx.calibration, batchnorm=ctx.bn_recalibration, patterns=ctx.patterns)
     report.how_to_run = RUN_EXACTLY if config.style == "qdq" else ""
     _measure(out_model, ctx, report, config)
     if output:
@@ -84,10 +167,9 @@ def quantize(model: Union[ModelLike], calib: Any = None, config: Optional[QuantC
 def _measure(model: onnx.ModelProto, ctx: PassContext, report: QuantReport, config: QuantConfig) -> None:
     """Output SQNR of the quantized model vs the FP32 outputs captured during calibration, on the first
     ``config.summary_count(calibration samples)`` captured samples."""
-    inputs = ctx.extras.get("captured_inputs") or []
-    refs = ctx.extras.get("captured_outputs") or []
-    captured = sum(next(iter(f.values())).shape[0] for f in inputs)
-    want = min(captured, config.summary_count(ctx.extras.get("calibration", {}).get("samples") or captured))
+    inputs, refs = ctx.captured.inputs, ctx.captured.outputs
+    captured = ctx.captured.samples
+    want = min(captured, config.summary_count((ctx.calibration.samples if ctx.calibration else 0) or captured))
     if not inputs or want <= 0:
         return
     sess = make_session(model, level="basic", providers=config.providers, threads=config.threads)
