@@ -45,6 +45,7 @@ class PassContext:
     plan: QuantPlan = field(default_factory=QuantPlan)
     records: List[PassRecord] = field(default_factory=list)
     source: str = "model"  # the model's file name, for messages
+    outputs: Any = None  # outputs.Outputs: files a pass writes (calibrate --save-stats) are staged there
     progress: Any = None  # a progress sink (onnxfp8.progress): begin(what, total), update(n), close()
     calibration: Optional[CalibrationInfo] = None  # what calibration did (the report's calibration section)
     captured: Captured = field(default_factory=Captured)  # first samples' inputs + FP32 outputs (summary, BN guard)
@@ -151,7 +152,7 @@ class Pipeline:
                 stage = "names"
                 if result.modified:
                     _check_names(graph)
-            except OnnxFp8Error:
+            except (OnnxFp8Error, MemoryError):
                 raise
             except Exception as e:
                 before = ", ".join(done) if done else "none"

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
-from typing import Any, Optional, Union
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Union
 
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxfp8.calibrators.data import as_data
+from onnxfp8.calibrators.data import as_data, batch_size, output_batch_axes, take_outputs, take_samples
 from onnxfp8.config import QuantConfig
 from onnxfp8.errors import ModelError
 from onnxfp8 import modelio
-from onnxfp8.modelio import ModelLike, load_model, make_session, model_bytes, prepare_model, save_model, to_graph, to_model
+from onnxfp8.modelio import ModelLike, load_model, make_session, model_bytes, prepare_model, to_graph, to_model
+from onnxfp8.outputs import Outputs
 from onnxfp8.passes import pipeline_for
 from onnxfp8.pipeline import PassContext, Pipeline
 from onnxfp8.plan import QuantPlan
@@ -42,6 +43,7 @@ class Prepared:
     source: str = "model"
     size_before: int = 0
     opset: int = 19
+    external: List[str] = field(default_factory=list)  # the input's external-data files (protected from -o)
 
     def working_graph(self) -> gs.Graph:
         g = self.graph.copy()
@@ -57,7 +59,12 @@ def prepare(model: Union[ModelLike, Prepared], config: Optional[QuantConfig] = N
             raise ModelError(f"{model.source}: prepared for opset {model.opset}, the config asks for {opset}")
         return model
     source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model"
-    proto = load_model(model)
+    external: list = []
+    proto = load_model(model, external=external)
+    return _prepare_loaded(proto, source, external, opset)
+
+
+def _prepare_loaded(proto: onnx.ModelProto, source: str, external: list, opset: int) -> Prepared:
     size_before = model_bytes(proto)
     proto = prepare_model(proto, opset=opset, source=source)
     graph = to_graph(proto)
@@ -65,7 +72,7 @@ def prepare(model: Union[ModelLike, Prepared], config: Optional[QuantConfig] = N
     # The light copy is re-parsed because protobuf (upb) ties a copied message's memory to its source's.
     modelio.load_values(graph)
     proto = onnx.ModelProto.FromString(modelio.light_copy(proto)[0].SerializeToString())
-    return Prepared(graph, proto, source, size_before, opset)
+    return Prepared(graph, proto, source, size_before, opset, list(external))
 
 
 def default_output(path: str, config: QuantConfig) -> str:
@@ -76,36 +83,82 @@ def default_output(path: str, config: QuantConfig) -> str:
     return f"{stem}.{tag}.onnx"
 
 
-def _refuse_overwrite(source: str, output: Optional[str]) -> None:
-    if output and source != "model" and os.path.abspath(os.fspath(output)) == os.path.abspath(source):
-        raise ModelError(f"{output}: refusing to overwrite the input model; choose another output with -o")
+def _declare(outs: Outputs, prep: Prepared, calib: Any, config: QuantConfig, output: Optional[str]) -> None:
+    """Protect the inputs and declare this run's outputs; every check before any work."""
+    if prep.source != "model":
+        outs.protect(prep.source, "the input model")
+        for f in prep.external:
+            outs.protect(f, f"an external-data file of the input model {prep.source}")
+    if isinstance(calib, (str, os.PathLike)):
+        outs.protect(calib, "the calibration data")
+    if not (config.load_stats and config.save_stats and _same_file(config.load_stats, config.save_stats)):
+        outs.protect(config.load_stats, "--load-stats")  # the same file: read, then replaced with additions
+    outs.protect(config.bn_calib, "--bn-calib")
+    outs.add(output, "the output model (-o)", model=True)
+    outs.add(config.save_stats, "--save-stats")
+    outs.validate()
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _run(model: Union[ModelLike, Prepared], calib: Any, config: QuantConfig, output: Optional[str],
+         outputs: Optional[Outputs], work) -> QuantResult:
+    """Load (or take the Prepared model), declare the files, run ``work(prep, graph, outs)``, commit."""
+    own = outputs is None
+    outs = Outputs() if own else outputs
+    try:
+        if isinstance(model, Prepared):
+            prep = prepare(model, config)
+            _declare(outs, prep, calib, config, output)
+            graph = prep.working_graph()
+        else:
+            source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model"
+            external: list = []
+            proto = load_model(model, external=external)
+            loaded = Prepared(None, proto, source, 0, config.opset, external)
+            _declare(outs, loaded, calib, config, output)  # before any work
+            prep = _prepare_loaded(proto, source, external, config.opset)
+            graph = prep.graph
+        result = work(prep, graph, outs)
+        if own:
+            outs.commit()
+        return result
+    finally:
+        if own:
+            outs.discard()
 
 
 def quantize(model: Union[ModelLike, Prepared], calib: Any = None, config: Optional[QuantConfig] = None,
              output: Optional[str] = None, pipeline: Optional[Pipeline] = None, progress=None,
-             check_model: bool = True) -> QuantResult:
+             check_model: bool = True, outputs: Optional[Outputs] = None) -> QuantResult:
     """Quantize ``model`` (a path, a ModelProto or a ``Prepared``) with calibration data ``calib`` (a folder,
     a file, an iterable of ``{input: array}`` dicts or a CalibrationData). Returns the quantized model, the
     plan (every decision: ``apply_plan`` rebuilds the model from it) and the report; writes ``output``
-    atomically when given (never over the input model)."""
+    atomically when given (never over the input model, its external data or any other input: outputs.py).
+
+    ``outputs``: an outputs.Outputs the caller declared its own artifacts in (the CLI's --plan, --report...):
+    this run's files are added to it, all are checked before any work, the model is staged there and the
+    caller commits them together. Without it the files of this call are committed before returning."""
     config = config or QuantConfig()
     start = time.perf_counter()
-    source = model.source if isinstance(model, Prepared) else (
-        os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model")
-    _refuse_overwrite(source, output)
-    prep = prepare(model, config)
-    graph = prep.working_graph() if isinstance(model, Prepared) else prep.graph
-    ctx = PassContext(config=config, source=source, progress=progress)
-    ctx.plan.config = config.to_dict()
-    if calib is not None:
-        ctx.calib = as_data(calib, prep.proto, batch_size=config.batch_size, limit=config.calib_samples)
-    pipe = pipeline or pipeline_for(config)
-    return _finish(pipe, graph, ctx, prep, config, output, check_model, start)
 
+    def work(prep: Prepared, graph: gs.Graph, outs: Outputs) -> QuantResult:
+        ctx = PassContext(config=config, source=prep.source, progress=progress, outputs=outs)
+        ctx.plan.config = config.to_dict()
+        if calib is not None:
+            ctx.calib = as_data(calib, prep.proto, batch_size=config.batch_size, limit=config.calib_samples)
+        pipe = pipeline or pipeline_for(config)
+        return _finish(pipe, graph, ctx, prep, config, output, check_model, start)
 
+    return _run(model, calib, config, output, outputs, work)
 def apply_plan(model: Union[ModelLike, Prepared], plan: Union[QuantPlan, str, os.PathLike],
                config: Optional[QuantConfig] = None, output: Optional[str] = None,
-               check_model: bool = True) -> QuantResult:
+               check_model: bool = True, outputs: Optional[Outputs] = None) -> QuantResult:
     """Rebuild the quantized model from a plan, without calibration data: the model ``quantize`` made the
     plan with, byte for byte, when the plan is unedited.
 
@@ -128,18 +181,16 @@ def apply_plan(model: Union[ModelLike, Prepared], plan: Union[QuantPlan, str, os
         plan = QuantPlan.load(plan_source)
     if config is None:
         config = QuantConfig.from_dict(plan.config, source=f"{plan_source} (config)") if plan.config else QuantConfig()
-    source = model.source if isinstance(model, Prepared) else (
-        os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model")
-    _refuse_overwrite(source, output)
-    prep = prepare(model, config)
-    graph = prep.working_graph() if isinstance(model, Prepared) else prep.graph
-    ctx = PassContext(config=config, source=source, plan=plan.copy())
-    ctx.plan.config = config.to_dict()
     from onnxfp8.passes import plan_pipeline
     from onnxfp8.passes.use_plan import UsePlan
 
-    pipe = plan_pipeline(config).replace("use_plan", UsePlan(plan_source))
-    return _finish(pipe, graph, ctx, prep, config, output, check_model, start)
+    def work(prep: Prepared, graph: gs.Graph, outs: Outputs) -> QuantResult:
+        ctx = PassContext(config=config, source=prep.source, plan=plan.copy(), outputs=outs)
+        ctx.plan.config = config.to_dict()
+        pipe = plan_pipeline(config).replace("use_plan", UsePlan(plan_source))
+        return _finish(pipe, graph, ctx, prep, config, output, check_model, start)
+
+    return _run(model, None, config, output, outputs, work)
 
 
 def _finish(pipe: Pipeline, graph: gs.Graph, ctx: PassContext, prep: Prepared, config: QuantConfig,
@@ -159,7 +210,7 @@ def _finish(pipe: Pipeline, graph: gs.Graph, ctx: PassContext, prep: Prepared, c
     report.how_to_run = RUN_EXACTLY if config.style == "qdq" else ""
     _measure(out_model, ctx, report, config)
     if output:
-        save_model(out_model, output, protect=[source] if source != "model" else [])
+        ctx.outputs.write_model(output, out_model)
     report.seconds = time.perf_counter() - start
     return QuantResult(out_model, ctx.plan, report, output)
 
@@ -168,23 +219,27 @@ def _measure(model: onnx.ModelProto, ctx: PassContext, report: QuantReport, conf
     """Output SQNR of the quantized model vs the FP32 outputs captured during calibration, on the first
     ``config.summary_count(calibration samples)`` captured samples."""
     inputs, refs = ctx.captured.inputs, ctx.captured.outputs
-    captured = ctx.captured.samples
+    captured = sum(batch_size(f) for f in inputs)
     want = min(captured, config.summary_count((ctx.calibration.samples if ctx.calibration else 0) or captured))
     if not inputs or want <= 0:
         return
     sess = make_session(model, level="basic", providers=config.providers, threads=config.threads)
     names = [o.name for o in sess.get_outputs()]
     stats = {n: ErrorStats() for n in names}
-    static = {i.name: i.shape[0] for i in sess.get_inputs() if i.shape and isinstance(i.shape[0], int)}
+    axes = getattr(ctx.calib, "axes", {})  # each input's batch axis: a fixed batch cannot run a short batch
+    static = {i.name: i.shape[axes.get(i.name, 0)] for i in sess.get_inputs()
+              if axes.get(i.name, 0) is not None and len(i.shape) > axes.get(i.name, 0)
+              and isinstance(i.shape[axes.get(i.name, 0)], int)}
+    out_axes = output_batch_axes(model, ctx.calib)
     count = 0
     for feed, ref in zip(inputs, refs):
-        n = next(iter(feed.values())).shape[0]
-        if count + n > want and not static:  # cut the last batch (outputs without the batch axis stay whole)
+        n = batch_size(feed)
+        if count + n > want and not static and out_axes is not None:  # cut the last batch
             take = want - count
-            feed = {k: v[:take] for k, v in feed.items()}
-            ref = {k: v[:take] if v.ndim and v.shape[0] == n else v for k, v in ref.items()}
+            feed = take_samples(feed, take)
+            ref = take_outputs(ref, n, take, out_axes)
             n = take
-        elif any(feed[k].shape[0] != b for k, b in static.items() if k in feed):
+        elif any(feed[k].shape[axes.get(k, 0)] != b for k, b in static.items() if k in feed):
             continue  # a short last batch a model with a fixed batch size cannot run
         got = sess.run(names, feed)
         for name, v in zip(names, got):
