@@ -1,10 +1,11 @@
 """Calibrate once, evaluate many: the two pieces every search over plans stands on.
 
-* ``Workspace`` calibrates the model once (min/max and histograms of every calibrated tensor, the statistics
-  cache of calibrators/cache.py) and then realises any number of configurations from those statistics without
-  touching the calibration data again (``realize``): other formats per tensor, other calibration methods, nodes
-  left in high precision. A realisation is a graph build, not a calibration: 0.06-0.2 s on the example
-  transformer.
+* ``Workspace`` loads and prepares the model once (quantize.prepare) and calibrates it once (min/max and
+  histograms of every calibrated tensor, the statistics cache of calibrators/cache.py); then it realises any
+  number of configurations from those statistics without touching the calibration data again (``realize``:
+  other formats per tensor, other calibration methods), and edited plans through onnxfp8.apply_plan
+  (``apply``: nodes left in high precision, formats per tensor). A realisation is a graph build, not a
+  calibration: 0.06-0.2 s on the example transformer.
 * ``Evaluator`` runs the FP32 model over the validation data once, keeps its outputs, and then scores each
   candidate with one onnxruntime pass of the quantized model (the level where Q/DQ numerics are exact): per
   output SQNR and cosine (verify/compare.ErrorStats), top-1 agreement and, with labels, the relative accuracy
@@ -250,12 +251,15 @@ class Workspace:
         else:
             self._tmp = tempfile.mkdtemp(prefix="onnxfp8-tune-")
             self.stats_path = os.path.join(self._tmp, "stats.json")
+        from onnxfp8.quantize import prepare
+
         start = time.perf_counter()
+        self.prepared = prepare(model, config)  # loaded and prepared once; every realisation copies its graph
         first = config.replace(summary_samples=0)
         if not config.load_stats:
             first = first.replace(save_stats=self.stats_path)
         try:
-            self.first = quantize(model, calib, first, progress=progress)
+            self.first = quantize(self.prepared, calib, first, progress=progress)
         except BaseException:
             self.close()
             raise
@@ -267,8 +271,15 @@ class Workspace:
         from onnxfp8.quantize import quantize
 
         self.realizations += 1
-        return quantize(self.model, None, config.replace(load_stats=self.stats_path, save_stats=None,
-                                                         summary_samples=0))
+        return quantize(self.prepared, None, config.replace(load_stats=self.stats_path, save_stats=None,
+                                                            summary_samples=0))
+
+    def apply(self, plan):
+        """The model of an (edited) plan, through onnxfp8.apply_plan: no statistics, no data."""
+        from onnxfp8.quantize import apply_plan
+
+        self.realizations += 1
+        return apply_plan(self.prepared, plan)
 
     def stats(self):
         """The saved statistics (calibrators/cache.CalibrationStats): ranges and histograms per tensor."""

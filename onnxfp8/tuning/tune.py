@@ -9,7 +9,8 @@ never on the calibration data. The search, in order, stopping at the first plan 
    layer's own SQNR in every candidate format; each layer gets the format that wins it), the best of these kept;
 3. **calibration**: the best plan so far with each other calibration method (mse, percentile, entropy...);
 4. **fallback**: the most sensitive layers (lowest own SQNR in their format) left in high precision, 1, 2, 4...
-   of them up to ``max_fallback``, then the smallest count that meets the target between the last two tried.
+   of them up to ``max_fallback``, then the smallest count that meets the target between the last two tried;
+   each is the best plan so far edited (QuantPlan.keep_fp32) and rebuilt by onnxfp8.apply_plan.
 
 Every step is a plan realised from the one set of statistics (no calibration data read again) and one
 onnxruntime pass over the validation data. When no plan meets the target the best one found is returned with
@@ -289,8 +290,11 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
         def fall(k: int) -> _Candidate:
             if k not in tried:
                 nodes = tuple(order[:k])
-                cfg = _without(anchor.config, nodes, anchor.result.plan)
-                tried[k] = attempt("fallback", f"{k} most sensitive layer(s) in FP32 ({', '.join(nodes)})", cfg,
+                plan = anchor.result.plan.copy()
+                for i, n in enumerate(nodes):
+                    plan.keep_fp32(n, f"tuning: left in FP32 (fallback {i + 1} of {k})")
+                tried[k] = attempt("fallback", f"{k} most sensitive layer(s) in FP32 ({', '.join(nodes)})",
+                                   _without(anchor.config, nodes, anchor.result.plan), result=ws.apply(plan),
                                    fallback=nodes, per_layer=anchor.per_layer)
             return tried[k]
 

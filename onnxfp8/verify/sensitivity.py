@@ -256,11 +256,15 @@ def analyse(workspace, evaluator, formats: Sequence[str] = AUTO_CANDIDATES, base
             report.model[f] = evaluator.evaluate(results[f].model, bar, f"sensitivity: {f} model").metrics()
     planned = {d.node for d in plan.quantized_nodes()}
     for s in [s for s in out if s.node in planned][:max(0, top)]:
-        only_q = workspace.realize(base.replace(format=base_format, include_nodes=(node_pattern(s.node),)))
-        s.only_quantized = evaluator.evaluate(only_q.model, bar, f"sensitivity: only {s.node} quantized").metrics()
-        only_f = workspace.realize(base.replace(format=base_format,
-                                                exclude_nodes=tuple(base.exclude_nodes) + (node_pattern(s.node),)))
-        s.only_fp32 = evaluator.evaluate(only_f.model, bar, f"sensitivity: only {s.node} in FP32").metrics()
+        only_q = plan.copy()  # the base plan edited (QuantPlan.keep_fp32), rebuilt by onnxfp8.apply_plan
+        for n in planned - {s.node}:
+            only_q.keep_fp32(n, "sensitivity: only another layer quantized")
+        m = workspace.apply(only_q).model
+        s.only_quantized = evaluator.evaluate(m, bar, f"sensitivity: only {s.node} quantized").metrics()
+        only_f = plan.copy()
+        only_f.keep_fp32(s.node, "sensitivity: this layer alone in FP32")
+        m = workspace.apply(only_f).model
+        s.only_fp32 = evaluator.evaluate(m, bar, f"sensitivity: only {s.node} in FP32").metrics()
     timings["output_level"] = time.perf_counter() - t
     report.timings = timings
     report.seconds = time.perf_counter() - start

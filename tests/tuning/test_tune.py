@@ -72,7 +72,9 @@ def test_workspace_calibrates_once_and_realizes_like_quantize(example_models):
         for cfg in (QuantConfig(format="e3m4"), QuantConfig(format="int8", calibration="mse"), QuantConfig(format="auto")):
             got = ws.realize(cfg)
             want = quantize(ex["model"], calib, cfg)
-            assert got.plan.to_json() == want.plan.to_json()  # same statistics, same decisions
+            g, w = got.plan.to_dict(), want.plan.to_dict()
+            g.pop("config", None), w.pop("config", None)  # the settings differ by load_stats / summary samples
+            assert g == w  # same statistics, same decisions
             Counting.reads = after_calibration  # the direct quantize above reads it; realize must not
         assert Counting.reads == after_calibration
 
