@@ -125,10 +125,13 @@ class Criterion:
     limit: float
     value: Optional[float]
     passed: bool
+    detail: Optional[Tuple[int, int]] = None  # "finite": (NaN/Inf in FP32, NaN/Inf in quantized only)
 
     def describe(self) -> str:
         if self.metric == "finite":
-            return f"{int(self.value or 0)} NaN/Inf value(s) where FP32 is finite"
+            ref, q = self.detail or (0, int(self.value or 0))
+            return (f"{int(self.value or 0)} element(s) NaN/Inf (FP32 model {ref}, quantized model {q}); the "
+                    f"metrics cover only the finite rest")
         key, op, label, unit = _METRICS.get(self.metric, (self.metric, "", self.metric, ""))
         shown = _fmt_value(self.metric, self.value) + unit
         limit = _fmt_value(self.metric, self.limit) + unit
@@ -188,8 +191,9 @@ class OutputResult:
 
     def judge(self, limits: Mapping[str, Optional[float]]) -> None:
         self.criteria = []
-        if self.error.q_nonfinite:
-            self.criteria.append(Criterion("finite", 0, float(self.error.q_nonfinite), False))
+        if self.error.nonfinite:  # NaN/Inf on either side fails: the metrics then cover only the finite rest
+            self.criteria.append(Criterion("finite", 0, float(self.error.nonfinite), False,
+                                           detail=(self.error.ref_nonfinite, self.error.q_nonfinite)))
         for metric, (key, op, _, _) in _METRICS.items():
             limit = limits.get(metric)
             if limit is None:
@@ -269,7 +273,7 @@ class CheckReport:
 
     def summary(self, max_layers: int = 10) -> str:
         """The compact table the CLI prints."""
-        head = ["output", "SQNR dB", "cosine", "rel L2", "max|err|", "mean|err|", "top-1", "top-5", "acc fp32>q",
+        head = ["output", "SQNR dB", "cosine", "rel L2", "NaN/Inf fp32/q", "max|err|", "mean|err|", "top-1", "top-5", "acc fp32>q",
                 "acc loss", ""]
         rows = []
         for o in self.outputs.values():
@@ -277,7 +281,10 @@ class CheckReport:
             acc = "-"
             if c is not None and c.labelled:
                 acc = f"{100 * c.accuracy_fp32:.1f}>{100 * c.accuracy_quant:.1f}%"
-            rows.append([o.name, _fmt_value("min_sqnr", o.sqnr_db), f"{o.cosine:.5f}", f"{o.rel_l2:.4g}",
+            bad = o.error.nonfinite > 0  # metrics of the finite rest would read as perfect: not shown
+            rows.append([o.name, "-" if bad else _fmt_value("min_sqnr", o.sqnr_db), "-" if bad else f"{o.cosine:.5f}",
+                         "-" if bad else f"{o.rel_l2:.4g}",
+                         f"{o.error.ref_nonfinite}/{o.error.q_nonfinite}" if bad else "0",
                          f"{o.max_abs:.4g}", f"{o.mean_abs:.4g}",
                          _pct(c.top1_agreement) if c else "-", _pct(c.top5_agreement) if c else "-", acc,
                          _pct(c.accuracy_loss) if c is not None and c.labelled else "-",
