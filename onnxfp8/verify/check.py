@@ -67,6 +67,13 @@ class Thresholds:
     # default, and setting it turns the per-layer attribution on. It catches a layer a residual path hides.
     min_layer_sqnr: Optional[float] = None
 
+    def __post_init__(self) -> None:
+        for metric in _METRICS:
+            check_threshold(metric, getattr(self, metric), metric)
+        for out, per in self.overrides.items():
+            for metric, v in per.items():
+                check_threshold(metric, v, f"{metric} for output '{out}'")
+
     def for_output(self, name: str) -> Dict[str, Optional[float]]:
         out = {k: getattr(self, k) for k in _METRICS}
         out.update(self.overrides.get(name, {}))
@@ -112,11 +119,33 @@ def _parse_value(text: str, flag: str, metric: str) -> Optional[float]:
         return None
     try:
         if t.endswith("%"):
-            return float(t[:-1]) / 100.0
-        return float(t)
+            value = float(t[:-1]) / 100.0
+            if metric in _PERCENT and not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{flag}: '{text}' is not a percentage between 0% and 100%")
+            return value
+        value = float(t)
     except ValueError:
         raise ConfigError(f"{flag}: '{text}' is not a number, a percentage or 'none' "
                           f"(use {flag} VALUE or {flag} OUTPUT=VALUE)") from None
+    if metric in _PERCENT and not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{flag}: '{text}' is a fraction over 1 (or below 0): write {text}% for a percentage "
+                          f"or a fraction like {value / 100:g}")
+    return value
+
+
+def check_threshold(metric: str, value: Optional[float], where: str) -> None:
+    """A threshold's range (ConfigError naming ``where``): fractions in [0, 1], cosine in [-1, 1], a relative
+    error >= 0, a finite SQNR."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if metric in _PERCENT and not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{where}: {value!r} is not a fraction in [0, 1] (80% is 0.8)")
+    if metric == "min_cosine" and not -1.0 <= value <= 1.0:
+        raise ConfigError(f"{where}: {value!r} is not a cosine in [-1, 1]")
+    if metric == "max_rel_error" and value < 0:
+        raise ConfigError(f"{where}: {value!r} is below 0")
 
 
 @dataclass
@@ -376,6 +405,10 @@ def check(fp32: ModelLike, quant: ModelLike, data: Any, thresholds: Optional[Thr
     model in onnx.reference on ``reference_samples`` samples and report the largest difference."""
     start = time.perf_counter()
     thresholds = _as_thresholds(thresholds)
+    for name, v, low in (("batch_size", batch_size, 1), ("samples", samples, 1), ("reference_samples", reference_samples, 1),
+                         ("max_memory_mb", max_memory_mb, 1e-9), ("threads", threads, 0)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < low):
+            raise ConfigError(f"{name} must be a number {'> 0' if low == 1e-9 else f'>= {low}'}, got {v!r}")
     fp32_name = os.fspath(fp32) if isinstance(fp32, (str, os.PathLike)) else "fp32 model"
     quant_name = os.fspath(quant) if isinstance(quant, (str, os.PathLike)) else "quantized model"
     fp32_model = load_model(fp32)
