@@ -406,9 +406,9 @@ def check(fp32: ModelLike, quant: ModelLike, data: Any, thresholds: Optional[Thr
     start = time.perf_counter()
     thresholds = _as_thresholds(thresholds)
     for name, v, low in (("batch_size", batch_size, 1), ("samples", samples, 1), ("reference_samples", reference_samples, 1),
-                         ("max_memory_mb", max_memory_mb, 1e-9), ("threads", threads, 0)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < low):
-            raise ConfigError(f"{name} must be a number {'> 0' if low == 1e-9 else f'>= {low}'}, got {v!r}")
+                         ("threads", threads, 0)):  # max_memory_mb: verify/layers.py says "must be > 0 MB"
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+            raise ConfigError(f"{name} must be a number >= {low}, got {v!r}")
     fp32_name = os.fspath(fp32) if isinstance(fp32, (str, os.PathLike)) else "fp32 model"
     quant_name = os.fspath(quant) if isinstance(quant, (str, os.PathLike)) else "quantized model"
     fp32_model = load_model(fp32)
