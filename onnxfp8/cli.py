@@ -142,6 +142,7 @@ def config_options(fn):
         click.option("--bn-ranges/--no-bn-ranges", default=None, help="After --bn-recalibrate, re-measure activation ranges on the quantized model (max calibration)."),
         click.option("--augment", multiple=True, help="Augment the --bn-recalibrate data (NCHW images): flip,crop,jitter (comma separated)."),
         click.option("--augment-seed", type=int, help="Seed of --augment (default 0)."),
+        click.option("--allow-empty", is_flag=True, default=None, help="Write the model even when no node gets quantized (without it that is an error, exit 2, naming the reasons)."),
     ]
     for o in reversed(opts):
         fn = o(fn)

@@ -16,6 +16,7 @@ from onnxfp8.errors import ModelError
 from onnxfp8 import modelio
 from onnxfp8.modelio import ModelLike, load_model, make_session, model_bytes, prepare_model, to_graph, to_model
 from onnxfp8.outputs import Outputs
+from onnxfp8.validate import control_flow_nodes, validate_model
 from onnxfp8.passes import pipeline_for
 from onnxfp8.pipeline import PassContext, Pipeline
 from onnxfp8.plan import QuantPlan
@@ -44,6 +45,7 @@ class Prepared:
     size_before: int = 0
     opset: int = 19
     external: List[str] = field(default_factory=list)  # the input's external-data files (protected from -o)
+    control_flow: List[dict] = field(default_factory=list)  # nodes inside If/Loop/Scan bodies (left FP32)
 
     def working_graph(self) -> gs.Graph:
         g = self.graph.copy()
@@ -64,7 +66,10 @@ def prepare(model: Union[ModelLike, Prepared], config: Optional[QuantConfig] = N
     return _prepare_loaded(proto, source, external, opset)
 
 
-def _prepare_loaded(proto: onnx.ModelProto, source: str, external: list, opset: int) -> Prepared:
+def _prepare_loaded(proto: onnx.ModelProto, source: str, external: list, opset: int,
+                    providers=("CPUExecutionProvider",)) -> Prepared:
+    validate_model(proto, source, providers=providers)  # one line, exit 2, before any work (validate.py)
+    control_flow = control_flow_nodes(proto)
     size_before = model_bytes(proto)
     proto = prepare_model(proto, opset=opset, source=source)
     graph = to_graph(proto)
@@ -72,7 +77,7 @@ def _prepare_loaded(proto: onnx.ModelProto, source: str, external: list, opset: 
     # The light copy is re-parsed because protobuf (upb) ties a copied message's memory to its source's.
     modelio.load_values(graph)
     proto = onnx.ModelProto.FromString(modelio.light_copy(proto)[0].SerializeToString())
-    return Prepared(graph, proto, source, size_before, opset, list(external))
+    return Prepared(graph, proto, source, size_before, opset, list(external), control_flow)
 
 
 def default_output(path: str, config: QuantConfig) -> str:
@@ -99,6 +104,25 @@ def _declare(outs: Outputs, prep: Prepared, calib: Any, config: QuantConfig, out
     outs.validate()
 
 
+def _why_empty(plan: QuantPlan, control_flow) -> str:
+    """The reasons no node was quantized, most frequent first (a few nodes named each)."""
+    reasons = {}
+    for d in plan.skipped_nodes():
+        reasons.setdefault(d.reason, []).append(d.node)
+    parts = [f"{len(v)} x {r} ({', '.join(v[:3])}{' ...' if len(v) > 3 else ''})"
+             for r, v in sorted(reasons.items(), key=lambda kv: -len(kv[1]))[:3]]
+    if control_flow:
+        parts.append(f"{len(control_flow)} candidate(s) inside If/Loop/Scan bodies, which are not quantized")
+    return "; ".join(parts) or "the graph has no node"
+
+
+def control_flow_warning(nodes) -> str:
+    shown = ", ".join(f"{d['op_type']} '{d['node']}' ({d['parent_op']} '{d['parent']}' {d['body']})" for d in nodes[:4])
+    more = f" and {len(nodes) - 4} more" if len(nodes) > 4 else ""
+    return (f"{len(nodes)} node(s) inside If/Loop/Scan bodies left FP32 (onnxfp8 does not quantize subgraphs): "
+            f"{shown}{more}")
+
+
 def _same_file(a: str, b: str) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -122,7 +146,7 @@ def _run(model: Union[ModelLike, Prepared], calib: Any, config: QuantConfig, out
             proto = load_model(model, external=external)
             loaded = Prepared(None, proto, source, 0, config.opset, external)
             _declare(outs, loaded, calib, config, output)  # before any work
-            prep = _prepare_loaded(proto, source, external, config.opset)
+            prep = _prepare_loaded(proto, source, external, config.opset, config.providers)
             graph = prep.graph
         result = work(prep, graph, outs)
         if own:
@@ -153,7 +177,7 @@ def quantize(model: Union[ModelLike, Prepared], calib: Any = None, config: Optio
         if calib is not None:
             ctx.calib = as_data(calib, prep.proto, batch_size=config.batch_size, limit=config.calib_samples)
         pipe = pipeline or pipeline_for(config)
-        return _finish(pipe, graph, ctx, prep, config, output, check_model, start)
+        return _finish(pipe, graph, ctx, prep, config, output, check_model, start, require_some=True)
 
     return _run(model, calib, config, output, outputs, work)
 def apply_plan(model: Union[ModelLike, Prepared], plan: Union[QuantPlan, str, os.PathLike],
@@ -194,10 +218,16 @@ def apply_plan(model: Union[ModelLike, Prepared], plan: Union[QuantPlan, str, os
 
 
 def _finish(pipe: Pipeline, graph: gs.Graph, ctx: PassContext, prep: Prepared, config: QuantConfig,
-            output: Optional[str], check_model: bool, start: float) -> QuantResult:
-    """Run the pipeline, export, check, measure, save: the common end of quantize and apply_plan."""
+            output: Optional[str], check_model: bool, start: float, require_some: bool = False) -> QuantResult:
+    """Run the pipeline, export, check, measure, save: the common end of quantize and apply_plan.
+    ``require_some``: a run that quantizes no node is an error unless ``config.allow_empty``."""
     source = ctx.source
     pipe.run(graph, ctx)
+    wanted = set(config.selected_op_types) - set(config.exclude_ops)
+    control_flow = [d for d in prep.control_flow if d["op_type"] in wanted]
+    if require_some and not ctx.plan.quantized_nodes() and not config.allow_empty:
+        raise ModelError(f"{source}: nothing to quantize: {_why_empty(ctx.plan, control_flow)}; "
+                         f"--allow-empty (allow_empty=True) writes the model unchanged")
     out_model = to_model(graph, like=prep.proto)
     if check_model:
         try:
@@ -208,6 +238,9 @@ def _finish(pipe: Pipeline, graph: gs.Graph, ctx: PassContext, prep: Prepared, c
                          size_before=prep.size_before, size_after=model_bytes(out_model),
                          calibration=ctx.calibration, batchnorm=ctx.bn_recalibration, patterns=ctx.patterns)
     report.how_to_run = RUN_EXACTLY if config.style == "qdq" else ""
+    if control_flow:
+        report.control_flow = control_flow
+        report.warnings.append(control_flow_warning(control_flow))
     _measure(out_model, ctx, report, config)
     if output:
         ctx.outputs.write_model(output, out_model)

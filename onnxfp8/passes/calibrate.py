@@ -25,6 +25,7 @@ from onnxfp8.calibrators.max import MaxCalibrator
 from onnxfp8.errors import DataError
 from onnxfp8.modelio import to_light_model, to_model
 from onnxfp8.pipeline import Pass, PassContext, PassResult
+from onnxfp8.validate import refuse_nonfinite
 from onnxfp8.state import CalibrationInfo, Captured
 
 def activation_tensors(graph: gs.Graph, ctx: PassContext) -> List[str]:
@@ -100,7 +101,8 @@ class Calibrate(Pass):
             if ctx.calib is not None:
                 data_fp = data_fingerprint(ctx.calib)
                 stats.check_data(data_fp.hexdigest(), data_fp.samples)
-        hist_want = tensors if cfg.save_stats else hist_needed
+        # format auto chooses activation formats from histograms: collect them here, with the ranges
+        hist_want = tensors if (cfg.save_stats or cfg.activations_auto) else hist_needed
         todo_max = [t for t in tensors if stats is None or t not in stats.minmax]
         todo_hist = [t for t in hist_want if stats is None or t not in stats.histograms]
         hist_cal = _hist_calibrator(cfg, formats)
@@ -133,12 +135,14 @@ class Calibrate(Pass):
                     progress.close()
             if res.samples == 0:
                 raise DataError(f"{ctx.source}: the calibration data holds no samples")
+            refuse_nonfinite(res.nonfinite, model, ctx.calib, ctx.source, arrays, cfg.providers, cfg.threads)
             max_cal = res.max_calibrator
         else:
             max_cal = stats.max_calibrator(tensors)
             if data is not None and cfg.capture_samples > 0:
                 res = capture_outputs(model, data, cfg.capture_samples, providers=cfg.providers,
                                       threads=cfg.threads, level="all", arrays=arrays)
+                refuse_nonfinite(res.nonfinite, model, data, ctx.source, arrays, cfg.providers, cfg.threads)
         if stats is not None:
             stats.load_histograms(hist_cal, [t for t in hist_want if t not in todo_hist])
 
@@ -162,7 +166,7 @@ class Calibrate(Pass):
             lo, hi = minmax.get(t, (0.0, 0.0))
             ctx.stats[t] = {"amax": float(ranges.get(t, 0.0)), "min": float(lo), "max": float(hi),
                             "method": methods[t][0]}
-        if hists:
+        if hists or hist_want:
             ctx.histograms = hist_cal  # format auto reads these histograms instead of collecting again
 
         samples = res.samples if res is not None and (todo_max or todo_hist) else (stats.samples if stats else 0)

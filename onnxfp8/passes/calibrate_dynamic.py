@@ -11,6 +11,7 @@ from onnxfp8.calibrators.collector import collect
 from onnxfp8.calibrators.max import MaxCalibrator
 from onnxfp8.modelio import to_model
 from onnxfp8.pipeline import Pass, PassContext, PassResult
+from onnxfp8.validate import refuse_nonfinite
 from onnxfp8.state import CalibrationInfo, Captured
 
 
@@ -21,9 +22,11 @@ class CalibrateDynamic(Pass):
         cfg = ctx.config
         if ctx.calib is None:
             return PassResult(False, ["dynamic quantization: no activation calibration (no data given)"])
-        res = collect(to_model(graph.copy()), [], ctx.calib, MaxCalibrator(), providers=cfg.providers,
+        model = to_model(graph.copy())
+        res = collect(model, [], ctx.calib, MaxCalibrator(), providers=cfg.providers,
                       threads=cfg.threads, max_memory_mb=cfg.max_memory_mb, capture=cfg.capture_samples,
                       level="all", progress=ctx.progress)
+        refuse_nonfinite(res.nonfinite, model, ctx.calib, ctx.source, None, cfg.providers, cfg.threads)
         ctx.captured = Captured(res.captured_inputs or [], res.captured_outputs or [])
         ctx.calibration = CalibrationInfo(samples=res.samples, batches=res.batches, passes=res.passes,
                                           seconds=res.seconds, dynamic=True)

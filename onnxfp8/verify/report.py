@@ -34,6 +34,8 @@ class QuantReport:
     how_to_run: str = ""
     batchnorm: Optional[BatchNormReport] = None  # BN recalibration: per-layer shifts, SQNR without/with
     patterns: List[PatternMatch] = field(default_factory=list)  # what each node-name pattern matched
+    warnings: List[str] = field(default_factory=list)  # one line each, printed as "warning: ..." (control flow)
+    control_flow: List[Dict[str, str]] = field(default_factory=list)  # nodes in If/Loop/Scan bodies left FP32
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -48,6 +50,7 @@ class QuantReport:
             "seconds": round(self.seconds, 4), "how_to_run": self.how_to_run,
             "batchnorm": json_plain(self.batchnorm.to_dict()) if self.batchnorm else {},
             "patterns": [m.to_dict() for m in self.patterns],
+            "warnings": self.warnings, "control_flow": self.control_flow,
         }
 
     def to_json(self, indent: int = 1) -> str:
@@ -92,6 +95,7 @@ class QuantReport:
         if self.how_to_run:
             lines.append(f"to compute it exactly: {self.how_to_run}")
         lines.extend(auto_summary(self.plan) + dynamic_summary(self.plan))  # auto: what won where; dynamic
+        lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
 
 

@@ -172,7 +172,7 @@ def test_fp32_recalibration_on_fitting_data_leaves_stats_unchanged(case):
 
 def test_shift_mode_without_quantization_is_exactly_a_no_op(case):
     model, x, p = case
-    res = onnxfp8.quantize(model, [{"x": x}], config=QuantConfig(op_types=("NoSuchOp",), bn_recalibrate=True,
+    res = onnxfp8.quantize(model, [{"x": x}], config=QuantConfig(op_types=("NoSuchOp",), allow_empty=True, bn_recalibrate=True,
                                                                   fold_batchnorm=False))
     inits = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
     for k in ("m1", "v1", "m2", "v2"):
@@ -370,7 +370,7 @@ def test_cli_bn_errors(case, tmp_path, runner):
     assert not out.exists()
     # without --augment the same model recalibrates (any rank): on its fitting data nothing moves
     res = runner.invoke(cli, ["quantize", fpath, "--calib", fcalib, "--bn-recalibrate", "--bn-mode", "replace",
-                              "--op-types", "NoSuchOp", "--no-fold-bn", "-o", str(out)])
+                              "--op-types", "NoSuchOp", "--no-fold-bn", "--allow-empty", "-o", str(out)])
     assert res.exit_code == 0, res.stderr
     q = {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
     np.testing.assert_allclose(q["m"], h.mean(0), rtol=1e-5, atol=1e-6)
@@ -448,7 +448,7 @@ def _static_batch_one(model, tail=False):
 def test_static_batch_is_freed_on_the_working_copy(case):
     model, x, _ = case
     calib = [{"x": x[i:i + 1]} for i in range(len(x))]
-    cfg = QuantConfig(format="int8", bn_recalibrate=True, bn_mode="replace", bn_guard=False, op_types=("NoSuchOp",))
+    cfg = QuantConfig(format="int8", bn_recalibrate=True, bn_mode="replace", bn_guard=False, op_types=("NoSuchOp",), allow_empty=True)
     dynamic = onnxfp8.quantize(model, calib, config=cfg, check_model=False).report.batchnorm.to_dict()
     static = onnxfp8.quantize(_static_batch_one(model), calib, config=cfg)
     bn = static.report.batchnorm.to_dict()
@@ -464,7 +464,7 @@ def test_static_batch_is_freed_on_the_working_copy(case):
 def test_static_batch_falls_back_when_the_model_needs_it(case):
     model, x, _ = case
     calib = [{"x": x[i:i + 1]} for i in range(len(x))]
-    cfg = QuantConfig(format="int8", bn_recalibrate=True, bn_mode="replace", bn_guard=False, op_types=("NoSuchOp",))
+    cfg = QuantConfig(format="int8", bn_recalibrate=True, bn_mode="replace", bn_guard=False, op_types=("NoSuchOp",), allow_empty=True)
     res = onnxfp8.quantize(_static_batch_one(model, tail=True), calib, config=cfg)
     bn = res.report.batchnorm.to_dict()
     assert (bn["samples"], bn["batches"]) == (96, 96)
