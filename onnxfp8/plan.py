@@ -44,6 +44,11 @@ class NodeDecision:
 class QuantPlan:
     nodes: Dict[str, NodeDecision] = field(default_factory=dict)
     tensors: Dict[str, QuantSpec] = field(default_factory=dict)
+    # function-preserving FP32 rewrites done before quantization, in order, each a dict with "pass" and "kind"
+    # (passes/equalize.py: equalize.scale / equalize.absorb / bias_correction.bias; passes/smoothquant.py:
+    # smoothquant.smooth): which nodes and tensors were rescaled and by what, enough to redo them
+    # without data (equalize.replay, smoothquant.replay)
+    transforms: List[Dict[str, Any]] = field(default_factory=list)
 
     # -- queries ------------------------------------------------------------------------------------
     def quantized_nodes(self) -> List[NodeDecision]:
@@ -70,6 +75,7 @@ class QuantPlan:
             "nodes": [asdict(d) for d in self.nodes.values()],
             # not asdict: it deep-copies every per-channel scale list before json_plain copies it again
             "tensors": [json_plain({f.name: getattr(s, f.name) for f in fields(s)}) for s in self.tensors.values()],
+            "transforms": [json_plain(t) for t in self.transforms],
         }
 
     def to_json(self, indent: int = 1) -> str:
@@ -86,6 +92,7 @@ class QuantPlan:
             s = dict(s)
             s["candidates"] = {k: float(v) for k, v in s.get("candidates", {}).items()}  # "inf" -> inf
             plan.tensors[s["tensor"]] = QuantSpec(**s)
+        plan.transforms = [dict(t) for t in data.get("transforms", [])]
         return plan
 
     @classmethod
