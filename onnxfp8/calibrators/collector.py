@@ -473,8 +473,7 @@ def _channel_nodes(t: str, rank: int, req: ChannelRequest, i: int, g: onnx.Graph
         if axis != rank - 1:
             raise ValueError(f"row samples of '{t}' need the channel axis last")
         flat, rows = f"{t}__onnxfp8_ch_flat", f"{t}__onnxfp8_ch_rows"
-        nodes.append(helper.make_node("Reshape", [t, axes_const(f"{t}__onnxfp8_ch_2d", [-1, 0])], [flat],
-                                      name=f"{pre}_flat"))
+        nodes.append(helper.make_node("Flatten", [t], [flat], axis=rank - 1, name=f"{pre}_flat"))
         # every 7th row (tokens of one sequence are alike), at most req.rows of them per batch
         nodes.append(helper.make_node("Slice", [flat, axes_const(f"{t}__onnxfp8_ch_s0", [0]),
                                                 axes_const(f"{t}__onnxfp8_ch_s1", [7 * req.rows]),
