@@ -99,7 +99,7 @@ class Pipeline:
                 p.ensures(graph, ctx)
                 if result.modified:
                     _check_names(graph)
-            except OnnxFp8Error:
+            except (OnnxFp8Error, MemoryError):
                 raise
             except Exception as e:
                 before = ", ".join(done) if done else "none"

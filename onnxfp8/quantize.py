@@ -9,11 +9,12 @@ from typing import Any, Optional, Union
 
 import onnx
 
-from onnxfp8.calibrators.data import as_data
+from onnxfp8.calibrators.data import as_data, batch_size, output_batch_axes, take_outputs, take_samples
 from onnxfp8.config import QuantConfig
 from onnxfp8.errors import ModelError
 from onnxfp8 import modelio
-from onnxfp8.modelio import ModelLike, load_model, make_session, model_bytes, prepare_model, save_model, to_graph, to_model
+from onnxfp8.modelio import ModelLike, load_model, make_session, model_bytes, prepare_model, to_graph, to_model
+from onnxfp8.outputs import Outputs
 from onnxfp8.passes import pipeline_for
 from onnxfp8.pipeline import PassContext, Pipeline
 from onnxfp8.plan import QuantPlan
@@ -39,16 +40,52 @@ def default_output(path: str, config: QuantConfig) -> str:
 
 def quantize(model: Union[ModelLike], calib: Any = None, config: Optional[QuantConfig] = None,
              output: Optional[str] = None, pipeline: Optional[Pipeline] = None, progress=None,
-             check_model: bool = True) -> QuantResult:
+             check_model: bool = True, outputs: Optional[Outputs] = None) -> QuantResult:
     """Quantize ``model`` (a path or a ModelProto) with calibration data ``calib`` (a folder, a file, an
     iterable of ``{input: array}`` dicts or a CalibrationData). Returns the quantized model, the plan and
-    the report; writes ``output`` atomically when given (never over the input model)."""
+    the report; writes ``output`` atomically when given (never over the input model, its external data or
+    any other input: outputs.py).
+
+    ``outputs``: an outputs.Outputs the caller declared its own artifacts in (the CLI's --plan, --report...):
+    this run's files are added to it, all are checked before any work, the model is staged there and the
+    caller commits them together. Without it the files of this call are committed before returning."""
     config = config or QuantConfig()
     start = time.perf_counter()
     source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model"
-    if output and source != "model" and os.path.abspath(os.fspath(output)) == os.path.abspath(source):
-        raise ModelError(f"{output}: refusing to overwrite the input model; choose another output with -o")
-    proto = load_model(model)
+    own = outputs is None
+    outs = Outputs() if own else outputs
+    try:
+        external: list = []
+        proto = load_model(model, external=external)
+        if source != "model":
+            outs.protect(source, "the input model")
+            for f in external:
+                outs.protect(f, f"an external-data file of the input model {source}")
+        if isinstance(calib, (str, os.PathLike)):
+            outs.protect(calib, "the calibration data")
+        if not (config.load_stats and config.save_stats and _same_file(config.load_stats, config.save_stats)):
+            outs.protect(config.load_stats, "--load-stats")  # the same file: read, then replaced with additions
+        outs.protect(config.bn_calib, "--bn-calib")
+        outs.add(output, "the output model (-o)", model=True)
+        outs.add(config.save_stats, "--save-stats")
+        outs.validate()  # every output check before any work
+        result = _quantize(proto, source, calib, config, output, pipeline, progress, check_model, outs, start)
+        if own:
+            outs.commit()
+        return result
+    finally:
+        if own:
+            outs.discard()
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _quantize(proto, source, calib, config, output, pipeline, progress, check_model, outs, start) -> QuantResult:
     size_before = model_bytes(proto)
     proto = prepare_model(proto, opset=config.opset, source=source)
     graph = to_graph(proto)
@@ -57,6 +94,7 @@ def quantize(model: Union[ModelLike], calib: Any = None, config: Optional[QuantC
     modelio.load_values(graph)
     proto = onnx.ModelProto.FromString(modelio.light_copy(proto)[0].SerializeToString())
     ctx = PassContext(config=config, source=source)
+    ctx.extras["outputs"] = outs  # passes that write files (calibrate --save-stats) stage them there
     if progress is not None:
         ctx.extras["progress"] = progress
     if calib is not None:
@@ -76,7 +114,7 @@ def quantize(model: Union[ModelLike], calib: Any = None, config: Optional[QuantC
     report.how_to_run = RUN_EXACTLY if config.style == "qdq" else ""
     _measure(out_model, ctx, report, config)
     if output:
-        save_model(out_model, output, protect=[source] if source != "model" else [])
+        outs.write_model(output, out_model)
     report.seconds = time.perf_counter() - start
     return QuantResult(out_model, ctx.plan, report, output)
 
@@ -86,23 +124,27 @@ def _measure(model: onnx.ModelProto, ctx: PassContext, report: QuantReport, conf
     ``config.summary_count(calibration samples)`` captured samples."""
     inputs = ctx.extras.get("captured_inputs") or []
     refs = ctx.extras.get("captured_outputs") or []
-    captured = sum(next(iter(f.values())).shape[0] for f in inputs)
+    captured = sum(batch_size(f) for f in inputs)
     want = min(captured, config.summary_count(ctx.extras.get("calibration", {}).get("samples") or captured))
     if not inputs or want <= 0:
         return
     sess = make_session(model, level="basic", providers=config.providers, threads=config.threads)
     names = [o.name for o in sess.get_outputs()]
     stats = {n: ErrorStats() for n in names}
-    static = {i.name: i.shape[0] for i in sess.get_inputs() if i.shape and isinstance(i.shape[0], int)}
+    axes = getattr(ctx.calib, "axes", {})  # each input's batch axis: a fixed batch cannot run a short batch
+    static = {i.name: i.shape[axes.get(i.name, 0)] for i in sess.get_inputs()
+              if axes.get(i.name, 0) is not None and len(i.shape) > axes.get(i.name, 0)
+              and isinstance(i.shape[axes.get(i.name, 0)], int)}
+    out_axes = output_batch_axes(model, ctx.calib)
     count = 0
     for feed, ref in zip(inputs, refs):
-        n = next(iter(feed.values())).shape[0]
-        if count + n > want and not static:  # cut the last batch (outputs without the batch axis stay whole)
+        n = batch_size(feed)
+        if count + n > want and not static and out_axes is not None:  # cut the last batch
             take = want - count
-            feed = {k: v[:take] for k, v in feed.items()}
-            ref = {k: v[:take] if v.ndim and v.shape[0] == n else v for k, v in ref.items()}
+            feed = take_samples(feed, take)
+            ref = take_outputs(ref, n, take, out_axes)
             n = take
-        elif any(feed[k].shape[0] != b for k, b in static.items() if k in feed):
+        elif any(feed[k].shape[axes.get(k, 0)] != b for k, b in static.items() if k in feed):
             continue  # a short last batch a model with a fixed batch size cannot run
         got = sess.run(names, feed)
         for name, v in zip(names, got):

@@ -179,7 +179,13 @@ class Calibrate(Pass):
             out.add_max(max_cal, tensors)
             out.add_histograms(hist_cal, tensors)
             out.source = ctx.source
-            out.save(cfg.save_stats)
+            staged = ctx.extras.get("outputs")
+            if staged is not None and cfg.save_stats in staged.paths:  # renamed with the run's other files
+                import json
+
+                staged.write_text(cfg.save_stats, json.dumps(out.to_dict(), separators=(",", ":")))
+            else:
+                out.save(cfg.save_stats)
             info["saved_stats"] = cfg.save_stats
         ctx.extras["calibration"] = info
 
