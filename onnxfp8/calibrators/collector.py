@@ -517,7 +517,7 @@ def channel_stats(model: onnx.ModelProto, requests: Dict[str, ChannelRequest], d
     sess = make_session(m, level=level, providers=providers, threads=threads, arrays=arrays)
     for batch in data.batches():
         values = dict(zip(fetch, sess.run(fetch, batch)))
-        n = _batch_size(batch)
+        n = batch_size(batch)
         for t, (req, r, outs) in slots.items():
             a = acc[t]
             shape = values[outs[len(req.kinds)]]
