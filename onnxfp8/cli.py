@@ -142,6 +142,7 @@ def config_options(fn):
         click.option("--bn-ranges/--no-bn-ranges", default=None, help="After --bn-recalibrate, re-measure activation ranges on the quantized model (max calibration)."),
         click.option("--augment", multiple=True, help="Augment the --bn-recalibrate data (NCHW images): flip,crop,jitter (comma separated)."),
         click.option("--augment-seed", type=int, help="Seed of --augment (default 0)."),
+        click.option("--allow-empty", is_flag=True, default=None, help="Write the model even when no node gets quantized (without it that is an error, exit 2, naming the reasons)."),
         click.option("--equalize/--no-equalize", default=None, help="Cross-layer equalization (Nagel et al. 2019) of Conv/Gemm/MatMul pairs through Relu-like ops before quantizing (same FP32 function), with bias absorption and, unless --no-bias-correction, bias correction from the calibration data (docs/transforms.md)."),
         click.option("--bias-correction/--no-bias-correction", default=None, help="Correct the biases of quantized layers for the expected shift their weights' quantization causes (measured on the calibration data; default: on with --equalize)."),
         click.option("--smoothquant", is_flag=False, flag_value="auto", default=None, metavar="[ALPHA]", help="SmoothQuant (Xiao et al. 2022): move per-channel activation outliers of MatMul/Gemm inputs into the weights, folded into the op before where possible. ALPHA in [0, 1], or alone: alpha per layer from the calibration data (a grid search on the layer's own error); 'off' turns a recipe's off."),
@@ -282,11 +283,12 @@ def check(fp32, quant, data, samples, batch_size, json_path, max_memory_mb, prov
 @click.option("--check", "do_check", is_flag=True, help="Then check the quantized model against MODEL on --val data (exit 1 when a threshold fails).")
 @click.option("--val", type=click.Path(), help="Validation data for --check (same formats as --calib).")
 @click.option("--check-json", type=click.Path(), help="With --check: write the check report (JSON) here.")
+@click.option("--apply-plan", "apply_plan", type=click.Path(), help="Rebuild the quantized model from a plan written by --plan (possibly edited: formats, scales, nodes left FP32), without calibration data; the settings come from the plan (--style, --providers, --threads may change).")
 @check_options
 @config_options
 @handle_errors
-def quantize(model, calib, output, plan_path, report_path, quiet, do_check, val, check_json, **kw):
-    """Quantize MODEL to FP8 (or INT8) with calibration data."""
+def quantize(model, calib, output, plan_path, report_path, quiet, do_check, val, check_json, apply_plan, **kw):
+    """Quantize MODEL to FP8 (or INT8) with calibration data (or from a saved plan: --apply-plan)."""
     from onnxfp8.errors import ConfigError
     from onnxfp8.quantize import default_output, quantize as run
 
@@ -297,30 +299,35 @@ def quantize(model, calib, output, plan_path, report_path, quiet, do_check, val,
         used = "--val" if val else ("--check-json" if check_json else ck["given"][0])
         raise ConfigError(f"{used} is only used with --check")
     check_memory = kw.get("max_memory_mb") or 32  # --max-memory given: it bounds the --layers exposure too
-    config = build_config(kw)
-    output = output or default_output(model, config)
     from onnxfp8.outputs import Outputs
     from onnxfp8.progress import progress_for
 
+    if apply_plan:
+        config, plan = _plan_config(apply_plan, calib, kw)
+    else:
+        config = build_config(kw)
+    output = output or default_output(model, config)
     code = 0
     with Outputs() as outs:  # every file is checked before any work, and renamed into place together at the end
         outs.protect(val, "the validation data (--val)")
         outs.protect(ck["labels"], "--labels")
+        outs.protect(apply_plan, "the plan (--apply-plan)")
         outs.add(plan_path, "--plan")
         outs.add(report_path, "--report")
         outs.add(check_json, "--check-json")
-        result = run(model, calib, config=config, output=output, progress=progress_for(sys.stderr, quiet),
-                     outputs=outs)
+        if apply_plan:
+            from onnxfp8.quantize import apply_plan as run_plan
+
+            result = run_plan(model, plan, config=config, output=output, outputs=outs)
+        else:
+            result = run(model, calib, config=config, output=output, progress=progress_for(sys.stderr, quiet),
+                         outputs=outs)
         if plan_path:
             outs.write_text(plan_path, result.plan.to_json())
         if report_path:
             outs.write_text(report_path, result.report.to_json())
         if not quiet:
-            click.echo(result.report.summary())
-            from onnxfp8.passes.assign_formats import auto_summary, dynamic_summary
-
-            for line in auto_summary(result.plan) + dynamic_summary(result.plan):  # auto: what won where; dynamic
-                click.echo(line)
+            click.echo(result.report.summary())  # with what format auto chose where, and the dynamic scales
         if do_check:
             code = _run_check(model, result.model, val, ck, check_json, quiet, batch_size=config.batch_size,
                               samples=None, max_memory_mb=check_memory, providers=config.providers,
@@ -329,6 +336,34 @@ def quantize(model, calib, output, plan_path, report_path, quiet, do_check, val,
     if not quiet:
         click.echo(f"wrote {output}")
     sys.exit(code)
+
+
+# what may change when a plan is applied: how the decisions are written out and run, not the decisions
+_PLAN_FLAGS = ("style", "providers", "threads")
+
+
+def _plan_config(path: str, calib, kw: Dict[str, Any]):
+    """The plan at ``path`` and the config to apply it with: the plan's settings, with --style / --providers /
+    --threads on top. Options that make decisions are refused: the plan holds them (edit the plan)."""
+    from onnxfp8.config import QuantConfig
+    from onnxfp8.errors import ConfigError
+    from onnxfp8.plan import QuantPlan
+
+    if calib:
+        raise ConfigError(f"--calib: {path} holds the decisions, --apply-plan needs no data "
+                          f"(measure the result with --check --val DIR)")
+    for key, value in kw.items():
+        if key not in _PLAN_FLAGS and value not in (None, ()):
+            flag = {"format_": "format", "max_memory_mb": "max-memory", "fold_bn": "fold-bn"}.get(key, key)
+            raise ConfigError(f"--{flag.replace('_', '-')}: the plan {path} holds the decisions; edit the plan "
+                              f"instead of passing options with --apply-plan")
+    plan = QuantPlan.load(path)
+    data = dict(plan.config)
+    for key in _PLAN_FLAGS:
+        value = kw.get(key)
+        if value not in (None, ()):
+            data[key] = _split(value) if key == "providers" else value
+    return QuantConfig.from_dict(data, source=f"{path} (config)"), plan
 
 
 @cli.command()

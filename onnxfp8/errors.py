@@ -30,6 +30,18 @@ class PassError(OnnxFp8Error):
 
     exit_code = 3
 
+    def __init__(self, message: str = "", pass_name: str = ""):
+        super().__init__(message)
+        self.pass_name = pass_name
+
+
+class PreconditionError(PassError):
+    """A pass's ``requires`` found the graph or the context not in the state the pass needs."""
+
+
+class PostconditionError(PassError):
+    """A pass's ``ensures`` found the state the pass promises broken after it ran."""
+
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_CODES = ("Exit codes: 0 success; 1 a quality gate failed (check threshold, lint finding); 2 bad input or "

@@ -36,10 +36,10 @@ from onnxfp8.calibrators.data import (Batch, CalibrationData, batch_size, output
                                      take_samples)
 from onnxfp8.calibrators.max import MaxCalibrator
 from onnxfp8.modelio import make_session
+from onnxfp8.names import SIZE_SUFFIX
 
 MAX_SUFFIX = "__onnxfp8_max"
 MIN_SUFFIX = "__onnxfp8_min"
-SIZE_SUFFIX = "__onnxfp8_size"
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 _GMP_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
@@ -71,10 +71,14 @@ class CollectResult:
     sizes: Dict[str, int] = field(default_factory=dict)  # tensor -> elements per batch (largest seen)
     min_bounded: List[str] = field(default_factory=list)  # non-negative tensors: min is the bound 0.0
     max_calibrator: Optional[MaxCalibrator] = None  # the max statistics (always collected or given)
+    # tensors (reduced ones and graph outputs) seen NaN/Inf -> index of the first batch where they were: the
+    # reductions carry Inf, and NaN when onnxruntime's max/min propagate it (not always); the graph outputs,
+    # fetched anyway, are checked whole
+    nonfinite: Dict[str, int] = field(default_factory=dict)
 
 
 # -- graph analysis ------------------------------------------------------------------------------------
-def _tensor_types(model: onnx.ModelProto) -> Dict[str, onnx.TypeProto]:
+def tensor_types(model: onnx.ModelProto) -> Dict[str, onnx.TypeProto]:
     out = {}
     for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
         out[vi.name] = vi.type
@@ -87,7 +91,7 @@ def _rank(tp: Optional[onnx.TypeProto]) -> Optional[int]:
     return len(tp.tensor_type.shape.dim)
 
 
-def _elem_type(tp: Optional[onnx.TypeProto]) -> Optional[int]:
+def elem_type(tp: Optional[onnx.TypeProto]) -> Optional[int]:
     if tp is None or not tp.HasField("tensor_type"):
         return None
     return tp.tensor_type.elem_type or None
@@ -135,27 +139,27 @@ def _float_tensors(model: onnx.ModelProto, tensors: Sequence[str]) -> List[str]:
     """Keep tensors that exist in the graph (produced by a node or a graph input) and are not known to hold
     anything but floats."""
     produced = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
-    types = _tensor_types(model)
+    types = tensor_types(model)
     out = []
     for t in tensors:
-        et = _elem_type(types.get(t))
+        et = elem_type(types.get(t))
         if t in produced and (et is None or et in _FLOAT_TYPES):
             out.append(t)
     return out
 
 
-def _augment_reduce(model: onnx.ModelProto, tensors: Sequence[str], sized: Set[str] = frozenset(),
+def augment_reduce(model: onnx.ModelProto, tensors: Sequence[str], sized: Set[str] = frozenset(),
                     nonneg: Set[str] = frozenset()) -> onnx.ModelProto:
     """A copy of ``model`` with per-tensor reductions as extra outputs ``<t>__onnxfp8_max`` (and ``_min``
     unless ``t`` is in ``nonneg``, ``_size`` when ``t`` is in ``sized``)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
-    types = _tensor_types(model)
+    types = tensor_types(model)
     added: Dict[str, List[onnx.NodeProto]] = {}  # tensor -> its reduction nodes
     for i, t in enumerate(tensors):
         rank = _rank(types.get(t))
-        et = _elem_type(types.get(t))
+        et = elem_type(types.get(t))
         src = t
         nodes = added.setdefault(t, [])
         if rank is not None and rank >= 3 and (et is None or et in _GMP_TYPES):
@@ -185,10 +189,10 @@ def _augment_expose(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.Mode
     m = onnx.ModelProto()
     m.CopyFrom(model)
     outputs = {o.name for o in m.graph.output}
-    types = _tensor_types(model)
+    types = tensor_types(model)
     for t in tensors:
         if t not in outputs:
-            m.graph.output.append(helper.make_tensor_value_info(t, _elem_type(types.get(t)) or onnx.TensorProto.FLOAT,
+            m.graph.output.append(helper.make_tensor_value_info(t, elem_type(types.get(t)) or onnx.TensorProto.FLOAT,
                                                                 None))
     return m
 
@@ -271,7 +275,7 @@ def collect(model: onnx.ModelProto, tensors: Sequence[str], data: CalibrationDat
     pass_no = 0
     if run_max_pass:
         pass_no += 1
-        session = make_session(_augment_reduce(model, reduced, sized, bounded), level=level, arrays=arrays,
+        session = make_session(augment_reduce(model, reduced, sized, bounded), level=level, arrays=arrays,
                                providers=providers, threads=threads)
         fetch = list(out_names)
         slots = []
@@ -296,8 +300,11 @@ def collect(model: onnx.ModelProto, tensors: Sequence[str], data: CalibrationDat
                 lo = float(values[lo_i]) if lo_i is not None else min(0.0, hi)
                 if t in update and np.isfinite(hi) and np.isfinite(lo):
                     max_cal.observe_reduced(t, hi, lo)
+                elif not (np.isfinite(hi) and np.isfinite(lo)):
+                    result.nonfinite.setdefault(t, result.batches)
                 if size_i is not None:
                     result.sizes[t] = max(result.sizes.get(t, 0), int(values[size_i]))
+            _note_nonfinite(result, out_names, values[:k])
             cap.add(batch, dict(zip(out_names, values[:k])))
             result.samples += batch_size(batch)
             result.batches += 1
@@ -325,6 +332,7 @@ def collect(model: onnx.ModelProto, tensors: Sequence[str], data: CalibrationDat
                     calibrator.observe(t, v)
                 if need_outputs:
                     by_name = dict(zip(fetch, values))
+                    _note_nonfinite(result, out_names, [by_name[o] for o in out_names])
                     cap.add(batch, {o: by_name[o] for o in out_names})
                     result.samples += batch_size(batch)
                     result.batches += 1
@@ -362,7 +370,9 @@ def capture_outputs(model: onnx.ModelProto, data: CalibrationData, count: int, *
         take = min(n, count - cap.count)
         if take < n:
             batch = take_samples(batch, take)
-        cap.add(batch, dict(zip(out_names, sess.run(out_names, batch))))
+        got = sess.run(out_names, batch)
+        _note_nonfinite(result, out_names, got)
+        cap.add(batch, dict(zip(out_names, got)))
         result.samples += take
         result.batches += 1
         if cap.full:
@@ -370,6 +380,13 @@ def capture_outputs(model: onnx.ModelProto, data: CalibrationData, count: int, *
     result.passes = 1
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _note_nonfinite(result: CollectResult, names: Sequence[str], values: Sequence[Any]) -> None:
+    for name, v in zip(names, values):
+        v = np.asarray(v)
+        if name not in result.nonfinite and v.dtype.kind == "f" and v.size and not np.isfinite(v).all():
+            result.nonfinite[name] = result.batches
 
 
 def _groups(tensors: Sequence[str], sizes: Dict[str, int], budget_bytes: int) -> List[List[str]]:
@@ -394,7 +411,7 @@ def _groups_by_static_size(model: onnx.ModelProto, tensors: Sequence[str], data:
                            budget_bytes: int) -> List[List[str]]:
     """Groups from the inferred shapes (batch dimension = the data's batch size) when no max pass measured the
     sizes. A tensor with an unknown dimension counts as the whole budget (a group of its own)."""
-    types = _tensor_types(model)
+    types = tensor_types(model)
     sizes: Dict[str, int] = {}
     for t in tensors:
         tp = types.get(t)
@@ -499,7 +516,7 @@ def channel_stats(model: onnx.ModelProto, requests: Dict[str, ChannelRequest], d
     pass does): ``{tensor: {"absmax" | "min" | "max": [C], "mean": [C], "rows": [R, C], "samples": n}}``.
     Means are exact over every element (sums and element counts). ``rank``: tensor ranks where the model's
     shapes do not tell (a tensor of unknown rank is left out)."""
-    types = _tensor_types(model)
+    types = tensor_types(model)
     m = onnx.ModelProto()
     m.CopyFrom(model)
     del m.graph.output[:]

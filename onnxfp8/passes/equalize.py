@@ -368,7 +368,7 @@ def find_pairs(graph: gs.Graph, notes: Optional[List[str]] = None) -> List[Pair]
 
 
 # -- applying (and replaying) the records --------------------------------------------------------------------
-def _nodes(graph: gs.Graph) -> Dict[str, gs.Node]:
+def nodes_by_name(graph: gs.Graph) -> Dict[str, gs.Node]:
     return {n.name: n for n in graph.nodes}
 
 
@@ -383,7 +383,7 @@ def _layer_by_name(by_name: Dict[str, gs.Node], name: str) -> Layer:
 def apply_scale(graph: gs.Graph, rec: Dict[str, Any]) -> None:
     """Divide output channel i of ``rec["first"]`` by ``S_i`` and multiply input channel i of every
     ``rec["second"]`` by it; ops in between that need it (Clip, Max/Min constants) follow."""
-    by_name = _nodes(graph)
+    by_name = nodes_by_name(graph)
     first = _layer_by_name(by_name, rec["first"])
     S = np.asarray(rec["scale"], np.float64)
     w = first.weight
@@ -440,7 +440,7 @@ def _scale_chain_op(graph: gs.Graph, n: gs.Node, S: np.ndarray, axis: int, rank:
 
 def replay_chain_names(graph: gs.Graph, rec: Dict[str, Any]) -> List[str]:
     """The names of the chain after a Clip rewrite (``Clip`` -> ``Clip/max``, ``Clip/min``)."""
-    by_name = _nodes(graph)
+    by_name = nodes_by_name(graph)
     out = []
     for name in rec.get("through", []):
         if name in by_name:
@@ -452,7 +452,7 @@ def replay_chain_names(graph: gs.Graph, rec: Dict[str, Any]) -> List[str]:
 
 def apply_absorb(graph: gs.Graph, rec: Dict[str, Any]) -> None:
     """``b1 -= c``, ``b2 += W2 c`` for every second layer, Min bounds on the way ``-= c``."""
-    by_name = _nodes(graph)
+    by_name = nodes_by_name(graph)
     first = _layer_by_name(by_name, rec["first"])
     c = np.asarray(rec["shift"], np.float64)
     b = first.bias()
@@ -473,7 +473,7 @@ def apply_absorb(graph: gs.Graph, rec: Dict[str, Any]) -> None:
 
 def apply_bias(graph: gs.Graph, rec: Dict[str, Any]) -> None:
     """Bias correction: ``b -= delta``."""
-    layer = _layer_by_name(_nodes(graph), rec["node"])
+    layer = _layer_by_name(nodes_by_name(graph), rec["node"])
     d = np.asarray(rec["delta"], np.float64)
     b = layer.bias()
     layer.set_bias((b if b is not None else np.zeros(d.size)) - d)
@@ -482,13 +482,17 @@ def apply_bias(graph: gs.Graph, rec: Dict[str, Any]) -> None:
 APPLY = {"equalize.scale": apply_scale, "equalize.absorb": apply_absorb, "bias_correction.bias": apply_bias}
 
 
-def replay(graph: gs.Graph, records: Sequence[Dict[str, Any]]) -> int:
-    """Redo recorded transforms (``plan.transforms``) on ``graph`` without data; returns how many. Records of
-    passes this module does not know are left to theirs (smoothquant.replay)."""
+def replay(graph: gs.Graph, records: Sequence[Dict[str, Any]], passes: Sequence[str] = ("equalize", "bias_correction")
+           ) -> int:
+    """Redo recorded transforms (``plan.transforms``) of ``passes`` on ``graph`` without data, in their order;
+    returns how many."""
+    from onnxfp8.passes.smoothquant import apply_smooth
+
+    table = dict(APPLY, **{"smoothquant.smooth": apply_smooth})
     done = 0
     for rec in records:
-        fn = APPLY.get(f"{rec.get('pass')}.{rec.get('kind')}")
-        if fn is not None:
+        fn = table.get(f"{rec.get('pass')}.{rec.get('kind')}")
+        if fn is not None and rec.get("pass") in passes:
             fn(graph, rec)
             done += 1
     if done:
@@ -496,8 +500,19 @@ def replay(graph: gs.Graph, records: Sequence[Dict[str, Any]]) -> int:
     return done
 
 
+class ReplayTransforms(Pass):
+    """apply_plan: redo the plan's transforms (equalize, smoothquant, bias_correction records) without data,
+    where ``use_plan`` expects the graph they made."""
+
+    name = "replay_transforms"
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        done = replay(graph, ctx.plan.transforms, ("equalize", "smoothquant", "bias_correction"))
+        return PassResult(bool(done), [f"{done} recorded transform(s) redone"])
+
+
 # -- the equalization pass ----------------------------------------------------------------------------------
-def _light(graph: gs.Graph):
+def light_model(graph: gs.Graph):
     from onnxfp8.modelio import to_light_model
 
     return to_light_model(graph.copy())
@@ -520,7 +535,7 @@ def pair_statistics(graph: gs.Graph, pairs: Sequence[Pair], ctx: PassContext) ->
                 r.kinds = r.kinds + (kind,)
             if _rank(t):
                 ranks[t.name] = _rank(t)
-    model, arrays = _light(graph)
+    model, arrays = light_model(graph)
     cfg = ctx.config
     got = channel_stats(model, requests, ctx.calib, providers=cfg.providers, threads=cfg.threads, arrays=arrays,
                         rank=ranks)
@@ -687,7 +702,7 @@ class BiasCorrection(Pass):
 
             raise DataError(f"{ctx.source}: bias correction measures the layers' inputs on calibration data: "
                             f"pass --calib DIR (or --no-bias-correction)")
-        by_name = _nodes(graph)
+        by_name = nodes_by_name(graph)
         layers: List[Tuple[Layer, np.ndarray]] = []
         skipped = 0
         for d in ctx.plan.quantized_nodes():
@@ -709,7 +724,7 @@ class BiasCorrection(Pass):
             return PassResult(False, ["no quantized layer whose bias can be corrected"])
         # a copy of the graph with a dW-layer beside every layer: their per-channel means are E[dW x]
         work = graph.copy()
-        wby = _nodes(work)
+        wby = nodes_by_name(work)
         from onnxfp8.calibrators.collector import ChannelRequest, channel_stats
         from onnxfp8.modelio import to_light_model
 

@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxfp8.passes.equalize import Layer, _nodes, as_layer, owned
+from onnxfp8.passes.equalize import Layer, as_layer, nodes_by_name, owned
 from onnxfp8.pipeline import Pass, PassContext, PassResult
 
 ALPHAS = (0.25, 0.4, 0.5, 0.6, 0.75, 0.9)
@@ -130,7 +130,7 @@ def _divide_const(n: gs.Node, s: np.ndarray, k: int, index: Optional[int] = None
 
 def apply_smooth(graph: gs.Graph, rec: Dict[str, Any]) -> None:
     """Redo one ``smoothquant.smooth`` record: readers' weights times ``s``, ``1/s`` into ``rec["fold"]``."""
-    by_name = _nodes(graph)
+    by_name = nodes_by_name(graph)
     s = np.asarray(rec["scale"], np.float64)
     k = s.size
     fold, _, names = rec["fold"].partition(":")
@@ -176,14 +176,9 @@ def apply_smooth(graph: gs.Graph, rec: Dict[str, Any]) -> None:
 
 def replay(graph: gs.Graph, records: Sequence[Dict[str, Any]]) -> int:
     """Redo the ``smoothquant`` records of ``plan.transforms`` on ``graph``; returns how many."""
-    done = 0
-    for rec in records:
-        if rec.get("pass") == "smoothquant" and rec.get("kind") == "smooth":
-            apply_smooth(graph, rec)
-            done += 1
-    if done:
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    return done
+    from onnxfp8.passes.equalize import replay as replay_records
+
+    return replay_records(graph, records, ("smoothquant",))
 
 
 def _fake(fmt, x: np.ndarray, scale, axis=None) -> np.ndarray:
@@ -228,7 +223,7 @@ class SmoothQuant(Pass):
 
             raise DataError(f"{ctx.source}: smoothquant measures the activations' channel ranges on calibration "
                             f"data: pass --calib DIR")
-        by_name = _nodes(graph)
+        by_name = nodes_by_name(graph)
         groups: Dict[str, List[Layer]] = {}
         notes: List[str] = []
         for d in ctx.plan.quantized_nodes():
@@ -252,7 +247,7 @@ class SmoothQuant(Pass):
         if not groups:
             return PassResult(False, ["no quantized MatMul/Gemm with a constant weight to smooth"])
         from onnxfp8.calibrators.collector import ChannelRequest, channel_stats
-        from onnxfp8.passes.equalize import _light
+        from onnxfp8.passes.equalize import light_model
 
         auto = cfg.smoothquant == "auto"
         tensors = graph.tensors()
@@ -265,7 +260,7 @@ class SmoothQuant(Pass):
                 continue
             ranks[name] = r
             requests[name] = ChannelRequest(-1, ("absmax",), ROWS if auto else 0)
-        model, arrays = _light(graph)
+        model, arrays = light_model(graph)
         stats = channel_stats(model, requests, ctx.calib, providers=cfg.providers, threads=cfg.threads,
                               arrays=arrays, rank=ranks)
         act_fmt = get_format(cfg.activation_format)
