@@ -420,7 +420,7 @@ def _scale_chain_op(graph: gs.Graph, n: gs.Node, S: np.ndarray, axis: int, rank:
             if bound is None:
                 continue
             last = op == "Min" or hi is None
-            out = y if last else gs.Variable(f"{y.name}.max", dtype=y.dtype, shape=y.shape)
+            out = y if last else gs.Variable(f"{y.name}.equalize_lower_bound", dtype=y.dtype, shape=y.shape)
             const = gs.Constant(f"{n.name}/{op.lower()}_bound",
                                 (float(bound.values) / S).reshape(shape).astype(dtype))
             graph.nodes.append(gs.Node(op, name=f"{n.name}/{op.lower()}", inputs=[cur, const], outputs=[out]))

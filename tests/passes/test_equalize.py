@@ -258,3 +258,15 @@ def test_cli_flags(tmp_path):
     res = runner.invoke(cli, ["quantize", str(path), "-c", str(calib), "--smoothquant", "2", "-o", str(tmp_path / "r.onnx")])
     assert res.exit_code == 2 and "smoothquant: alpha must be in [0, 1]" in res.output
     assert not (tmp_path / "r.onnx").exists()
+
+
+def test_apply_plan_replays_the_transforms_without_data():
+    from onnxfp8 import apply_plan
+
+    model = cnn(spread=1.0)
+    calib = image_batches()
+    r = quantize(model, calib, QuantConfig(equalize=True, smoothquant=0.5))
+    kinds = [t["pass"] for t in r.plan.transforms]
+    assert "equalize" in kinds and "bias_correction" in kinds
+    again = apply_plan(model, QuantPlan.from_json(r.plan.to_json()))
+    assert again.model.SerializeToString() == r.model.SerializeToString()
