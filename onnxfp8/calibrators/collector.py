@@ -71,6 +71,10 @@ class CollectResult:
     sizes: Dict[str, int] = field(default_factory=dict)  # tensor -> elements per batch (largest seen)
     min_bounded: List[str] = field(default_factory=list)  # non-negative tensors: min is the bound 0.0
     max_calibrator: Optional[MaxCalibrator] = None  # the max statistics (always collected or given)
+    # tensors (reduced ones and graph outputs) seen NaN/Inf -> index of the first batch where they were: the
+    # reductions carry Inf, and NaN when onnxruntime's max/min propagate it (not always); the graph outputs,
+    # fetched anyway, are checked whole
+    nonfinite: Dict[str, int] = field(default_factory=dict)
 
 
 # -- graph analysis ------------------------------------------------------------------------------------
@@ -296,8 +300,11 @@ def collect(model: onnx.ModelProto, tensors: Sequence[str], data: CalibrationDat
                 lo = float(values[lo_i]) if lo_i is not None else min(0.0, hi)
                 if t in update and np.isfinite(hi) and np.isfinite(lo):
                     max_cal.observe_reduced(t, hi, lo)
+                elif not (np.isfinite(hi) and np.isfinite(lo)):
+                    result.nonfinite.setdefault(t, result.batches)
                 if size_i is not None:
                     result.sizes[t] = max(result.sizes.get(t, 0), int(values[size_i]))
+            _note_nonfinite(result, out_names, values[:k])
             cap.add(batch, dict(zip(out_names, values[:k])))
             result.samples += batch_size(batch)
             result.batches += 1
@@ -325,6 +332,7 @@ def collect(model: onnx.ModelProto, tensors: Sequence[str], data: CalibrationDat
                     calibrator.observe(t, v)
                 if need_outputs:
                     by_name = dict(zip(fetch, values))
+                    _note_nonfinite(result, out_names, [by_name[o] for o in out_names])
                     cap.add(batch, {o: by_name[o] for o in out_names})
                     result.samples += batch_size(batch)
                     result.batches += 1
@@ -362,7 +370,9 @@ def capture_outputs(model: onnx.ModelProto, data: CalibrationData, count: int, *
         take = min(n, count - cap.count)
         if take < n:
             batch = take_samples(batch, take)
-        cap.add(batch, dict(zip(out_names, sess.run(out_names, batch))))
+        got = sess.run(out_names, batch)
+        _note_nonfinite(result, out_names, got)
+        cap.add(batch, dict(zip(out_names, got)))
         result.samples += take
         result.batches += 1
         if cap.full:
@@ -370,6 +380,13 @@ def capture_outputs(model: onnx.ModelProto, data: CalibrationData, count: int, *
     result.passes = 1
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _note_nonfinite(result: CollectResult, names: Sequence[str], values: Sequence[Any]) -> None:
+    for name, v in zip(names, values):
+        v = np.asarray(v)
+        if name not in result.nonfinite and v.dtype.kind == "f" and v.size and not np.isfinite(v).all():
+            result.nonfinite[name] = result.batches
 
 
 def _groups(tensors: Sequence[str], sizes: Dict[str, int], budget_bytes: int) -> List[List[str]]:
