@@ -61,7 +61,7 @@ def test_bn_recalibration_on_export_layouts(layout):
     res = onnxfp8.quantize(model, _data(8, 0), QuantConfig(bn_recalibrate=True, bn_guard=False))
     q = res.model
     assert not [n for n in q.graph.node if n.op_type == "BatchNormalization"]  # folded after recalibration
-    layers = res.report.batchnorm["layers"]
+    layers = res.report.batchnorm.layers
     assert set(layers) == {"bn1", "bn2"}
     feed = _data(1, 1)[0]
     ref = make_session(model).run(None, feed)[0]
