@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxfp8 import names
 from onnxfp8.formats import SCALE_MIN, Format, is_float_dtype, np_dtype
 from onnxfp8.plan import QuantSpec
 
@@ -110,8 +111,8 @@ class QDQEmitter(Emitter):
         out = self._var(out_name, w)
         attrs = {"axis": spec.axis} if spec.axis is not None and scale.ndim else {}
         self._node("DequantizeLinear", f"{w.name}/DequantizeLinear",
-                   [_const(f"{w.name}.quantized", q), _const(f"{w.name}.scale", scale),
-                    _const(f"{w.name}.zero_point", zp)], [out], **attrs)
+                   [_const(names.quantized(w.name), q), _const(names.scale(w.name), scale),
+                    _const(names.zero_point(w.name), zp)], [out], **attrs)
         return out
 
     def activation(self, x: gs.Variable, spec: QuantSpec, fmt: Format, tag: str, scale=None) -> gs.Variable:
@@ -119,9 +120,9 @@ class QDQEmitter(Emitter):
         a per-row one (``DynamicScale.per_row``) is applied as ``Div -> Q(1) -> DQ(1) -> Mul``, the same
         function (QuantizeLinear divides by 1 exactly), since QuantizeLinear's scale is 1-D at most."""
         zp = np.zeros((), dtype=fmt.storage_dtype)
-        z = _const(f"{tag}.zero_point", zp)
+        z = _const(names.zero_point(tag), zp)
         q = gs.Variable(f"{tag}.q", dtype=fmt.storage_dtype, shape=getattr(x, "shape", None))
-        out = self._var(f"{tag}.dq", x)
+        out = self._var(names.dq(tag), x)
         ft = float_type(x)
         if isinstance(scale, DynamicScale) and scale.per_row:
             v = gs.Variable(f"{tag}.scaled", dtype=ft)
@@ -132,7 +133,7 @@ class QDQEmitter(Emitter):
             self._node("DequantizeLinear", f"{tag}/DequantizeLinear", [q, one, z], [r])
             self._node("Mul", f"{tag}/Mul", [r, scale.tensor], [out])
             return out
-        s = scale.tensor if isinstance(scale, DynamicScale) else _const(f"{tag}.scale", _typed_spec_scale(spec, ft))
+        s = scale.tensor if isinstance(scale, DynamicScale) else _const(names.scale(tag), _typed_spec_scale(spec, ft))
         self._node("QuantizeLinear", f"{tag}/QuantizeLinear", [x, s, z], [q])
         self._node("DequantizeLinear", f"{tag}/DequantizeLinear", [q, s, z], [out])
         return out
@@ -145,13 +146,13 @@ class EmulateEmitter(Emitter):
         ft = float_type(w)
         scale = _typed_spec_scale(spec, ft).astype(np.float32)
         q = fmt.quantize(np.asarray(w.values, np.float32), scale, spec.axis)
-        s = _const(f"{w.name}.scale", _broadcast_scale(scale, spec.axis, w.values.ndim))
-        stored = _const(f"{w.name}.quantized", q)
+        s = _const(names.scale(w.name), _broadcast_scale(scale, spec.axis, w.values.ndim))
+        stored = _const(names.quantized(w.name), q)
         decoded = gs.Variable(f"{w.name}.decoded", dtype=np.float32, shape=list(w.values.shape))
         if fmt.emulated:  # E3M4: 8-bit codes -> table lookup
             idx = gs.Variable(f"{w.name}.codes", dtype=np.int32, shape=list(w.values.shape))
             self._node("Cast", f"{w.name}/CastCodes", [stored], [idx], to=onnx.TensorProto.INT32)
-            table = self._shared(f"{fmt.name}.code_table", fmt.code_table().astype(np.float32))
+            table = self._shared(fmt.name + names.CODE_TABLE, fmt.code_table().astype(np.float32))
             self._node("Gather", f"{w.name}/Decode", [table, idx], [decoded], axis=0)
         else:
             self._node("Cast", f"{w.name}/Cast", [stored], [decoded], to=onnx.TensorProto.FLOAT)
@@ -172,7 +173,7 @@ class EmulateEmitter(Emitter):
         if isinstance(scale, DynamicScale):
             s = scale.tensor if ft == np.float32 else self._cast(scale.tensor, np.float32, f"{tag}.scale32")
         else:
-            s = _const(f"{tag}.scale", _typed_spec_scale(spec, ft).astype(np.float32))
+            s = _const(names.scale(tag), _typed_spec_scale(spec, ft).astype(np.float32))
         x = x_in
         v = gs.Variable(f"{tag}.scaled", dtype=np.float32)
         self._node("Div", f"{tag}/Div", [x, s], [v])
@@ -189,12 +190,12 @@ class EmulateEmitter(Emitter):
             self._node("Cast", f"{tag}/CastFP8", [v], [q], to=fmt.onnx_dtype, saturate=1)
             self._node("Cast", f"{tag}/CastFloat", [q], [r], to=onnx.TensorProto.FLOAT)
         if ft == np.float32:
-            out = self._var(f"{tag}.dq", x)
+            out = self._var(names.dq(tag), x)
             self._node("Mul", f"{tag}/Mul", [r, s], [out])
             return out
         y = self._var(f"{tag}.dq32", x, dtype=np.float32)
         self._node("Mul", f"{tag}/Mul", [r, s], [y])
-        out = self._var(f"{tag}.dq", x, dtype=ft)
+        out = self._var(names.dq(tag), x, dtype=ft)
         self._node("Cast", f"{tag}/CastBack", [y], [out], to=onnx.helper.np_dtype_to_tensor_dtype(ft))
         return out
 
@@ -256,7 +257,7 @@ class DynamicScale:
                      [amax], keepdims=1)
         ratio = gs.Variable(f"{tag}.ratio", dtype=ft)
         em._node("Div", f"{tag}/DynDiv", [amax, _const(f"{tag}.fmt_max", fmt.max, ft)], [ratio])
-        self.tensor = gs.Variable(f"{tag}.scale", dtype=ft)
+        self.tensor = gs.Variable(names.scale(tag), dtype=ft)
         floor = SCALE_MIN if ft in (np.float32, np.float64) else float(ml_dtypes.finfo(ft).tiny)
         em._node("Max", f"{tag}/DynScale", [ratio, _const(f"{tag}.scale_floor", floor, ft)], [self.tensor])
 
