@@ -1,14 +1,30 @@
 """Shared fixtures: the example models and their data, built once per test session into a temporary folder."""
 from __future__ import annotations
 
-import sys
+import os
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import onnxfp8
+
+# The tests import onnxfp8 as installed (``pip install .`` or a wheel): nothing here puts the source tree on
+# sys.path, so a file the wheel leaves out (a recipe, the example data) fails a test. Run from the source root,
+# ``python -m pytest`` imports the tree itself (Python puts the working directory first); CI copies tests/
+# elsewhere and sets ONNXFP8_TEST_INSTALLED=1, which refuses to run against a source tree.
+
+
+def pytest_report_header(config):
+    return f"onnxfp8 {getattr(onnxfp8, '__version__', '?')} from {os.path.dirname(onnxfp8.__file__)}"
+
+
+def pytest_configure(config):
+    if os.environ.get("ONNXFP8_TEST_INSTALLED") == "1":
+        where = Path(onnxfp8.__file__).resolve().parent
+        if "site-packages" not in where.parts and "dist-packages" not in where.parts:
+            raise pytest.UsageError(f"ONNXFP8_TEST_INSTALLED=1 but onnxfp8 is imported from {where}, "
+                                    "not from an installed package")
+
 
 EXAMPLE_NAMES = ("cnn", "mlp", "transformer")
 

@@ -2,19 +2,14 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from onnxfp8.examples import build  # noqa: E402
-from onnxfp8.modelio import make_session  # noqa: E402
+from onnxfp8.examples import build
+from onnxfp8.modelio import make_session
 
 NUM_CLASSES = {"cnn": 10, "mlp": 10, "transformer": 10}
 
