@@ -21,7 +21,7 @@ import numpy as np
 
 from . import ZooModel
 from .common import (batched, center_head, crops, export, settle_batchnorm, spread_bn_affine, to_fp16,
-                     torch_threads, write_batches)
+                     threaded_build, write_batches)
 
 try:  # the family needs torch (the ``zoo`` extra); without it the module has no models
     import torch
@@ -529,11 +529,6 @@ def _head_of(m: nn.Module) -> Optional[nn.Module]:
 def image_builder(ctor: Callable[[], nn.Module], res: int, *, keep_bn: bool, fp16: bool = False,
                   output: str = "logits", center: bool = True) -> Callable[[Path, int], None]:
     def build(folder: Path, seed: int) -> None:
-        with torch_threads(1):
-            _build(Path(folder), seed)
-
-    def _build(folder: Path, seed: int) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(seed)
         model = ctor()
         spread_bn_affine(model)
@@ -556,7 +551,7 @@ def image_builder(ctor: Callable[[], nn.Module], res: int, *, keep_bn: bool, fp1
         write_batches(folder / "calib", {"input": calib}, BATCH)
         write_batches(folder / "val", {"input": val}, BATCH)
 
-    return build
+    return threaded_build(build)
 
 
 def _twins(name: str, ctor, res: int, desc: str, tags: Sequence[str] = (), bn_in_folded: bool = False,

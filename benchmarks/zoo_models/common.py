@@ -344,6 +344,17 @@ def torch_threads(n: int = 1):
         torch.set_num_threads(old)
 
 
+def threaded_build(fn: Callable[[Path, int], None]) -> Callable[[Path, int], None]:
+    """A ZooModel build: creates ``folder`` and runs ``fn(folder, seed)`` on one torch thread."""
+    def build(folder: Path, seed: int) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with torch_threads(1):
+            fn(folder, seed)
+
+    return build
+
+
 class Timer:
     def __enter__(self):
         self.t0 = time.perf_counter()

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ZooModel
-from .common import export, torch_threads, write_npz_files
+from .common import export, threaded_build, write_npz_files
 
 SR = 16000
 N_MELS, HOP, WIN, NFFT = 64, 160, 400, 512
@@ -187,11 +187,6 @@ def _stream_batches(model, x: np.ndarray, state_name: str, state_shape, with_sr:
 
 def _builder(kind: str):
     def build(folder: Path, seed: int) -> None:
-        with torch_threads(1):
-            _build(Path(folder), seed)
-
-    def _build(folder: Path, seed: int) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(seed)
         xtr, ytr = dataset(seed * 1000 + 11, 48, 128)
         mean, std = xtr.reshape(-1, N_MELS).mean(0), xtr.reshape(-1, N_MELS).std(0) + 1e-3
@@ -212,7 +207,7 @@ def _builder(kind: str):
         write_npz_files(folder / "calib", calib)
         write_npz_files(folder / "val", val)
 
-    return build
+    return threaded_build(build)
 
 
 MODELS: List[ZooModel] = [

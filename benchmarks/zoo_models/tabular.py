@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ZooModel
-from .common import export, torch_threads, write_batches, write_labels
+from .common import export, threaded_build, write_batches, write_labels
 
 
 class DigitsCNN(nn.Module):
@@ -112,21 +112,11 @@ def _sklearn(loader: str) -> Callable[[Path, int], None]:
     return build
 
 
-def _threaded(fn: Callable[[Path, int], None]) -> Callable[[Path, int], None]:
-    def build(folder: Path, seed: int) -> None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        with torch_threads(1):
-            fn(folder, seed)
-
-    return build
-
-
 MODELS: List[ZooModel] = [
-    ZooModel("digits-cnn", "tabular", _threaded(_digits), frozenset({"labels", "bn", "smoke"}),
+    ZooModel("digits-cnn", "tabular", threaded_build(_digits), frozenset({"labels", "bn", "smoke"}),
              "CNN with BatchNormalization trained on scikit-learn's digits (8x8), BN kept"),
-    ZooModel("wine-mlp", "tabular", _threaded(_sklearn("load_wine")), frozenset({"labels"}),
+    ZooModel("wine-mlp", "tabular", threaded_build(_sklearn("load_wine")), frozenset({"labels"}),
              "MLP on scikit-learn's wine (13 raw features, standardization in the graph, 3 classes)"),
-    ZooModel("breast-cancer-mlp", "tabular", _threaded(_sklearn("load_breast_cancer")), frozenset({"labels"}),
+    ZooModel("breast-cancer-mlp", "tabular", threaded_build(_sklearn("load_breast_cancer")), frozenset({"labels"}),
              "MLP on scikit-learn's breast cancer (30 raw features, standardization in the graph, 2 classes)"),
 ]
