@@ -154,6 +154,7 @@ class AssignFormats(Pass):
             if spec.scale is not None and (amax == 0.0 or not np.isfinite(amax)):
                 spec.notes.append(f"range {amax}: safe scale {scale}")
             plan.tensors[name] = spec
+        notes.extend(_keep_mask_values_fp32(plan, tensors, cfg))
         unknown = sorted(set(cfg.overrides) - set(plan.tensors))
         if unknown:
             raise ConfigError(f"{ctx.source}: override for '{unknown[0]}', which is not a quantized tensor")
@@ -169,6 +170,30 @@ class AssignFormats(Pass):
             notes.append(f"dynamic quantization: {len(act_consumers)} activation scale(s) computed at run time "
                          f"(granularity {cfg.dynamic_granularity})")
         return PassResult(False, notes)
+
+
+def _keep_mask_values_fp32(plan, tensors, cfg) -> List[str]:
+    """Leave FP32 the nodes that read an activation holding a mask value: exporters write attention masks as
+    the float type's lowest value (-3.4e38, or -65504 in FP16) added to the scores, so a calibrated range
+    of half the type's max or more is a sentinel, not data. One per-tensor scale covering it rounds every
+    real value to zero (a transformers BERT export, extended scheme: logits cosine 0.21)."""
+    notes: List[str] = []
+    for name, spec in list(plan.tensors.items()):
+        if spec.role != "activation" or spec.dynamic is not None or name in cfg.overrides:
+            continue
+        t = tensors.get(name)
+        dtype = np.dtype(t.dtype) if t is not None and t.dtype is not None and np.dtype(t.dtype).kind == "f" \
+            else np.dtype(np.float32)
+        amax = float(spec.amax) if isinstance(spec.amax, (int, float)) else 0.0
+        if not amax >= float(np.finfo(dtype).max) / 2:
+            continue
+        reason = (f"reads '{name}', whose range ({amax:.3g}) is a mask value of {dtype.name}: one scale for it "
+                  f"would round every other value to zero")
+        for node in list(spec.consumers):
+            if node in plan.nodes and plan.nodes[node].quantized:
+                plan.keep_fp32(node, reason)
+        notes.append(f"{name}: holds a mask value ({amax:.3g}); its reader(s) left FP32")
+    return notes
 
 
 def sqnr_db(signal: float, noise: float) -> float:

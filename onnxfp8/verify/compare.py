@@ -82,9 +82,10 @@ class ErrorStats:
     def sqnr_db(self) -> float:
         if self.noise == 0.0:
             return math.inf
-        if self.signal == 0.0:
+        ratio = self.signal / self.noise  # an infinite error (a huge tensor's overflow) makes it 0
+        if ratio <= 0.0:
             return -math.inf
-        return 10.0 * math.log10(self.signal / self.noise)
+        return 10.0 * math.log10(ratio)
 
     @property
     def cosine(self) -> float:
