@@ -32,6 +32,8 @@ class QuantReport:
     seconds: float = 0.0
     how_to_run: str = ""
     batchnorm: Dict[str, Any] = field(default_factory=dict)  # BN recalibration: per-layer shifts, SQNR without/with
+    # would `onnxfp8 check`'s default thresholds hold on the summary samples: passed, failures, what to try
+    check_defaults: Dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -43,7 +45,7 @@ class QuantReport:
             "size_before": self.size_before, "size_after": self.size_after,
             "outputs": self.outputs, "summary_samples": self.summary_samples,
             "calibration": self.calibration, "seconds": round(self.seconds, 4), "how_to_run": self.how_to_run,
-            "batchnorm": json_plain(self.batchnorm),
+            "batchnorm": json_plain(self.batchnorm), "check_defaults": json_plain(self.check_defaults),
         }
 
     def to_json(self, indent: int = 1) -> str:
@@ -83,12 +85,36 @@ class QuantReport:
             for name, m in self.outputs.items():
                 s = m["sqnr_db"]
                 s = f"{s:.2f} dB" if isinstance(s, float) and math.isfinite(s) else str(s)
-                lines.append(f"  {name}: SQNR {s}, cosine {m['cosine']:.6f}, max |err| {m['max_abs']:.4g}")
+                top1 = f", top-1 agreement {100 * m['top1_agreement']:.1f}%" if "top1_agreement" in m else ""
+                lines.append(f"  {name}: SQNR {s}, cosine {m['cosine']:.6f}, max |err| {m['max_abs']:.4g}{top1}")
+            lines.extend(check_defaults_lines(self.check_defaults, self.source, self.output))
         if self.batchnorm:
             lines.extend(batchnorm_lines(self.batchnorm))
         if self.how_to_run:
             lines.append(f"to compute it exactly: {self.how_to_run}")
         return "\n".join(lines)
+
+
+def check_defaults_lines(cd: Dict[str, Any], source: str = "MODEL", output: Optional[str] = None) -> List[str]:
+    """Whether `onnxfp8 check`'s defaults hold on the summary samples, and what to try when they do not."""
+    if not cd:
+        return []
+    t = cd.get("thresholds", {})
+    crit = ", ".join(x for x in (
+        f"SQNR >= {t['min_sqnr']:g} dB" if t.get("min_sqnr") is not None else "",
+        f"cosine >= {t['min_cosine']:g}" if t.get("min_cosine") is not None else "",
+        f"rel L2 <= {t['max_rel_error']:g}" if t.get("max_rel_error") is not None else "",
+        f"top-1 agreement >= {100 * t['min_top1_agreement']:g}%" if t.get("min_top1_agreement") is not None else "",
+    ) if x)
+    n = cd.get("samples", 0)
+    if cd.get("passed"):
+        return [f"check defaults ({crit}): hold on these {n} calibration sample(s); gate on held-out data with "
+                f"--check --val DIR (or onnxfp8 check)"]
+    lines = [f"check defaults ({crit}): NOT met on these {n} calibration sample(s): " + "; ".join(cd.get("failures", []))]
+    if cd.get("try"):
+        tips = [t.replace("MODEL QUANT", f"{source} {output or 'QUANT'}") for t in cd["try"]]
+        lines.append("  to try: " + "; ".join(tips))
+    return lines
 
 
 def _mb(n: int) -> str:
