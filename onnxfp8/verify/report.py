@@ -61,6 +61,11 @@ class QuantReport:
         af = self.config.get("activations_format") or fmt
         lines.append(f"quantized {total} node(s): " + (", ".join(f"{k} {v}" for k, v in by_op.items()) or "none")
                      + f"  [weights {wf}, activations {af}, {self.config.get('style')} style]")
+        e3m4 = sum(1 for t in self.plan.tensors.values() if t.format == "e3m4")
+        if e3m4:
+            lines.append(f"emulation-only: {e3m4} tensor(s) in E3M4, which has no ONNX type: they are emulated in "
+                         f"float ops (weights as 8-bit codes and a lookup table), which no runtime runs as 8-bit "
+                         f"kernels; deploy E4M3 or INT8 (format auto leaves E3M4 out unless --formats names it)")
         skipped = self.plan.skipped_nodes()
         reasons: Dict[str, List[str]] = {}
         for d in skipped:
