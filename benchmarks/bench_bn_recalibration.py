@@ -92,7 +92,7 @@ def main(argv=None) -> int:
             out = run(res.model, x_val)
             acc = float((out.argmax(1) == y_val).mean())
             agree = float((out.argmax(1) == ref.argmax(1)).mean())
-            bn = res.report.batchnorm or {}
+            bn = res.report.batchnorm.to_dict() if res.report.batchnorm else {}
             layers = bn.get("layers", {}) if recal else {}
             cols = []
             for key in ("mean_shift", "var_ratio"):

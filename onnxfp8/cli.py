@@ -1,7 +1,8 @@
 """The command line: a click group whose subcommands are thin wrappers around the Python API.
 
-Exit codes: 0 success, 1 a check or lint found problems (or a pass failed), 2 bad input (one line on stderr,
-naming the file and the problem, never a traceback)."""
+Exit codes (errors.EXIT_CODES, in every command's --help): 0 success, 1 a quality gate failed (a check
+threshold, a lint finding), 2 bad input or usage (one line on stderr, naming the file or option and the
+problem, never a traceback), 3 an internal error (one line; ONNXFP8_DEBUG=1 shows the traceback)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +13,7 @@ from typing import Any, Dict, Optional
 
 import click
 
-from onnxfp8.errors import OnnxFp8Error
+from onnxfp8.errors import EXIT_CODES, EXIT_INTERNAL, OnnxFp8Error
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -25,26 +26,71 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from onnxfp8.outputs import Terminated
+
         try:
             return fn(*args, **kwargs)
         except OnnxFp8Error as e:
-            _fail(str(e), e.exit_code)
+            if e.exit_code == EXIT_INTERNAL and os.environ.get("ONNXFP8_DEBUG"):
+                raise
+            hint = " (set ONNXFP8_DEBUG=1 for the traceback)" if e.exit_code == EXIT_INTERNAL else ""
+            _fail(f"{e}{hint}", e.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+        except Terminated:
+            _fail("terminated", 143)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except MemoryError:
-            _fail("out of memory; lower --batch-size or --max-memory", 1)
+            if os.environ.get("ONNXFP8_DEBUG"):
+                raise
+            _fail("out of memory; lower --batch-size or --max-memory (set ONNXFP8_DEBUG=1 for the traceback)",
+                  EXIT_INTERNAL)
         except Exception as e:  # a bug: still one line, with a hint to get the traceback
             if os.environ.get("ONNXFP8_DEBUG"):
                 raise
             first = str(e).splitlines()[0] if str(e) else ""
-            _fail(f"internal error: {type(e).__name__}: {first} (set ONNXFP8_DEBUG=1 for the traceback)", 1)
+            _fail(f"internal error: {type(e).__name__}: {first} (set ONNXFP8_DEBUG=1 for the traceback)",
+                  EXIT_INTERNAL)
 
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class OnnxFp8Group(click.Group):
+    """The group: every command's --help ends with the exit codes, and click's usage errors (an unknown
+    option, a bad choice, a missing argument) are one line on stderr, exit 2."""
+
+    def add_command(self, cmd, name=None):
+        if not cmd.epilog:
+            cmd.epilog = EXIT_CODES
+        super().add_command(cmd, name)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        from onnxfp8.outputs import install_signal_handlers
+
+        install_signal_handlers()
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            msg = " ".join(e.format_message().split())
+            cmd = e.ctx.command_path if e.ctx is not None else (prog_name or "onnxfp8")
+            click.echo(f"error: {msg} (see '{cmd} --help')", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            click.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=OnnxFp8Group, epilog=EXIT_CODES,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="onnxfp8")
 def cli() -> None:
     """Quantize FP32 ONNX models to FP8 (E4M3, E5M2, E3M4) or INT8, and check how close they stay."""
@@ -103,6 +149,7 @@ def config_options(fn):
         click.option("--bn-ranges/--no-bn-ranges", default=None, help="After --bn-recalibrate, re-measure activation ranges on the quantized model (max calibration)."),
         click.option("--augment", multiple=True, help="Augment the --bn-recalibrate data (NCHW images): flip,crop,jitter (comma separated)."),
         click.option("--augment-seed", type=int, help="Seed of --augment (default 0)."),
+        click.option("--allow-empty", is_flag=True, default=None, help="Write the model even when no node gets quantized (without it that is an error, exit 2, naming the reasons)."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -178,8 +225,9 @@ def _pop_check_kw(kw: Dict[str, Any]) -> Dict[str, Any]:
 
 def _run_check(fp32, quant, data, ck: Dict[str, Any], json_path: Optional[str], quiet: bool, *, batch_size: int,
                samples: Optional[int], max_memory_mb: int, providers, threads: int,
-               quant_name: Optional[str] = None) -> int:
-    """Run the check, print the table, write the JSON report; return the exit code (0 pass, 1 fail)."""
+               quant_name: Optional[str] = None, outs=None) -> int:
+    """Run the check, print the table, stage the JSON report in ``outs``; return the exit code (0 pass,
+    1 fail)."""
     from onnxfp8.verify.check import check as run_check
 
     report = run_check(fp32, quant, data, ck["thresholds"], labels=ck["labels"], layers=ck["check_layers"],
@@ -189,7 +237,7 @@ def _run_check(fp32, quant, data, ck: Dict[str, Any], json_path: Optional[str], 
     if quant_name:  # quantize --check hands over the model in memory: name the file it wrote
         report.quant = quant_name
     if json_path:
-        _write_text(json_path, report.to_json())
+        outs.write_text(json_path, report.to_json())
     if not quiet:
         click.echo(report.summary())
     elif not report.passed:
@@ -212,10 +260,21 @@ def _run_check(fp32, quant, data, ck: Dict[str, Any], json_path: Optional[str], 
 @handle_errors
 def check(fp32, quant, data, samples, batch_size, json_path, max_memory_mb, providers, threads, quiet, **kw):
     """Check QUANT against FP32 on validation data: exit 0 when every threshold holds, 1 when one fails."""
+    from onnxfp8.outputs import Outputs
+
     ck = _pop_check_kw(kw)
-    sys.exit(_run_check(fp32, quant, data, ck, json_path, quiet, batch_size=batch_size, samples=samples,
-                        max_memory_mb=max_memory_mb, providers=_split(providers) or ("CPUExecutionProvider",),
-                        threads=threads))
+    with Outputs() as outs:
+        outs.protect_model(fp32, "the FP32 model")
+        outs.protect_model(quant, "the quantized model")
+        outs.protect(data, "the validation data")
+        outs.protect(ck["labels"], "--labels")
+        outs.add(json_path, "--json")
+        outs.validate()
+        code = _run_check(fp32, quant, data, ck, json_path, quiet, batch_size=batch_size, samples=samples,
+                          max_memory_mb=max_memory_mb, providers=_split(providers) or ("CPUExecutionProvider",),
+                          threads=threads, outs=outs)
+        outs.commit()
+    sys.exit(code)
 
 
 @cli.command()
@@ -228,11 +287,12 @@ def check(fp32, quant, data, samples, batch_size, json_path, max_memory_mb, prov
 @click.option("--check", "do_check", is_flag=True, help="Then check the quantized model against MODEL on --val data (exit 1 when a threshold fails).")
 @click.option("--val", type=click.Path(), help="Validation data for --check (same formats as --calib).")
 @click.option("--check-json", type=click.Path(), help="With --check: write the check report (JSON) here.")
+@click.option("--apply-plan", "apply_plan", type=click.Path(), help="Rebuild the quantized model from a plan written by --plan (possibly edited: formats, scales, nodes left FP32), without calibration data; the settings come from the plan (--style, --providers, --threads may change).")
 @check_options
 @config_options
 @handle_errors
-def quantize(model, calib, output, plan_path, report_path, quiet, do_check, val, check_json, **kw):
-    """Quantize MODEL to FP8 (or INT8) with calibration data."""
+def quantize(model, calib, output, plan_path, report_path, quiet, do_check, val, check_json, apply_plan, **kw):
+    """Quantize MODEL to FP8 (or INT8) with calibration data (or from a saved plan: --apply-plan)."""
     from onnxfp8.errors import ConfigError
     from onnxfp8.quantize import default_output, quantize as run
 
@@ -243,42 +303,71 @@ def quantize(model, calib, output, plan_path, report_path, quiet, do_check, val,
         used = "--val" if val else ("--check-json" if check_json else ck["given"][0])
         raise ConfigError(f"{used} is only used with --check")
     check_memory = kw.get("max_memory_mb") or 32  # --max-memory given: it bounds the --layers exposure too
-    config = build_config(kw)
-    output = output or default_output(model, config)
+    from onnxfp8.outputs import Outputs
     from onnxfp8.progress import progress_for
 
-    result = run(model, calib, config=config, output=output, progress=progress_for(sys.stderr, quiet))
-    if plan_path:
-        _write_text(plan_path, result.plan.to_json())
-    if report_path:
-        _write_text(report_path, result.report.to_json())
+    if apply_plan:
+        config, plan = _plan_config(apply_plan, calib, kw)
+    else:
+        config = build_config(kw)
+    output = output or default_output(model, config)
+    code = 0
+    with Outputs() as outs:  # every file is checked before any work, and renamed into place together at the end
+        outs.protect(val, "the validation data (--val)")
+        outs.protect(ck["labels"], "--labels")
+        outs.protect(apply_plan, "the plan (--apply-plan)")
+        outs.add(plan_path, "--plan")
+        outs.add(report_path, "--report")
+        outs.add(check_json, "--check-json")
+        if apply_plan:
+            from onnxfp8.quantize import apply_plan as run_plan
+
+            result = run_plan(model, plan, config=config, output=output, outputs=outs)
+        else:
+            result = run(model, calib, config=config, output=output, progress=progress_for(sys.stderr, quiet),
+                         outputs=outs)
+        if plan_path:
+            outs.write_text(plan_path, result.plan.to_json())
+        if report_path:
+            outs.write_text(report_path, result.report.to_json())
+        if not quiet:
+            click.echo(result.report.summary())  # with what format auto chose where, and the dynamic scales
+        if do_check:
+            code = _run_check(model, result.model, val, ck, check_json, quiet, batch_size=config.batch_size,
+                              samples=None, max_memory_mb=check_memory, providers=config.providers,
+                              threads=config.threads, quant_name=str(output), outs=outs)
+        outs.commit()
     if not quiet:
-        click.echo(result.report.summary())
-        from onnxfp8.passes.assign_formats import auto_summary, dynamic_summary
-
-        for line in auto_summary(result.plan) + dynamic_summary(result.plan):  # auto: what won where; dynamic
-            click.echo(line)
         click.echo(f"wrote {output}")
-    if do_check:
-        code = _run_check(model, result.model, val, ck, check_json, quiet, batch_size=config.batch_size,
-                          samples=None, max_memory_mb=check_memory, providers=config.providers,
-                          threads=config.threads, quant_name=str(output))
-        sys.exit(code)
+    sys.exit(code)
 
 
-def _write_text(path: str, text: str) -> None:
-    import tempfile
+# what may change when a plan is applied: how the decisions are written out and run, not the decisions
+_PLAN_FLAGS = ("style", "providers", "threads")
 
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".onnxfp8-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+def _plan_config(path: str, calib, kw: Dict[str, Any]):
+    """The plan at ``path`` and the config to apply it with: the plan's settings, with --style / --providers /
+    --threads on top. Options that make decisions are refused: the plan holds them (edit the plan)."""
+    from onnxfp8.config import QuantConfig
+    from onnxfp8.errors import ConfigError
+    from onnxfp8.plan import QuantPlan
+
+    if calib:
+        raise ConfigError(f"--calib: {path} holds the decisions, --apply-plan needs no data "
+                          f"(measure the result with --check --val DIR)")
+    for key, value in kw.items():
+        if key not in _PLAN_FLAGS and value not in (None, ()):
+            flag = {"format_": "format", "max_memory_mb": "max-memory", "fold_bn": "fold-bn"}.get(key, key)
+            raise ConfigError(f"--{flag.replace('_', '-')}: the plan {path} holds the decisions; edit the plan "
+                              f"instead of passing options with --apply-plan")
+    plan = QuantPlan.load(path)
+    data = dict(plan.config)
+    for key in _PLAN_FLAGS:
+        value = kw.get(key)
+        if value not in (None, ()):
+            data[key] = _split(value) if key == "providers" else value
+    return QuantConfig.from_dict(data, source=f"{path} (config)"), plan
 
 
 @cli.command()
@@ -325,11 +414,17 @@ def recipes(show):
 @handle_errors
 def lint(model, target, json_path, strict):
     """Report Q/DQ placements in MODEL that TARGET cannot fuse into FP8/INT8 kernels (exit 1 when found)."""
+    from onnxfp8.outputs import Outputs
     from onnxfp8.verify.lint import lint_model
 
-    report = lint_model(model, target=target)
-    if json_path:
-        _write_text(json_path, report.to_json())
+    with Outputs() as outs:
+        outs.protect_model(model, "the linted model")
+        outs.add(json_path, "--json")
+        outs.validate()
+        report = lint_model(model, target=target)
+        if json_path:
+            outs.write_text(json_path, report.to_json())
+        outs.commit()
     click.echo(report.summary())
     sys.exit(report.exit_code(strict))
 

@@ -93,6 +93,7 @@ class QuantConfig:
     bn_ranges: bool = False  # after folding, re-measure activation ranges on the quantized model (max)
     bn_mode: str = "shift"  # shift: old statistics + the shift quantization causes; replace: the quantized statistics
     bn_guard: bool = True  # keep the stored statistics when recalibration is worse on held-out samples
+    allow_empty: bool = False  # a run that quantizes no node is an error (exit 2) unless this is set
 
     def __post_init__(self) -> None:
         from onnxfp8.formats import get_format

@@ -470,3 +470,20 @@ def get_format(name) -> Format:
     if key not in _ALIASES:
         raise ValueError(f"unknown format '{name}'; choose one of {', '.join(FORMATS)}")
     return FORMATS[_ALIASES[key]]
+
+
+# -- the model's own float types -------------------------------------------------------------------
+def np_dtype(dtype) -> np.dtype:
+    """numpy dtype of a numpy dtype-like or an ONNX element type (an int: ml_dtypes types for FP8 / BF16)."""
+    if isinstance(dtype, (int, np.integer)) and not isinstance(dtype, bool):
+        import onnx
+
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(dtype)))
+    return np.dtype(dtype)
+
+
+def is_float_dtype(dtype) -> bool:
+    """True for the types a model computes in: float16/32/64 and bfloat16 (ml_dtypes, numpy kind 'V', which
+    ``kind == 'f'`` misses). False for integers, bool, strings, and FP8 data (already quantized)."""
+    d = np_dtype(dtype)
+    return d.kind == "f" or d == np.dtype(ml_dtypes.bfloat16)

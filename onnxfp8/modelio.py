@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
@@ -29,8 +28,23 @@ MIN_INPUT_OPSET = 13
 ModelLike = Union[str, os.PathLike, onnx.ModelProto]
 
 
-def load_model(model: ModelLike) -> onnx.ModelProto:
-    """Read a model file (with its external data) or pass a ModelProto through. One-line errors."""
+def external_files(model: onnx.ModelProto, folder: str) -> list:
+    """The external-data files (paths under ``folder``) that ``model``'s tensors refer to, each once."""
+    out = []
+    for t in external_data_helper._get_all_tensors(model):
+        if external_data_helper.uses_external_data(t):
+            for e in t.external_data:
+                if e.key == "location":
+                    p = os.path.join(folder, e.value)
+                    if p not in out:
+                        out.append(p)
+    return out
+
+
+def load_model(model: ModelLike, external: Optional[list] = None) -> onnx.ModelProto:
+    """Read a model file (with its external data) or pass a ModelProto through. One-line errors.
+    ``external``: a list that receives the external-data files the model refers to (they are inputs too:
+    no output may overwrite them)."""
     if isinstance(model, onnx.ModelProto):
         return model
     path = os.fspath(model)
@@ -38,8 +52,16 @@ def load_model(model: ModelLike) -> onnx.ModelProto:
         raise ModelError(f"{path}: no such file")
     if os.path.isdir(path):
         raise ModelError(f"{path}: is a directory, not an ONNX model file")
-    try:
-        proto = onnx.load(path, load_external_data=True)
+    if not os.path.isfile(path):
+        raise ModelError(f"{path}: is not a regular file, not an ONNX model file")
+    try:  # what onnx.load(load_external_data=True) does, noting the external files on the way
+        proto = onnx.load(path, load_external_data=False)
+        folder = os.path.dirname(os.path.abspath(path))
+        files = external_files(proto, folder)
+        if external is not None:
+            external.extend(files)
+        if files:
+            external_data_helper.load_external_data_for_model(proto, folder)
     except Exception as e:  # protobuf DecodeError, missing external data file, ...
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelError(f"{path}: not a readable ONNX model ({msg})") from None
@@ -327,34 +349,19 @@ def gs_dtype_to_onnx(dtype) -> int:
 
 
 def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], protect: Iterable[str] = ()) -> str:
-    """Write ``model`` atomically: into a temporary folder beside ``path``, then renamed into place, so a
-    failure leaves no partial file. Models over 2 GB go with external data (``<file>.data``).
-    ``protect`` lists paths that must never be overwritten (the input model)."""
+    """Write ``model`` atomically (a temporary beside ``path``, renamed into place: a failure leaves no partial
+    file; see outputs.py). Models over 2 GB go with external data (``<file>.data``). ``protect`` lists model
+    files (and so their external data) that must never be overwritten (the input model)."""
+    from onnxfp8.outputs import Outputs
+
     path = os.fspath(path)
-    target = os.path.abspath(path)
-    for p in protect:
-        if os.path.exists(p) and os.path.abspath(p) == target:
-            raise ModelError(f"{path}: refusing to overwrite the input model; choose another output with -o")
-    folder = os.path.dirname(target) or "."
-    if not os.path.isdir(folder):
-        raise ModelError(f"{path}: output folder {folder} does not exist")
-    big = not fits_protobuf(model)
-    data_name = os.path.basename(target) + ".data"
-    tmpdir = tempfile.mkdtemp(prefix=".onnxfp8-", dir=folder)
-    try:
-        tmp_model = os.path.join(tmpdir, os.path.basename(target))
-        if big:
-            _save_external(model, tmp_model, data_name)
-            if os.path.exists(os.path.join(tmpdir, data_name)):
-                os.replace(os.path.join(tmpdir, data_name), os.path.join(folder, data_name))
-            os.replace(tmp_model, target)
-        else:
-            onnx.save_model(model, tmp_model)
-            os.replace(tmp_model, target)
-    except OSError as e:
-        raise ModelError(f"{path}: cannot write the output model ({e.strerror or e})") from None
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    with Outputs() as outs:
+        for p in protect:
+            outs.protect_model(p)
+        outs.add(path, "the output model", model=True)
+        outs.validate()
+        outs.write_model(path, model)
+        outs.commit()
     return path
 
 

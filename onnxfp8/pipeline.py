@@ -13,8 +13,9 @@ from typing import Any, Dict, Iterable, List, Optional
 import onnx_graphsurgeon as gs
 
 from onnxfp8.config import QuantConfig
-from onnxfp8.errors import OnnxFp8Error, PassError
+from onnxfp8.errors import OnnxFp8Error, PassError, PostconditionError, PreconditionError
 from onnxfp8.plan import QuantPlan
+from onnxfp8.state import BatchNormReport, CalibrationInfo, Captured, PatternMatch
 
 
 @dataclass
@@ -36,19 +37,31 @@ class PassRecord:
 
 @dataclass
 class PassContext:
-    """The explicit state passes share. No globals."""
+    """The explicit state passes share, one typed field per kind. No globals, no grab-bag dict."""
 
     config: QuantConfig = field(default_factory=QuantConfig)
-    calib: Any = None  # onnxfp8.calibrators.data.CalibrationData
-    stats: Dict[str, Any] = field(default_factory=dict)  # tensor -> calibrated statistics (amax, min, max, ...)
+    calib: Any = None  # onnxfp8.calibrators.data.CalibrationData (or any source with batches())
+    stats: Dict[str, Any] = field(default_factory=dict)  # tensor -> calibrated statistics (amax, min, max, method)
     plan: QuantPlan = field(default_factory=QuantPlan)
     records: List[PassRecord] = field(default_factory=list)
     source: str = "model"  # the model's file name, for messages
-    extras: Dict[str, Any] = field(default_factory=dict)  # results passes hand on (e.g. captured FP32 outputs)
+    outputs: Any = None  # outputs.Outputs: files a pass writes (calibrate --save-stats) are staged there
+    progress: Any = None  # a progress sink (onnxfp8.progress): begin(what, total), update(n), close()
+    calibration: Optional[CalibrationInfo] = None  # what calibration did (the report's calibration section)
+    captured: Captured = field(default_factory=Captured)  # first samples' inputs + FP32 outputs (summary, BN guard)
+    histograms: Any = None  # the HistogramCalibrator calibrate filled (format auto reads it)
+    patterns: List[PatternMatch] = field(default_factory=list)  # what each node-name pattern matched (select_ops)
+    fp32_weights: Dict[str, Any] = field(default_factory=dict)  # BN recalibration: FP32 weights feeding a BN
+    fp32_graph: Optional[gs.Graph] = None  # BN recalibration (mode shift): the FP32 reference graph
+    bn_recalibration: Optional[BatchNormReport] = None  # what BN recalibration changed
 
 
 class Pass:
-    """Base class: subclasses set ``name`` and implement ``run``."""
+    """Base class: subclasses set a unique ``name`` and implement ``run``, which returns a PassResult.
+
+    ``requires`` / ``ensures`` state the pass's pre- and postconditions: they raise (any exception, with a
+    message) when the graph or the context is not in the state the pass needs or promises; the pipeline turns
+    that into a PreconditionError / PostconditionError naming the pass."""
 
     name: str = "pass"
 
@@ -66,46 +79,88 @@ class Pass:
 
 
 class Pipeline:
-    """An ordered, named list of passes."""
+    """An ordered, named list of passes with unique names; edited by name (insert_before / insert_after /
+    replace / remove), never by position."""
 
     def __init__(self, name: str, passes: Iterable[Pass]):
         self.name = name
-        self.passes: List[Pass] = list(passes)
+        self.passes: List[Pass] = []
+        for p in passes:
+            self._add(len(self.passes), p)
+
+    def _index(self, name: str) -> int:
+        names = self.names()
+        if name not in names:
+            raise ValueError(f"pipeline '{self.name}' has no pass '{name}' (passes: {', '.join(names)})")
+        return names.index(name)
+
+    def _add(self, idx: int, new: Pass) -> None:
+        if not isinstance(new, Pass):
+            raise TypeError(f"pipeline '{self.name}': {new!r} is not a Pass")
+        if new.name in self.names():
+            raise ValueError(f"pipeline '{self.name}' already has a pass named '{new.name}'")
+        self.passes.insert(idx, new)
 
     def insert_after(self, after: str, new: Pass) -> "Pipeline":
-        idx = [p.name for p in self.passes].index(after)
-        self.passes.insert(idx + 1, new)
+        self._add(self._index(after) + 1, new)
         return self
 
     def insert_before(self, before: str, new: Pass) -> "Pipeline":
-        idx = [p.name for p in self.passes].index(before)
-        self.passes.insert(idx, new)
+        self._add(self._index(before), new)
+        return self
+
+    def replace(self, name: str, new: Pass) -> "Pipeline":
+        """Put ``new`` in the place of the pass named ``name`` (its name may differ but must stay unique)."""
+        idx = self._index(name)
+        old = self.passes.pop(idx)
+        try:
+            self._add(idx, new)
+        except (TypeError, ValueError):
+            self.passes.insert(idx, old)
+            raise
         return self
 
     def remove(self, name: str) -> "Pipeline":
         self.passes = [p for p in self.passes if p.name != name]
         return self
 
+    def get(self, name: str) -> Optional[Pass]:
+        return next((p for p in self.passes if p.name == name), None)
+
     def names(self) -> List[str]:
         return [p.name for p in self.passes]
+
+    def copy(self) -> "Pipeline":
+        """A pipeline of the same pass objects that can be edited without changing this one."""
+        return Pipeline(self.name, self.passes)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> gs.Graph:
         done: List[str] = []
         for p in self.passes:
             start = time.perf_counter()
+            stage = "requires"
             try:
                 p.requires(graph, ctx)
-                result = p.run(graph, ctx) or PassResult()
+                stage = "run"
+                result = p.run(graph, ctx)
+                if not isinstance(result, PassResult):
+                    raise PassError(f"{ctx.source}: pass '{p.name}' of pipeline '{self.name}' returned "
+                                    f"{type(result).__name__}, not a PassResult (passes run before it: "
+                                    f"{', '.join(done) if done else 'none'})", p.name)
+                stage = "ensures"
                 p.ensures(graph, ctx)
+                stage = "names"
                 if result.modified:
                     _check_names(graph)
-            except OnnxFp8Error:
+            except (OnnxFp8Error, MemoryError):
                 raise
             except Exception as e:
                 before = ", ".join(done) if done else "none"
                 first = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise PassError(f"{ctx.source}: pass '{p.name}' of pipeline '{self.name}' failed: {first} "
-                                f"(passes run before it: {before})") from e
+                kind, what = {"requires": (PreconditionError, "precondition failed"),
+                              "ensures": (PostconditionError, "postcondition failed")}.get(stage, (PassError, "failed"))
+                raise kind(f"{ctx.source}: pass '{p.name}' of pipeline '{self.name}' {what}: {first} "
+                           f"(passes run before it: {before})", p.name) from e
             ctx.records.append(PassRecord(p.name, time.perf_counter() - start, result.modified, result.notes))
             done.append(p.name)
         return graph

@@ -163,20 +163,28 @@ def count_samples(data: Any) -> Optional[int]:
     files = getattr(data, "_files", None)
     specs = getattr(data, "specs", {}) or {}
 
-    def rows(name: Optional[str], shape: tuple) -> int:
+    whole = bool(specs) and all(getattr(sp, "batch_axis", 0) is None for sp in specs.values())
+
+    def rows(name: Optional[str], shape: tuple) -> Optional[int]:
         spec = specs.get(name) if name is not None else None
+        ax = getattr(spec, "batch_axis", 0) if spec is not None else 0
+        if whole:
+            return 1  # no batch axis: a file is one sample
+        if ax is None:
+            return None  # an input without a batch axis does not count samples
         if spec is not None and spec.shape and len(shape) == len(spec.shape) - 1:
             return 1
-        return int(shape[0]) if len(shape) else 1
+        return int(shape[ax]) if len(shape) > ax else 1
 
     total = 0
     if files is not None:
         only = next(iter(specs)) if len(specs) == 1 else None
         for f in files:
             found = _file_shape(f, only)
-            if found is None:
+            r = rows(*found) if found is not None else None
+            if r is None:
                 return limit
-            total += rows(*found)
+            total += r
             if limit is not None and total >= limit:
                 return limit
         return total
@@ -184,7 +192,8 @@ def count_samples(data: Any) -> Optional[int]:
     if isinstance(src, (list, tuple)):
         for item in src:
             try:
-                name = next(iter(item.keys()))
+                name = next((k for k in item if getattr(specs.get(k), "batch_axis", 0) is not None), None)
+                name = name if name is not None else next(iter(item.keys()))
                 total += rows(name, np.shape(item[name]))
             except Exception:
                 return limit

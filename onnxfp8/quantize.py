@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 
 import onnx
+import onnx_graphsurgeon as gs
 
-from onnxfp8.calibrators.data import as_data
+from onnxfp8.calibrators.data import as_data, batch_size, output_batch_axes, take_outputs, take_samples
 from onnxfp8.config import QuantConfig
 from onnxfp8.errors import ModelError
 from onnxfp8 import modelio
-from onnxfp8.modelio import ModelLike, load_model, make_session, model_bytes, prepare_model, save_model, to_graph, to_model
+from onnxfp8.modelio import ModelLike, load_model, make_session, model_bytes, prepare_model, to_graph, to_model
+from onnxfp8.outputs import Outputs
+from onnxfp8.validate import control_flow_nodes, validate_model
 from onnxfp8.passes import pipeline_for
 from onnxfp8.pipeline import PassContext, Pipeline
 from onnxfp8.plan import QuantPlan
@@ -32,6 +35,54 @@ class QuantResult:
     output: Optional[str] = None
 
 
+@dataclass
+class Prepared:
+    """A model loaded and prepared once (opset, names, shapes; weights held as numpy in a graphsurgeon
+    graph) for many runs in memory: ``quantize(prepared, calib, ...)`` and ``apply_plan(prepared, plan)``
+    each work on a copy of ``graph`` (weights shared, not copied), so calibrating once and applying many
+    candidate plans never reloads or re-serializes the model."""
+
+    graph: gs.Graph
+    proto: onnx.ModelProto  # light copy (big weights as placeholders): metadata, opsets, input specs
+    source: str = "model"
+    size_before: int = 0
+    opset: int = 19
+    external: List[str] = field(default_factory=list)  # the input's external-data files (protected from -o)
+    control_flow: List[dict] = field(default_factory=list)  # nodes inside If/Loop/Scan bodies (left FP32)
+
+    def working_graph(self) -> gs.Graph:
+        g = self.graph.copy()
+        g.producer_name, g.producer_version = self.graph.producer_name, self.graph.producer_version  # copy() drops them
+        return g
+
+
+def prepare(model: Union[ModelLike, Prepared], config: Optional[QuantConfig] = None) -> Prepared:
+    """Load and prepare ``model`` (a path or a ModelProto) for ``config.opset`` (default 19)."""
+    opset = (config or QuantConfig()).opset
+    if isinstance(model, Prepared):
+        if model.opset != opset:
+            raise ModelError(f"{model.source}: prepared for opset {model.opset}, the config asks for {opset}")
+        return model
+    source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model"
+    external: list = []
+    proto = load_model(model, external=external)
+    return _prepare_loaded(proto, source, external, opset)
+
+
+def _prepare_loaded(proto: onnx.ModelProto, source: str, external: list, opset: int,
+                    providers=("CPUExecutionProvider",)) -> Prepared:
+    validate_model(proto, source, providers=providers)  # one line, exit 2, before any work (validate.py)
+    control_flow = control_flow_nodes(proto)
+    size_before = model_bytes(proto)
+    proto = prepare_model(proto, opset=opset, source=source)
+    graph = to_graph(proto)
+    # the weights live in the graph now: let protobuf's copy go (a 2.25 GiB model: 7.4 -> 5.2 GiB peak RSS).
+    # The light copy is re-parsed because protobuf (upb) ties a copied message's memory to its source's.
+    modelio.load_values(graph)
+    proto = onnx.ModelProto.FromString(modelio.light_copy(proto)[0].SerializeToString())
+    return Prepared(graph, proto, source, size_before, opset, list(external), control_flow)
+
+
 def default_output(path: str, config: QuantConfig) -> str:
     stem, _ = os.path.splitext(path)
     tag = config.format
@@ -40,49 +91,165 @@ def default_output(path: str, config: QuantConfig) -> str:
     return f"{stem}.{tag}.onnx"
 
 
-def quantize(model: Union[ModelLike], calib: Any = None, config: Optional[QuantConfig] = None,
+def _declare(outs: Outputs, prep: Prepared, calib: Any, config: QuantConfig, output: Optional[str]) -> None:
+    """Protect the inputs and declare this run's outputs; every check before any work."""
+    if prep.source != "model":
+        outs.protect(prep.source, "the input model")
+        for f in prep.external:
+            outs.protect(f, f"an external-data file of the input model {prep.source}")
+    if isinstance(calib, (str, os.PathLike)):
+        outs.protect(calib, "the calibration data")
+    if not (config.load_stats and config.save_stats and _same_file(config.load_stats, config.save_stats)):
+        outs.protect(config.load_stats, "--load-stats")  # the same file: read, then replaced with additions
+    outs.protect(config.bn_calib, "--bn-calib")
+    outs.add(output, "the output model (-o)", model=True)
+    outs.add(config.save_stats, "--save-stats")
+    outs.validate()
+
+
+def _why_empty(plan: QuantPlan, control_flow) -> str:
+    """The reasons no node was quantized, most frequent first (a few nodes named each)."""
+    reasons = {}
+    for d in plan.skipped_nodes():
+        reasons.setdefault(d.reason, []).append(d.node)
+    parts = [f"{len(v)} x {r} ({', '.join(v[:3])}{' ...' if len(v) > 3 else ''})"
+             for r, v in sorted(reasons.items(), key=lambda kv: -len(kv[1]))[:3]]
+    if control_flow:
+        parts.append(f"{len(control_flow)} candidate(s) inside If/Loop/Scan bodies, which are not quantized")
+    return "; ".join(parts) or "the graph has no node"
+
+
+def control_flow_warning(nodes) -> str:
+    shown = ", ".join(f"{d['op_type']} '{d['node']}' ({d['parent_op']} '{d['parent']}' {d['body']})" for d in nodes[:4])
+    more = f" and {len(nodes) - 4} more" if len(nodes) > 4 else ""
+    return (f"{len(nodes)} node(s) inside If/Loop/Scan bodies left FP32 (onnxfp8 does not quantize subgraphs): "
+            f"{shown}{more}")
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _run(model: Union[ModelLike, Prepared], calib: Any, config: QuantConfig, output: Optional[str],
+         outputs: Optional[Outputs], work) -> QuantResult:
+    """Load (or take the Prepared model), declare the files, run ``work(prep, graph, outs)``, commit."""
+    own = outputs is None
+    outs = Outputs() if own else outputs
+    try:
+        if isinstance(model, Prepared):
+            prep = prepare(model, config)
+            _declare(outs, prep, calib, config, output)
+            graph = prep.working_graph()
+        else:
+            source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model"
+            external: list = []
+            proto = load_model(model, external=external)
+            loaded = Prepared(None, proto, source, 0, config.opset, external)
+            _declare(outs, loaded, calib, config, output)  # before any work
+            prep = _prepare_loaded(proto, source, external, config.opset, config.providers)
+            graph = prep.graph
+        result = work(prep, graph, outs)
+        if own:
+            outs.commit()
+        return result
+    finally:
+        if own:
+            outs.discard()
+
+
+def quantize(model: Union[ModelLike, Prepared], calib: Any = None, config: Optional[QuantConfig] = None,
              output: Optional[str] = None, pipeline: Optional[Pipeline] = None, progress=None,
-             check_model: bool = True) -> QuantResult:
-    """Quantize ``model`` (a path or a ModelProto) with calibration data ``calib`` (a folder, a file, an
-    iterable of ``{input: array}`` dicts or a CalibrationData). Returns the quantized model, the plan and
-    the report; writes ``output`` atomically when given (never over the input model)."""
+             check_model: bool = True, outputs: Optional[Outputs] = None) -> QuantResult:
+    """Quantize ``model`` (a path, a ModelProto or a ``Prepared``) with calibration data ``calib`` (a folder,
+    a file, an iterable of ``{input: array}`` dicts or a CalibrationData). Returns the quantized model, the
+    plan (every decision: ``apply_plan`` rebuilds the model from it) and the report; writes ``output``
+    atomically when given (never over the input model, its external data or any other input: outputs.py).
+
+    ``outputs``: an outputs.Outputs the caller declared its own artifacts in (the CLI's --plan, --report...):
+    this run's files are added to it, all are checked before any work, the model is staged there and the
+    caller commits them together. Without it the files of this call are committed before returning."""
     config = config or QuantConfig()
     start = time.perf_counter()
-    source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model"
-    if output and source != "model" and os.path.abspath(os.fspath(output)) == os.path.abspath(source):
-        raise ModelError(f"{output}: refusing to overwrite the input model; choose another output with -o")
-    proto = load_model(model)
-    size_before = model_bytes(proto)
-    proto = prepare_model(proto, opset=config.opset, source=source)
-    graph = to_graph(proto)
-    # the weights live in the graph now: let protobuf's copy go (a 2.25 GiB model: 7.4 -> 5.2 GiB peak RSS).
-    # The light copy is re-parsed because protobuf (upb) ties a copied message's memory to its source's.
-    modelio.load_values(graph)
-    proto = onnx.ModelProto.FromString(modelio.light_copy(proto)[0].SerializeToString())
-    ctx = PassContext(config=config, source=source)
-    if progress is not None:
-        ctx.extras["progress"] = progress
-    if calib is not None:
-        ctx.calib = as_data(calib, proto, batch_size=config.batch_size, limit=config.calib_samples)
-    pipe = pipeline or pipeline_for(config)
+
+    def work(prep: Prepared, graph: gs.Graph, outs: Outputs) -> QuantResult:
+        ctx = PassContext(config=config, source=prep.source, progress=progress, outputs=outs)
+        ctx.plan.config = config.to_dict()
+        if calib is not None:
+            ctx.calib = as_data(calib, prep.proto, batch_size=config.batch_size, limit=config.calib_samples)
+        pipe = pipeline or pipeline_for(config)
+        return _finish(pipe, graph, ctx, prep, config, output, check_model, start, require_some=True)
+
+    return _run(model, calib, config, output, outputs, work)
+def apply_plan(model: Union[ModelLike, Prepared], plan: Union[QuantPlan, str, os.PathLike],
+               config: Optional[QuantConfig] = None, output: Optional[str] = None,
+               check_model: bool = True, outputs: Optional[Outputs] = None) -> QuantResult:
+    """Rebuild the quantized model from a plan, without calibration data: the model ``quantize`` made the
+    plan with, byte for byte, when the plan is unedited.
+
+    ``plan``: a QuantPlan (used as is, not modified: the pipeline works on a copy) or the path of a plan
+    JSON (``quantize --plan``). ``config``: the settings; default the ones the plan was made with
+    (``plan.config``); only the graph-shaping ones matter (scheme, style, BatchNorm folding and
+    recalibration, opset): the decisions come from the plan. ``model``: a path, a ModelProto, or a
+    ``Prepared`` (``prepare(model)``) to apply many plans to one loaded model cheaply (the tuner's loop:
+    calibrate once, evaluate many plans, all in memory).
+
+    Editing a plan before applying it (see plan.py): ``plan.set_format(tensor, "e5m2")`` (scale recomputed
+    from the tensor's amax), ``plan.set_scale(tensor, 0.02)``, ``plan.keep_fp32(node, "why")`` (the node reads
+    FP32 values; tensors no quantized node reads are dropped). In JSON: change a tensor's ``format`` and
+    ``scale``, or set a node's ``"quantized": false`` with a ``"reason"``. An edit that cannot work (an unknown
+    tensor, a scale <= 0, a consumer that is not quantized) raises ConfigError naming the plan and the entry."""
+    start = time.perf_counter()
+    plan_source = "plan"
+    if isinstance(plan, (str, os.PathLike)):
+        plan_source = os.fspath(plan)
+        plan = QuantPlan.load(plan_source)
+    if config is None:
+        config = QuantConfig.from_dict(plan.config, source=f"{plan_source} (config)") if plan.config else QuantConfig()
+    from onnxfp8.passes import plan_pipeline
+    from onnxfp8.passes.use_plan import UsePlan
+
+    def work(prep: Prepared, graph: gs.Graph, outs: Outputs) -> QuantResult:
+        ctx = PassContext(config=config, source=prep.source, plan=plan.copy(), outputs=outs)
+        ctx.plan.config = config.to_dict()
+        pipe = plan_pipeline(config).replace("use_plan", UsePlan(plan_source))
+        return _finish(pipe, graph, ctx, prep, config, output, check_model, start)
+
+    return _run(model, None, config, output, outputs, work)
+
+
+def _finish(pipe: Pipeline, graph: gs.Graph, ctx: PassContext, prep: Prepared, config: QuantConfig,
+            output: Optional[str], check_model: bool, start: float, require_some: bool = False) -> QuantResult:
+    """Run the pipeline, export, check, measure, save: the common end of quantize and apply_plan.
+    ``require_some``: a run that quantizes no node is an error unless ``config.allow_empty``."""
+    source = ctx.source
     pipe.run(graph, ctx)
-    out_model = to_model(graph, like=proto)
+    wanted = set(config.selected_op_types) - set(config.exclude_ops)
+    control_flow = [d for d in prep.control_flow if d["op_type"] in wanted]
+    if require_some and not ctx.plan.quantized_nodes() and not config.allow_empty:
+        raise ModelError(f"{source}: nothing to quantize: {_why_empty(ctx.plan, control_flow)}; "
+                         f"--allow-empty (allow_empty=True) writes the model unchanged")
+    out_model = to_model(graph, like=prep.proto)
     if check_model:
         try:
             modelio.check_model(out_model)
         except onnx.checker.ValidationError as e:
             raise ModelError(f"{source}: the quantized model fails the ONNX checker ({str(e).splitlines()[0]})") from e
     report = QuantReport(source=source, output=output, config=config.to_dict(), passes=ctx.records, plan=ctx.plan,
-                         size_before=size_before, size_after=model_bytes(out_model),
-                         calibration=ctx.extras.get("calibration", {}),
-                         batchnorm=ctx.extras.get("bn_recalibration", {}))
+                         size_before=prep.size_before, size_after=model_bytes(out_model),
+                         calibration=ctx.calibration, batchnorm=ctx.bn_recalibration, patterns=ctx.patterns)
     report.how_to_run = RUN_EXACTLY if config.style == "qdq" else ""
+    if control_flow:
+        report.control_flow = control_flow
+        report.warnings.append(control_flow_warning(control_flow))
     _measure(out_model, ctx, report, config)
     if report.outputs:
         report.check_defaults["try"] = what_to_try(config, has_batchnorm=any(
-            n.op_type == "BatchNormalization" for n in proto.graph.node))
+            n.op_type == "BatchNormalization" for n in prep.proto.graph.node))
     if output:
-        save_model(out_model, output, protect=[source] if source != "model" else [])
+        ctx.outputs.write_model(output, out_model)
     report.seconds = time.perf_counter() - start
     return QuantResult(out_model, ctx.plan, report, output)
 
@@ -90,29 +257,32 @@ def quantize(model: Union[ModelLike], calib: Any = None, config: Optional[QuantC
 def _measure(model: onnx.ModelProto, ctx: PassContext, report: QuantReport, config: QuantConfig) -> None:
     """Output SQNR of the quantized model vs the FP32 outputs captured during calibration, on the first
     ``config.summary_count(calibration samples)`` captured samples."""
-    inputs = ctx.extras.get("captured_inputs") or []
-    refs = ctx.extras.get("captured_outputs") or []
-    captured = sum(next(iter(f.values())).shape[0] for f in inputs)
-    want = min(captured, config.summary_count(ctx.extras.get("calibration", {}).get("samples") or captured))
+    inputs, refs = ctx.captured.inputs, ctx.captured.outputs
+    captured = sum(batch_size(f) for f in inputs)
+    want = min(captured, config.summary_count((ctx.calibration.samples if ctx.calibration else 0) or captured))
     if not inputs or want <= 0:
         return
     sess = make_session(model, level="basic", providers=config.providers, threads=config.threads)
     names = [o.name for o in sess.get_outputs()]
     stats = {n: ErrorStats() for n in names}
     classifiers: Dict[str, ClassifierStats] = {}
-    bar = ctx.extras.get("progress")
+    bar = ctx.progress
     if bar is not None and hasattr(bar, "begin"):
         bar.begin("measuring the quantized model", want)
-    static = {i.name: i.shape[0] for i in sess.get_inputs() if i.shape and isinstance(i.shape[0], int)}
+    axes = getattr(ctx.calib, "axes", {})  # each input's batch axis: a fixed batch cannot run a short batch
+    static = {i.name: i.shape[axes.get(i.name, 0)] for i in sess.get_inputs()
+              if axes.get(i.name, 0) is not None and len(i.shape) > axes.get(i.name, 0)
+              and isinstance(i.shape[axes.get(i.name, 0)], int)}
+    out_axes = output_batch_axes(model, ctx.calib)
     count = 0
     for feed, ref in zip(inputs, refs):
-        n = next(iter(feed.values())).shape[0]
-        if count + n > want and not static:  # cut the last batch (outputs without the batch axis stay whole)
+        n = batch_size(feed)
+        if count + n > want and not static and out_axes is not None:  # cut the last batch
             take = want - count
-            feed = {k: v[:take] for k, v in feed.items()}
-            ref = {k: v[:take] if v.ndim and v.shape[0] == n else v for k, v in ref.items()}
+            feed = take_samples(feed, take)
+            ref = take_outputs(ref, n, take, out_axes)
             n = take
-        elif any(feed[k].shape[0] != b for k, b in static.items() if k in feed):
+        elif any(feed[k].shape[axes.get(k, 0)] != b for k, b in static.items() if k in feed):
             continue  # a short last batch a model with a fixed batch size cannot run
         got = sess.run(names, feed)
         for name, v in zip(names, got):

@@ -14,6 +14,8 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxfp8.formats import is_float_dtype
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -37,8 +39,19 @@ def float_const(t) -> bool:
     # here copied every weight of a 2 GB model just to look at its type
     if not is_const(t):
         return False
-    dtype = t.dtype if not isinstance(t.dtype, int) else t.values.dtype  # an ONNX enum for FP8/BF16 data
-    return np.dtype(dtype).kind == "f"
+    return bool(float_kind(t))  # t.dtype may be an ONNX enum (FP8 / BF16 data): float_kind reads both
+
+
+def float_kind(t) -> Optional[bool]:
+    """Whether tensor ``t`` holds floating-point values, from its (inferred) type: True, False (integer, bool,
+    string: a shape, an index, a mask), or None when the type is unknown (shape inference could not type it)."""
+    dtype = getattr(t, "dtype", None)
+    if dtype is None:
+        return None
+    try:
+        return is_float_dtype(dtype)
+    except TypeError:
+        return None
 
 
 class NodeRule:
@@ -130,7 +143,37 @@ class SupportRule(NodeRule):
 
 
 def quant_inputs(node: gs.Node, activation_matmul: bool = False):
-    """Which inputs of ``node`` get quantized, as {input index: "weight"|"activation"}, or (None, reason)."""
+    """Which inputs of ``node`` get quantized, as {input index: "weight"|"activation"}, or (None, reason).
+
+    Only floating-point tensors are quantized: an activation input whose inferred type is an integer or bool
+    (a shape, an index, a mask) or unknown is never given a Q/DQ, whatever the op type. Conv / ConvTranspose /
+    Gemm / MatMul with a constant float weight need no inferred type: the op's type constraint makes the
+    activation the weight's float type."""
+    roles, reason = _structural_inputs(node, activation_matmul)
+    if roles is None:
+        return roles, reason
+    weighted = any(r == "weight" for r in roles.values())
+    kept, dropped = {}, []
+    for i, r in roles.items():
+        if r == "weight" or (weighted and node.op in TYPE_TIED_OPS) or float_kind(node.inputs[i]):
+            kept[i] = r
+        else:
+            dropped.append(i)
+    if dropped and not any(r == "activation" for r in kept.values()):
+        t = node.inputs[dropped[0]]
+        kind = float_kind(t)
+        what = f"of type {np.dtype(t.dtype).name}" if kind is False else "of unknown type (shape inference could not type it)"
+        return None, f"{node.op} input '{t.name}' is {what}: only floating-point tensors are quantized"
+    if node.op in ("Add", "Mul", "Sub") and len(kept) < 2:
+        return None, f"{node.op} with a non-float operand is left FP32"
+    return kept, ""
+
+
+# ops whose quantized activation input has the type of their constant float weight (ONNX type constraint T)
+TYPE_TIED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _structural_inputs(node: gs.Node, activation_matmul: bool = False):
     ins = node.inputs
     op = node.op
     if op in ("Conv", "ConvTranspose"):

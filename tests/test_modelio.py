@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 
 import onnxfp8
-from onnxfp8 import modelio
+from onnxfp8 import modelio, outputs
 from onnxfp8.cli import cli
 from onnxfp8.errors import ModelError
 from onnxfp8.modelio import load_model, make_session, prepare_model, save_model
@@ -90,12 +90,12 @@ def test_refuses_to_overwrite_input_before_any_work(tmp_path):
 def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     out = tmp_path / "out.onnx"
 
-    def broken_save(model, f, *a, **k):
+    def broken_write(f, data):
         with open(f, "wb") as fh:
-            fh.write(b"partial")
+            fh.write(data[:10])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(modelio.onnx, "save_model", broken_save)
+    monkeypatch.setattr(outputs, "_write", broken_write)
     with pytest.raises(ModelError, match=r"out\.onnx: cannot write the output model \(No space left on device\)"):
         save_model(_mlp(), str(out))
     assert os.listdir(tmp_path) == []  # neither the output nor the temporary folder

@@ -26,6 +26,7 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple
 import numpy as np
 
 from onnxfp8.calibrators.data import _fmt_shape
+from onnxfp8.calibrators.data import batch_size, take_samples
 from onnxfp8.errors import ConfigError
 
 AUGMENTATIONS = ("flip", "crop", "jitter")
@@ -136,10 +137,10 @@ class AugmentedData:
             got = 0
             for item in self.data.batches(with_labels=with_labels):
                 batch, labels = item if with_labels else (item, None)
-                n = next(iter(batch.values())).shape[0]
+                n = batch_size(batch)
                 if self.samples is not None and seen + n > self.samples:
                     n = self.samples - seen
-                    batch = {k: v[:n] for k, v in batch.items()}
+                    batch = take_samples(batch, n)
                     labels = labels[:n] if labels is not None else None
                 if n <= 0:
                     return

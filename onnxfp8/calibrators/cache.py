@@ -33,6 +33,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 import numpy as np
 import onnx
 
+from onnxfp8.calibrators.data import batch_size
 from onnxfp8.errors import DataError
 
 FORMAT_NAME = "onnxfp8-calibration-stats"
@@ -106,8 +107,7 @@ class DataFingerprint:
                 self._shapes[k] = key
                 h.update(f"|{key}|".encode())
             h.update(memoryview(v).cast("B"))
-        v0 = next(iter(batch.values()))
-        self.samples += int(v0.shape[0]) if v0.ndim else 1
+        self.samples += batch_size(batch)
 
     def hexdigest(self) -> str:
         h = hashlib.sha256(f"samples:{self.samples}".encode())

@@ -32,7 +32,8 @@ import onnx
 from onnx import helper
 
 from onnxfp8.calibrators.base import Calibrator
-from onnxfp8.calibrators.data import CalibrationData
+from onnxfp8.calibrators.data import (Batch, CalibrationData, batch_size, output_batch_axes, take_outputs,
+                                     take_samples)
 from onnxfp8.calibrators.max import MaxCalibrator
 from onnxfp8.modelio import make_session
 
@@ -70,6 +71,10 @@ class CollectResult:
     sizes: Dict[str, int] = field(default_factory=dict)  # tensor -> elements per batch (largest seen)
     min_bounded: List[str] = field(default_factory=list)  # non-negative tensors: min is the bound 0.0
     max_calibrator: Optional[MaxCalibrator] = None  # the max statistics (always collected or given)
+    # tensors (reduced ones and graph outputs) seen NaN/Inf -> index of the first batch where they were: the
+    # reductions carry Inf, and NaN when onnxruntime's max/min propagate it (not always); the graph outputs,
+    # fetched anyway, are checked whole
+    nonfinite: Dict[str, int] = field(default_factory=dict)
 
 
 # -- graph analysis ------------------------------------------------------------------------------------
@@ -192,26 +197,28 @@ def _augment_expose(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.Mode
     return m
 
 
-def _batch_size(batch: Dict[str, np.ndarray]) -> int:
-    v = next(iter(batch.values()))
-    return int(v.shape[0]) if v.ndim else 1
-
 
 class _Capture:
-    """Keeps copies of the inputs and FP32 outputs of the first ``limit`` samples."""
+    """Keeps copies of the inputs and FP32 outputs of the first ``limit`` samples. A batch is cut along each
+    input's and output's batch axis (data.output_batch_axes); when the outputs' axes cannot be told, the last
+    batch is kept whole instead of cut wrongly."""
 
-    def __init__(self, limit: int, result: CollectResult):
+    def __init__(self, limit: int, result: CollectResult, out_axes=None):
         self.limit, self.result, self.count = limit, result, 0
+        self.out_axes = out_axes
 
     def add(self, batch: Dict[str, np.ndarray], outputs: Dict[str, np.ndarray]) -> None:
         if self.count >= self.limit:
             return
-        n = _batch_size(batch)
+        n = batch_size(batch)
         take = min(self.limit - self.count, n)
-        self.result.captured_inputs.append({k: np.array(v[:take]) for k, v in batch.items()})
+        if self.out_axes is None:
+            take = n
+        self.result.captured_inputs.append(
+            Batch({k: np.array(v) for k, v in take_samples(batch, take).items()}, getattr(batch, "axes", {})))
         # outputs without the batch axis (a constant output, say) are kept whole
-        self.result.captured_outputs.append({k: np.array(v[:take] if take < n and v.ndim and v.shape[0] == n else v)
-                                             for k, v in ((k, np.asarray(v)) for k, v in outputs.items())})
+        self.result.captured_outputs.append({k: np.array(v) for k, v in
+                                             take_outputs(outputs, n, take, self.out_axes).items()})
         self.count += take
 
     @property
@@ -254,7 +261,7 @@ def collect(model: onnx.ModelProto, tensors: Sequence[str], data: CalibrationDat
         hist = [t for t in tensors if t in wanted]
     needs_hist = bool(hist)
     result = CollectResult({}, {}, max_calibrator=max_cal)
-    cap = _Capture(capture, result)
+    cap = _Capture(capture, result, output_batch_axes(model, data))
     todo_max = [t for t in tensors if t not in known]
     if needs_hist:  # the max pass also measures the sizes of every histogrammed tensor
         run_max_pass = bool(todo_max)
@@ -293,10 +300,13 @@ def collect(model: onnx.ModelProto, tensors: Sequence[str], data: CalibrationDat
                 lo = float(values[lo_i]) if lo_i is not None else min(0.0, hi)
                 if t in update and np.isfinite(hi) and np.isfinite(lo):
                     max_cal.observe_reduced(t, hi, lo)
+                elif not (np.isfinite(hi) and np.isfinite(lo)):
+                    result.nonfinite.setdefault(t, result.batches)
                 if size_i is not None:
                     result.sizes[t] = max(result.sizes.get(t, 0), int(values[size_i]))
+            _note_nonfinite(result, out_names, values[:k])
             cap.add(batch, dict(zip(out_names, values[:k])))
-            result.samples += _batch_size(batch)
+            result.samples += batch_size(batch)
             result.batches += 1
             if progress:
                 progress(result.samples, pass_no)
@@ -322,10 +332,11 @@ def collect(model: onnx.ModelProto, tensors: Sequence[str], data: CalibrationDat
                     calibrator.observe(t, v)
                 if need_outputs:
                     by_name = dict(zip(fetch, values))
+                    _note_nonfinite(result, out_names, [by_name[o] for o in out_names])
                     cap.add(batch, {o: by_name[o] for o in out_names})
-                    result.samples += _batch_size(batch)
+                    result.samples += batch_size(batch)
                     result.batches += 1
-                seen += _batch_size(batch)
+                seen += batch_size(batch)
                 del values
                 if progress:
                     progress(seen, pass_no)
@@ -353,13 +364,15 @@ def capture_outputs(model: onnx.ModelProto, data: CalibrationData, count: int, *
         return result
     out_names = [o.name for o in model.graph.output]
     sess = make_session(model, level=level, providers=providers, threads=threads, arrays=arrays)
-    cap = _Capture(count, result)
+    cap = _Capture(count, result, output_batch_axes(model, data))
     for batch in data.batches():
-        n = _batch_size(batch)
+        n = batch_size(batch)
         take = min(n, count - cap.count)
         if take < n:
-            batch = {k: v[:take] for k, v in batch.items()}
-        cap.add(batch, dict(zip(out_names, sess.run(out_names, batch))))
+            batch = take_samples(batch, take)
+        got = sess.run(out_names, batch)
+        _note_nonfinite(result, out_names, got)
+        cap.add(batch, dict(zip(out_names, got)))
         result.samples += take
         result.batches += 1
         if cap.full:
@@ -367,6 +380,13 @@ def capture_outputs(model: onnx.ModelProto, data: CalibrationData, count: int, *
     result.passes = 1
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _note_nonfinite(result: CollectResult, names: Sequence[str], values: Sequence[Any]) -> None:
+    for name, v in zip(names, values):
+        v = np.asarray(v)
+        if name not in result.nonfinite and v.dtype.kind == "f" and v.size and not np.isfinite(v).all():
+            result.nonfinite[name] = result.batches
 
 
 def _groups(tensors: Sequence[str], sizes: Dict[str, int], budget_bytes: int) -> List[List[str]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -35,11 +35,14 @@ class InputSpec:
     name: str
     dtype: Any  # numpy dtype
     shape: Tuple[Any, ...]  # ints for static dims, None/str for dynamic ones
+    ranked: bool = False  # the model states the rank (shape () with ranked: a scalar)
+    batch_axis: Optional[int] = 0  # the axis that counts samples (batch_axes); None: fed whole, never split
 
     @property
     def static_batch(self) -> Optional[int]:
-        if self.shape and isinstance(self.shape[0], int) and self.shape[0] > 0:
-            return self.shape[0]
+        ax = self.batch_axis
+        if ax is not None and len(self.shape) > ax and isinstance(self.shape[ax], int) and self.shape[ax] > 0:
+            return self.shape[ax]
         return None
 
 
@@ -53,8 +56,119 @@ def input_specs(model: onnx.ModelProto) -> Dict[str, InputSpec]:
         dtype = _np_dtype(tt.elem_type)
         shape = tuple((d.dim_value if d.HasField("dim_value") else (d.dim_param or None)) for d in tt.shape.dim) \
             if tt.HasField("shape") else ()
-        specs[vi.name] = InputSpec(vi.name, dtype, shape)
-    return specs
+        specs[vi.name] = InputSpec(vi.name, dtype, shape, ranked=tt.HasField("shape"))
+    axes, _ = batch_axes(specs)
+    return {n: replace(sp, batch_axis=axes[n]) for n, sp in specs.items()}
+
+
+def batch_axes(specs: Mapping[str, InputSpec]) -> Tuple[Dict[str, Optional[int]], Optional[str]]:
+    """Each input's batch axis, from the model's symbolic dimensions, and the batch symbol (or None).
+
+    The batch is the symbolic dimension the most inputs share (ties: the one found at axis 0 most often, then the
+    first seen): a state input ``[2, batch, 128]`` beside ``x [batch, T, F]`` is batched on axis 1. Inputs without
+    that dimension (a scalar ``sr``, a fixed table) have no batch axis: they are fed as they are, never split or
+    concatenated. Without a shared symbol, axis 0 when every ranked input has a dynamic or the same static first
+    dimension (the usual single-input model, static batches); otherwise no input has a batch axis and every file
+    is fed whole, as one sample."""
+    ranked = {n: sp for n, sp in specs.items() if sp.shape}
+    scalars = {n: None for n, sp in specs.items() if not sp.shape and sp.ranked}
+    count: Dict[str, int] = {}
+    first: Dict[str, int] = {}
+    for sp in ranked.values():
+        for i, d in enumerate(dict.fromkeys(d for d in sp.shape if isinstance(d, str))):
+            count[d] = count.get(d, 0) + 1
+        for d in sp.shape[:1]:
+            if isinstance(d, str):
+                first[d] = first.get(d, 0) + 1
+    shared = [d for d, c in count.items() if c >= 2]
+    if shared:
+        sym = max(shared, key=lambda d: (count[d], first.get(d, 0)))  # max keeps the first of equals
+        axes = {n: (list(sp.shape).index(sym) if sym in sp.shape else None) for n, sp in ranked.items()}
+        axes.update(scalars)
+        return {n: axes.get(n, 0) for n in specs}, sym
+    dim0 = {sp.shape[0] if isinstance(sp.shape[0], int) and sp.shape[0] > 0 else None for sp in ranked.values()}
+    sym = next((sp.shape[0] for sp in ranked.values() if isinstance(sp.shape[0], str)), None) if len(ranked) == 1 else None
+    if len(dim0) <= 1:
+        axes = {n: 0 for n in ranked}
+    else:
+        axes = {n: None for n in ranked}
+    axes.update(scalars)
+    return {n: axes.get(n, 0) for n in specs}, sym
+
+
+class Batch(dict):
+    """A batch ``{input: array}`` that knows each input's batch axis (``axes``; None: the input has no batch
+    axis, a scalar or a shared table, and is the same for every sample). onnxruntime takes it as a dict."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], axes: Mapping[str, Optional[int]]):
+        super().__init__(arrays)
+        self.axes = {k: axes.get(k, 0) for k in arrays}
+
+
+def batch_size(batch: Mapping[str, Any]) -> int:
+    """Samples in ``batch``: the length of the first batched input along its batch axis (axis 0 of the first
+    input for a plain dict); 1 when no input has a batch axis (a file fed whole)."""
+    axes = getattr(batch, "axes", None)
+    for k, v in batch.items():
+        ax = axes.get(k, 0) if axes is not None else 0
+        if ax is not None and np.ndim(v) > ax:
+            return int(np.shape(v)[ax])
+    return 1
+
+
+def take_samples(batch: Mapping[str, Any], stop: int, start: int = 0, axes: Optional[Mapping[str, Optional[int]]] = None):
+    """Samples ``start:stop`` of ``batch`` along each input's batch axis (views); inputs without one stay whole.
+    ``axes`` (default: the batch's own, else axis 0) names the axes, e.g. for a dict of model outputs."""
+    if axes is None:
+        axes = getattr(batch, "axes", None)
+    out = {}
+    for k, v in batch.items():
+        ax = axes.get(k, 0) if axes is not None else 0
+        if ax is None or np.ndim(v) <= ax:
+            out[k] = v
+        else:
+            idx = [slice(None)] * np.ndim(v)
+            idx[ax] = slice(start, stop)
+            out[k] = v[tuple(idx)]
+    return Batch(out, axes or {}) if axes is not None or isinstance(batch, Batch) else out
+
+
+def output_batch_axes(model: onnx.ModelProto, data: Any) -> Optional[Dict[str, Optional[int]]]:
+    """The batch axis of each graph output of ``model`` (the input batch symbol's position; None for an output
+    without it), or None when that cannot be told (the output shapes name no such symbol and the inputs are not
+    all batched on axis 0: cutting a captured batch then would cut outputs wrongly)."""
+    sym = getattr(data, "batch_symbol", None)
+    in_axes = {sp.batch_axis for sp in getattr(data, "specs", {}).values() if sp.shape}
+    out: Dict[str, Optional[int]] = {}
+    for vi in model.graph.output:
+        tt = vi.type.tensor_type
+        dims = [d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in tt.shape.dim] \
+            if tt.HasField("shape") else None
+        if sym is not None and dims and sym in dims:
+            out[vi.name] = dims.index(sym)
+        elif dims is not None and not dims:
+            out[vi.name] = None  # a scalar
+        elif in_axes <= {0}:
+            out[vi.name] = 0  # the usual layout; take_outputs checks the length before cutting
+        else:
+            return None
+    return out
+
+
+def take_outputs(outputs: Mapping[str, np.ndarray], n: int, take: int,
+                 axes: Optional[Mapping[str, Optional[int]]]) -> Dict[str, np.ndarray]:
+    """The first ``take`` of ``n`` samples of a batch's model outputs; an output whose batch axis does not have
+    length ``n`` (a constant output, say) is kept whole."""
+    out = {}
+    for k, v in outputs.items():
+        v = np.asarray(v)
+        ax = (axes or {}).get(k, 0)
+        if take < n and ax is not None and v.ndim > ax and v.shape[ax] == n:
+            idx = [slice(None)] * v.ndim
+            idx[ax] = slice(0, take)
+            v = v[tuple(idx)]
+        out[k] = v
+    return out
 
 
 Sample = Dict[str, np.ndarray]
@@ -72,8 +186,13 @@ class CalibrationData:
         self.specs = dict(specs)
         self.what = what
         self.limit = limit
+        self.axes, self.batch_symbol = {n: sp.batch_axis for n, sp in self.specs.items()}, None
+        if any(sp.ranked for sp in self.specs.values()):
+            _, self.batch_symbol = batch_axes(self.specs)
         static = {s.static_batch for s in self.specs.values() if s.static_batch}
         self.batch_size = static.pop() if len(static) == 1 else batch_size
+        if self.specs and all(ax is None for ax in self.axes.values()):
+            self.batch_size = 1  # no shared batch axis: every file is fed whole, as one sample
         self._files = self._list_files(source) if isinstance(source, (str, os.PathLike)) else None
         if self._files is None and isinstance(source, Iterator):
             raise DataError(f"{what}: pass a list or a folder, not a one-shot iterator (the data is read more than once)")
@@ -137,34 +256,46 @@ class CalibrationData:
             if name not in item:
                 raise DataError(f"{where}: missing input '{name}' (model inputs: {', '.join(self.specs)})")
             arr = np.asarray(item[name])
-            rank = len(spec.shape)
-            if spec.shape and arr.ndim == rank - 1:
-                arr = arr[None]
-            elif spec.shape and arr.ndim != rank:
-                raise DataError(f"{where}: input '{name}' has shape {tuple(arr.shape)}, the model expects rank {rank} "
-                                f"{_fmt_shape(spec.shape)}")
-            for i, (got, want) in enumerate(zip(arr.shape, spec.shape)):
-                if i == 0 and spec.static_batch is None:
-                    continue
-                if isinstance(want, int) and want > 0 and got != want:
-                    raise DataError(f"{where}: input '{name}' has shape {tuple(arr.shape)}, the model expects "
-                                    f"{_fmt_shape(spec.shape)} (dimension {i} must be {want})")
+            arr = self._check_shape(where, spec, arr)
             arr = _cast(arr, spec, where)
             if arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 bad = "NaN" if np.isnan(arr).any() else "Inf"
                 raise DataError(f"{where}: input '{name}' contains {bad} values")
-            if n is None:
-                n = arr.shape[0] if arr.ndim else 1
-            elif arr.ndim and arr.shape[0] != n:
-                raise DataError(f"{where}: inputs disagree on the number of samples ({n} vs {arr.shape[0]} in '{name}')")
+            ax = spec.batch_axis
+            if ax is None:
+                pass  # fed as it is (a scalar, a table): it does not count samples
+            elif n is None:
+                n = arr.shape[ax] if arr.ndim > ax else 1
+            elif arr.ndim > ax and arr.shape[ax] != n:
+                raise DataError(f"{where}: inputs disagree on the number of samples ({n} vs {arr.shape[ax]} in "
+                                f"'{name}', batch axis {ax})")
             out[name] = arr
+        if n is None:
+            n = 1  # no input has a batch axis: the file is one sample
         labels = None
         for key in LABEL_KEYS:
             if key in item:
                 labels = np.asarray(item[key]).reshape(-1)
                 if labels.shape[0] != n:
                     raise DataError(f"{where}: '{key}' holds {labels.shape[0]} labels for {n} samples")
-        return out, labels, int(n or 0)
+        return Batch(out, self.axes), labels, int(n or 0)
+
+    def _check_shape(self, where: str, spec: InputSpec, arr: np.ndarray) -> np.ndarray:
+        """``arr`` against the input's rank and static dimensions; one rank short is one sample (the batch axis
+        is added). The batch axis itself may have any length unless the model fixes it."""
+        name, rank, ax = spec.name, len(spec.shape), spec.batch_axis
+        if spec.shape and arr.ndim == rank - 1 and ax is not None:
+            arr = np.expand_dims(arr, ax)
+        elif (spec.shape or spec.ranked) and arr.ndim != rank:
+            raise DataError(f"{where}: input '{name}' has shape {tuple(arr.shape)}, the model expects rank {rank} "
+                            f"{_fmt_shape(spec.shape)}")
+        for i, (got, want) in enumerate(zip(arr.shape, spec.shape)):
+            if i == ax and spec.static_batch is None:
+                continue
+            if isinstance(want, int) and want > 0 and got != want:
+                raise DataError(f"{where}: input '{name}' has shape {tuple(arr.shape)}, the model expects "
+                                f"{_fmt_shape(spec.shape)} (dimension {i} must be {want})")
+        return arr
 
     # -- iteration ----------------------------------------------------------------------------------
     def batches(self, with_labels: bool = False) -> Iterator[Any]:
@@ -181,8 +312,8 @@ class CalibrationData:
             nonlocal pending, pending_n
             if not pending:
                 return None
-            batch = {k: np.concatenate([p[0][k] for p in pending]) if len(pending) > 1 else pending[0][0][k]
-                     for k in self.specs}
+            batch = Batch({k: _concat([p[0][k] for p in pending], self.axes.get(k, 0)) for k in self.specs},
+                          self.axes)
             labels = None
             if all(p[1] is not None for p in pending):
                 labels = np.concatenate([p[1] for p in pending])
@@ -197,7 +328,7 @@ class CalibrationData:
                 if n_take <= 0:
                     break
                 if n_take < n:
-                    sample = {k: v[:n_take] for k, v in sample.items()}
+                    sample = take_samples(sample, n_take)
                     labels = labels[:n_take] if labels is not None else None
                     n = n_take
             seen += n
@@ -207,7 +338,7 @@ class CalibrationData:
                     out = flush()
                     yield out if with_labels else out[0]
                 take = min(bs - pending_n, n - start)
-                part = {k: v[start:start + take] for k, v in sample.items()}
+                part = take_samples(sample, start + take, start)
                 pending.append((part, labels[start:start + take] if labels is not None else None))
                 pending_n += take
                 start += take
@@ -227,7 +358,7 @@ class CalibrationData:
 
     def count(self) -> int:
         """Number of samples (reads the data once)."""
-        return sum(next(iter(b.values())).shape[0] for b in self.batches())
+        return sum(batch_size(b) for b in self.batches())
 
     def describe(self) -> str:
         if self._files is not None:
@@ -236,7 +367,23 @@ class CalibrationData:
 
 
 def _compatible(a: Sample, b: Sample) -> bool:
-    return all(a[k].shape[1:] == b[k].shape[1:] for k in a)
+    """Two parts can share a batch: equal shapes but along the batch axis, and inputs without a batch axis
+    equal (one value serves the batch)."""
+    axes = getattr(a, "axes", {})
+    for k in a:
+        ax = axes.get(k, 0)
+        if ax is None:
+            if a[k].shape != b[k].shape or not np.array_equal(a[k], b[k]):
+                return False
+        elif a[k].shape[:ax] + a[k].shape[ax + 1:] != b[k].shape[:ax] + b[k].shape[ax + 1:]:
+            return False
+    return True
+
+
+def _concat(parts: List[np.ndarray], axis: Optional[int]) -> np.ndarray:
+    if len(parts) == 1 or axis is None or parts[0].ndim <= axis:
+        return parts[0]  # no batch axis: the parts are equal (_compatible)
+    return np.concatenate(parts, axis=axis)
 
 
 def _cast(arr: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:

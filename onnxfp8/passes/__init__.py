@@ -38,21 +38,48 @@ def pipeline_for(config: QuantConfig) -> Pipeline:
     if config.dynamic and "calibrate" in pipe.names():  # run-time activation scales: no calibration, no data
         from onnxfp8.passes.calibrate_dynamic import CalibrateDynamic
 
-        pipe.passes[pipe.names().index("calibrate")] = CalibrateDynamic()
+        pipe.replace("calibrate", CalibrateDynamic())
     if config.bn_recalibrate:  # BN left unfolded -> quantize -> recalibrate -> fold + re-quantize weights
         from onnxfp8.passes.recalibrate_batchnorm import with_bn_recalibration
 
-        pipe = with_bn_recalibration(pipe)
+        pipe = with_bn_recalibration(pipe, config)
     return with_target(pipe, config)
 
 
 def with_target(pipe: Pipeline, config: QuantConfig) -> Pipeline:
     """``target = "tensorrt"``: select_ops runs rules.TensorRTRule first (placements TensorRT fuses into FP8
-    kernels; it also decides which inputs of a residual Add get Q/DQ)."""
+    kernels; it also decides which inputs of a residual Add get Q/DQ). The select_ops pass is replaced by a
+    new one: a SelectOps shared with another pipeline keeps its rules."""
     if config.target == "tensorrt":
+        from onnxfp8.passes.select_ops import SelectOps
         from onnxfp8.rules import TensorRTRule
 
-        for p in pipe.passes:
-            if p.name == "select_ops":
-                p.extra_rules.insert(0, TensorRTRule(config.selected_op_types))
+        old = pipe.get("select_ops")
+        if old is not None:
+            pipe.replace("select_ops", SelectOps([TensorRTRule(config.selected_op_types)] + list(old.extra_rules)))
+    return pipe
+
+
+# the passes that decide from data (or make the plan); applying a saved plan replaces them
+DECIDING_PASSES = ("select_ops", "calibrate", "calibrate_dynamic", "assign_formats", "passthrough",
+                   "recalibrate_batchnorm", "remeasure_ranges")
+
+
+def plan_pipeline(config: QuantConfig) -> Pipeline:
+    """The pipeline that rebuilds a quantized model from a saved plan without data: the pipeline of
+    ``config`` with the deciding passes replaced by ``use_plan`` (the plan, checked against the graph) and
+    BatchNorm recalibration by ``apply_batchnorm_stats`` (the plan's statistics). Passes that only shape the
+    graph (canonicalize, fold_batchnorm, match_layernorm, insert_qdq, fold_quantized_batchnorm, cleanup) run
+    as they do when quantizing, so the model comes out byte for byte the same."""
+    from onnxfp8.passes.use_plan import UsePlan
+
+    pipe = pipeline_for(config)
+    pipe.name = f"{pipe.name}+plan"
+    pipe.replace("select_ops", UsePlan())
+    if "recalibrate_batchnorm" in pipe.names():
+        from onnxfp8.passes.recalibrate_batchnorm import ApplyBatchNormStats
+
+        pipe.replace("recalibrate_batchnorm", ApplyBatchNormStats())
+    for name in DECIDING_PASSES:
+        pipe.remove(name)
     return pipe

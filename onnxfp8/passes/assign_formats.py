@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 from onnxfp8.errors import ConfigError, DataError
 from onnxfp8.formats import get_format
 from onnxfp8.pipeline import Pass, PassContext, PassResult
-from onnxfp8.plan import QuantSpec
+from onnxfp8.plan import DynamicSpec, QuantSpec, tolist
 from onnxfp8.rules import weight_axis
 from onnxfp8.verify.compare import ErrorStats
 
@@ -32,6 +32,29 @@ def channel_amax(w: np.ndarray, axis) -> np.ndarray:
 
 class AssignFormats(Pass):
     name = "assign_formats"
+
+    def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
+        """Static scales need statistics (calibrate) for every activation without a given scale or amax."""
+        if ctx.config.dynamic:
+            return
+        from onnxfp8.passes.calibrate import activation_tensors
+
+        missing = [t for t in activation_tensors(graph, ctx)
+                   if t not in ctx.stats and "amax" not in ctx.config.overrides.get(t, {})]
+        if missing:
+            raise ValueError(f"no calibration statistics for {len(missing)} activation(s), e.g. '{missing[0]}': "
+                             f"run calibrate before assign_formats")
+
+    def ensures(self, graph: gs.Graph, ctx: PassContext) -> None:
+        """Every planned scale is finite and > 0; only a dynamic activation has none."""
+        for spec in ctx.plan.tensors.values():
+            if spec.scale is None:
+                if spec.dynamic is None:
+                    raise ValueError(f"{spec.tensor}: no scale and not dynamic")
+                continue
+            s = np.asarray(spec.scale, np.float64)
+            if s.size == 0 or not (np.isfinite(s).all() and (s > 0).all()):
+                raise ValueError(f"{spec.tensor}: scale must be finite and > 0")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         cfg = ctx.config
@@ -89,7 +112,7 @@ class AssignFormats(Pass):
                                   f"{want} channel(s) on axis {axis}")
             if scale.size == 1 and axis is not None and want != 1:
                 scale = np.full(want, float(scale.reshape(-1)[0]), np.float32)
-            plan.tensors[name] = QuantSpec(name, "weight", fmt.name, _tolist(scale), axis, _tolist(amax),
+            plan.tensors[name] = QuantSpec(name, "weight", fmt.name, tolist(scale), axis, tolist(amax),
                                            [n for n, _ in uses])
             if chosen is not None:
                 plan.tensors[name].candidates = chosen[1]
@@ -119,9 +142,10 @@ class AssignFormats(Pass):
                                   f"{fmt.name} used")
             if cfg.dynamic and "scale" not in over:
                 spec.scale, spec.amax = None, None
-                info = dynamic_info(name, consumers, by_name, plan, cfg.dynamic_granularity)
-                ctx.extras.setdefault("dynamic", {})[name] = info
-                spec.notes.append(info.pop("note"))
+                spec.dynamic, note = dynamic_info(name, consumers, by_name, plan, cfg.dynamic_granularity)
+                spec.notes.append(note)
+            elif "method" in stats and "scale" not in over and "amax" not in over:
+                spec.method = stats["method"]
             tensor = tensors.get(name)
             producer = tensor.inputs[0] if tensor is not None and len(tensor.inputs) == 1 else None
             # (not for TensorRT, whose documented form is layer -> Relu -> Q -> DQ: lint's [dq-relu])
@@ -197,61 +221,13 @@ def auto_note(errs: Dict[str, float], remark: str) -> str:
     return text
 
 
-def auto_summary(plan, limit: int = 8) -> List[str]:
-    """What format auto chose, in words, for the CLI summary: the count per format, then the tensors where the
-    choice mattered most (largest margin between the best and the second-best candidate) with their notes
-    ('layer0/attn_ln/output (activation): this tensor has outliers (max/rms 25.3): E4M3 beats E3M4 by 6.1 dB
-    (SQNR ...)'). Every candidate's SQNR is in the plan (QuantSpec.candidates) and the JSON report."""
-    specs = [s for s in plan.tensors.values() if len(s.candidates) > 1]
-    if not specs:
-        return []
-    won: Dict[str, int] = {}
-    for s in specs:
-        won[s.format] = won.get(s.format, 0) + 1
-
-    def margin(s) -> float:
-        top = sorted(s.candidates.values(), reverse=True)
-        d = top[0] - top[1]
-        return d if math.isfinite(d) else 0.0
-
-    line = ("format auto (per tensor, the candidate with the best SQNR on the weight's values or the activation's "
-            "calibration histogram): ") + ", ".join(
-        f"{f} chosen for {k} tensor(s)" for f, k in sorted(won.items(), key=lambda kv: -kv[1]))
-    if "int8" in won:
-        line += f"; INT8 wins {won['int8']} tensor(s)"
-    lines = [line]
-    for s in sorted(specs, key=margin, reverse=True)[:limit]:
-        note = next((n for n in s.notes if n.startswith("format auto: ")), "")
-        lines.append(f"  {s.tensor} ({s.role}): {note[len('format auto: '):]}")
-    if len(specs) > limit:
-        lines.append(f"  (+{len(specs) - limit} more; --plan and --report hold every candidate's SQNR)")
-    return lines
-
-
-def dynamic_summary(plan) -> List[str]:
-    """Dynamic quantization, in words: how many activation scales are computed at run time, per row (token) /
-    per column / per tensor (from the specs' notes, which say why a tensor did not get per-token scales)."""
-    kinds: Dict[str, int] = {}
-    for s in plan.activations():
-        if s.scale is not None:
-            continue
-        note = next((n for n in s.notes if n.startswith("dynamic: ")), "dynamic: scale per tensor")
-        kind = "per row (token)" if "per row" in note else ("per column" if "per column" in note else "per tensor")
-        kinds[kind] = kinds.get(kind, 0) + 1
-    if not kinds:
-        return []
-    return [f"dynamic quantization: {sum(kinds.values())} activation scale(s) computed at run time "
-            f"(ReduceMax(Abs(x)) / format max, no calibration): "
-            + ", ".join(f"{n} {kind}" for n, kind in sorted(((n, k) for k, n in kinds.items()), reverse=True))]
-
-
 def activation_histograms(graph: gs.Graph, ctx: PassContext, names: List[str]) -> Dict[str, object]:
     """Histograms of |x| for the activations whose format is chosen from data. Reuses a histogram calibrator
-    the calibrate pass left in ``ctx.extras["calibrator"]`` when it holds every tensor, else runs one
+    the calibrate pass left in ``ctx.histograms`` when it holds every tensor, else runs one
     histogram collection (an MSE calibrator, so that with --calibration mse each format gets its own range)."""
     from onnxfp8.calibrators.histogram import HistogramCalibrator
 
-    cal = ctx.extras.get("calibrator")
+    cal = ctx.histograms
     if isinstance(cal, HistogramCalibrator) and set(names) <= set(cal.histograms()):
         return {"hists": cal.histograms(), "calibrator": cal}
     if ctx.calib is None:
@@ -302,7 +278,7 @@ def choose_activation_format(name: str, hists: Dict[str, object], cfg, amax: flo
     return best, errs, _shape_remark(h.max / rms if rms > 0 else 0.0), ranges[best]
 
 
-def dynamic_info(name: str, consumers: List[str], by_name, plan, granularity: str) -> Dict[str, object]:
+def dynamic_info(name: str, consumers: List[str], by_name, plan, granularity: str) -> Tuple[DynamicSpec, str]:
     """How the run-time scale of activation ``name`` is computed: per tensor, or (granularity token) per row
     when every quantized consumer reads it as a MatMul / Gemm operand reduced along the same axis (left
     operand: its last axis, one scale per row/token; right operand: axis -2, one scale per column)."""
@@ -323,15 +299,8 @@ def dynamic_info(name: str, consumers: List[str], by_name, plan, granularity: st
         if len(axes) == 1 and None not in axes:
             axis = axes.pop()
             what = "row (token)" if axis == -1 else "column"
-            return {"granularity": "token", "axis": axis, "signed": False,
-                    "note": f"dynamic: scale per {what} computed at run time (ReduceMax(Abs(x)) over axis {axis})"}
-        return {"granularity": "tensor", "axis": None, "signed": False,
-                "note": "dynamic: scale per tensor computed at run time (consumers are not all MatMul/Gemm "
-                        "operands reduced along one axis, so no per-token scale)"}
-    return {"granularity": "tensor", "axis": None, "signed": False,
-            "note": "dynamic: scale per tensor computed at run time (ReduceMax(Abs(x)) / format max)"}
-
-
-def _tolist(a):
-    a = np.asarray(a)
-    return a.item() if a.ndim == 0 else a.astype(np.float64).tolist()
+            return (DynamicSpec("token", axis),
+                    f"dynamic: scale per {what} computed at run time (ReduceMax(Abs(x)) over axis {axis})")
+        return (DynamicSpec("tensor"), "dynamic: scale per tensor computed at run time (consumers are not all "
+                                       "MatMul/Gemm operands reduced along one axis, so no per-token scale)")
+    return DynamicSpec("tensor"), "dynamic: scale per tensor computed at run time (ReduceMax(Abs(x)) / format max)"

@@ -25,6 +25,8 @@ from onnxfp8.calibrators.max import MaxCalibrator
 from onnxfp8.errors import DataError
 from onnxfp8.modelio import to_light_model, to_model
 from onnxfp8.pipeline import Pass, PassContext, PassResult
+from onnxfp8.validate import refuse_nonfinite
+from onnxfp8.state import CalibrationInfo, Captured
 
 def activation_tensors(graph: gs.Graph, ctx: PassContext) -> List[str]:
     """Activation tensors that quantized nodes read, in graph order, minus those whose scale is overridden."""
@@ -68,6 +70,12 @@ def _hist_calibrator(cfg, tensor_formats: Dict[str, str]):
 class Calibrate(Pass):
     name = "calibrate"
 
+    def ensures(self, graph: gs.Graph, ctx: PassContext) -> None:
+        """Every activation the plan quantizes (without a given scale) has statistics."""
+        missing = [t for t in activation_tensors(graph, ctx) if t not in ctx.stats]
+        if missing:
+            raise ValueError(f"no statistics for {len(missing)} activation(s), e.g. '{missing[0]}'")
+
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         tensors = activation_tensors(graph, ctx)
         cfg = ctx.config
@@ -82,7 +90,7 @@ class Calibrate(Pass):
             model = to_model(graph.copy())  # the statistics cache fingerprints the weights too
         else:
             model, arrays = to_light_model(graph.copy())
-        progress = ctx.extras.get("progress")
+        progress = ctx.progress
         notes: List[str] = []
 
         stats: Optional[CalibrationStats] = None
@@ -126,12 +134,14 @@ class Calibrate(Pass):
                     progress.close()
             if res.samples == 0:
                 raise DataError(f"{ctx.source}: the calibration data holds no samples")
+            refuse_nonfinite(res.nonfinite, model, ctx.calib, ctx.source, arrays, cfg.providers, cfg.threads)
             max_cal = res.max_calibrator
         else:
             max_cal = stats.max_calibrator(tensors)
             if data is not None and cfg.capture_samples > 0:
                 res = capture_outputs(model, data, cfg.capture_samples, providers=cfg.providers,
                                       threads=cfg.threads, level="all", arrays=arrays)
+                refuse_nonfinite(res.nonfinite, model, data, ctx.source, arrays, cfg.providers, cfg.threads)
         if stats is not None:
             stats.load_histograms(hist_cal, [t for t in hist_want if t not in todo_hist])
 
@@ -156,18 +166,17 @@ class Calibrate(Pass):
             ctx.stats[t] = {"amax": float(ranges.get(t, 0.0)), "min": float(lo), "max": float(hi),
                             "method": methods[t][0]}
         if hists:
-            ctx.extras["calibrator"] = hist_cal  # format auto reads these histograms instead of collecting again
+            ctx.histograms = hist_cal  # format auto reads these histograms instead of collecting again
 
         samples = res.samples if res is not None and (todo_max or todo_hist) else (stats.samples if stats else 0)
         if res is not None:
-            ctx.extras["captured_inputs"] = res.captured_inputs
-            ctx.extras["captured_outputs"] = res.captured_outputs
-        info = {"samples": samples, "batches": res.batches if res is not None else 0,
-                "passes": res.passes if res is not None and (todo_max or todo_hist) else 0,
-                "seconds": res.seconds if res is not None else 0.0}
+            ctx.captured = Captured(res.captured_inputs or [], res.captured_outputs or [])
+        info = CalibrationInfo(samples=samples, batches=res.batches if res is not None else 0,
+                               passes=res.passes if res is not None and (todo_max or todo_hist) else 0,
+                               seconds=res.seconds if res is not None else 0.0)
         if stats is not None:
-            info["loaded_stats"] = cfg.load_stats
-            info["cached_tensors"] = len([t for t in tensors if t not in todo_max])
+            info.loaded_stats = cfg.load_stats
+            info.cached_tensors = len([t for t in tensors if t not in todo_max])
         if cfg.save_stats:
             out = stats if stats is not None else CalibrationStats(model_fingerprint(model), source=ctx.source)
             if data_fp is None and isinstance(data, FingerprintingData) and data.fingerprint is not None:
@@ -179,9 +188,15 @@ class Calibrate(Pass):
             out.add_max(max_cal, tensors)
             out.add_histograms(hist_cal, tensors)
             out.source = ctx.source
-            out.save(cfg.save_stats)
-            info["saved_stats"] = cfg.save_stats
-        ctx.extras["calibration"] = info
+            staged = ctx.outputs
+            if staged is not None and cfg.save_stats in staged.paths:  # renamed with the run's other files
+                import json
+
+                staged.write_text(cfg.save_stats, json.dumps(out.to_dict(), separators=(",", ":")))
+            else:
+                out.save(cfg.save_stats)
+            info.saved_stats = cfg.save_stats
+        ctx.calibration = info
 
         counts: Dict[str, int] = {}
         for t in tensors:

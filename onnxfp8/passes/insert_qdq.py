@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 from onnxfp8.formats import get_format
 from onnxfp8.passes.emulate import DynamicScale, emitter_for
 from onnxfp8.pipeline import Pass, PassContext, PassResult
+from onnxfp8.plan import DynamicSpec
 
 
 def _rewire(node: gs.Node, old: gs.Tensor, new: gs.Tensor, indices=None) -> None:
@@ -35,7 +36,6 @@ class InsertQDQ(Pass):
         tensors = graph.tensors()
         counts: Dict[str, int] = {}
         emulated: List[str] = []
-        dyn = ctx.extras.get("dynamic", {})
         for spec in plan.tensors.values():
             fmt = get_format(spec.format)
             em = emitter_for(style, fmt, graph)
@@ -60,7 +60,7 @@ class InsertQDQ(Pass):
                 if spec.placement.startswith("before:"):
                     relu = by_name[spec.placement.split(":", 1)[1]]
                     x = relu.inputs[0]
-                    dq = em.activation(x, spec, fmt, spec.tensor, self._dynamic(em, x, spec, fmt, dyn, True))
+                    dq = em.activation(x, spec, fmt, spec.tensor, self._dynamic(em, x, spec, fmt, True))
                     others = [n for n in t.outputs if n.name not in spec.consumers]
                     if others:  # other readers keep the FP32 Relu: quantized consumers get a clone
                         out = gs.Variable(f"{spec.tensor}.relu_q", dtype=t.dtype, shape=t.shape)
@@ -70,7 +70,7 @@ class InsertQDQ(Pass):
                     else:
                         relu.inputs[0] = dq
                 else:
-                    dq = em.activation(t, spec, fmt, spec.tensor, self._dynamic(em, t, spec, fmt, dyn))
+                    dq = em.activation(t, spec, fmt, spec.tensor, self._dynamic(em, t, spec, fmt))
                     for n in consumers:
                         _rewire(n, t, dq)
             counts[spec.role] = counts.get(spec.role, 0) + 1
@@ -82,14 +82,14 @@ class InsertQDQ(Pass):
         return PassResult(bool(counts), notes)
 
     @staticmethod
-    def _dynamic(em, x, spec, fmt, dyn, before_relu: bool = False):
+    def _dynamic(em, x, spec, fmt, before_relu: bool = False):
         """A run-time scale for an activation spec without a scale (dynamic quantization), else None.
-        ``dyn[tensor]`` (from assign_formats / passthrough): granularity, axis, signed."""
+        ``spec.dynamic`` (from assign_formats / passthrough): granularity, axis, signed."""
         if spec.scale is not None:
             return None
-        info = dyn.get(spec.tensor, {})
-        axis = info.get("axis") if info.get("granularity") == "token" else None
-        return DynamicScale(em, x, fmt, spec.tensor, axis=axis, signed=before_relu or bool(info.get("signed")))
+        info = spec.dynamic or DynamicSpec()
+        axis = info.axis if info.granularity == "token" else None
+        return DynamicScale(em, x, fmt, spec.tensor, axis=axis, signed=before_relu or info.signed)
 
     @staticmethod
     def _weight_indices(node: gs.Node, plan) -> List[int]:

@@ -26,6 +26,7 @@ it is not excluded by --exclude-op / --exclude-node and matches --include-node w
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, List, Optional, Set
 
 import numpy as np
@@ -76,7 +77,6 @@ class PassThrough(Pass):
         name_rules = [NodeNameRule(cfg.exclude_nodes)]  # --exclude-node / --include-node, as select_ops reads them
         if cfg.include_nodes:
             name_rules.append(NodeNameRule(cfg.include_nodes, include=True))
-        dyn: Dict[str, dict] = ctx.extras.setdefault("dynamic", {})
         outputs = {t.name for t in graph.outputs}
         tensors = graph.tensors()
         order = {n.name: i for i, n in enumerate(graph.nodes)}
@@ -92,8 +92,8 @@ class PassThrough(Pass):
         for spec in sorted(plan.activations(), key=producer_pos, reverse=True):
             if plan.tensors.get(spec.tensor) is not spec:
                 continue
-            info = dyn.get(spec.tensor)
-            if info is not None and info.get("granularity") == "token":
+            info = spec.dynamic
+            if info is not None and info.granularity == "token":
                 continue
             t = tensors.get(spec.tensor)
             if t is None or spec.tensor in outputs or len(t.inputs) != 1:
@@ -141,13 +141,13 @@ class PassThrough(Pass):
                 if sx.role != "activation" or sx.format != spec.format or not same_kind:
                     ok = False
                     break
-                if dyn.get(x.name, {}).get("granularity") == "token":
+                if sx.dynamic is not None and sx.dynamic.granularity == "token":
                     ok = False
                     break
                 if head.op == "Concat" and not (x.name in created and sx.scale is not None):
                     ok = False  # a Concat's inputs must share one scale: only specs this pass made can adapt
                     break
-                if signed != bool(dyn.get(x.name, {}).get("signed", False)) and spec.scale is None:
+                if signed != bool(sx.dynamic is not None and sx.dynamic.signed) and spec.scale is None:
                     ok = False
                     break
                 landing.append((x, sx))
@@ -162,14 +162,14 @@ class PassThrough(Pass):
             for x, sx in landing:
                 if sx is None:
                     new = QuantSpec(x.name, "activation", spec.format, spec.scale, None, amax, [head.name],
-                                    "output", list(spec.notes), dict(spec.candidates))
+                                    "output", list(spec.notes), dict(spec.candidates), method=spec.method)
                     new.notes.append(f"quantized before {path} (pass-through of {spec.tensor}'s quantization)")
                     if spec.placement.startswith("before:"):
                         new.notes = [n for n in new.notes if "Relu input" not in n]
                     plan.tensors[x.name] = new
                     created.add(x.name)
                     if info is not None:
-                        dyn[x.name] = dict(info, signed=signed or bool(info.get("signed")))
+                        new.dynamic = dataclasses.replace(info, signed=signed or info.signed)
                 else:
                     if head.name not in sx.consumers:
                         sx.consumers.append(head.name)
@@ -183,7 +183,6 @@ class PassThrough(Pass):
                     s.amax = max(float(s.amax or 0.0), float(amax or 0.0))
                     s.scale = float(fmt.scale_for(np.float32(s.amax))) if s.scale is not None else None
             del plan.tensors[spec.tensor]
-            dyn.pop(spec.tensor, None)
             moved += 1
             for n in chain:
                 carried[n.name] = spec.tensor

@@ -52,10 +52,12 @@ unfolded:
    labels, else lower top-1 agreement with FP32 for classifier outputs, else lower mean output SQNR - the
    stored statistics are put back and the report says why.
 
-What changed is recorded in ``ctx.extras["bn_recalibration"]``: per BN layer the mean shift (in units of
+What changed is recorded in ``ctx.bn_recalibration`` (a state.BatchNormReport): per BN layer the mean shift (in units of
 the old standard deviation), the variance ratio and the per-channel values; the output SQNR, top-1
 agreement and accuracy (with labels) without and with recalibration on the evaluation samples; whether
-the new statistics were applied. The report (verify/report.py) prints them.
+the new statistics were applied. The report (verify/report.py) prints them. The statistics applied are
+decisions of the plan (``plan.batchnorm``), so ``apply_plan`` writes them back without data
+(``ApplyBatchNormStats``).
 """
 from __future__ import annotations
 
@@ -71,6 +73,8 @@ from onnxfp8.calibrators.data import CalibrationData, input_specs
 from onnxfp8.errors import DataError
 from onnxfp8.modelio import make_session, to_model
 from onnxfp8.pipeline import Pass, PassContext, PassResult, Pipeline
+from onnxfp8.plan import BatchNormStats
+from onnxfp8.state import BatchNormReport
 from onnxfp8.verify.compare import ErrorStats
 
 MIN_BATCH = 64
@@ -272,8 +276,7 @@ def evaluation_set(ctx: PassContext):
     """The samples that judge recalibration: the inputs and FP32 outputs captured during calibration (the
     first ``config.capture_samples`` calibration samples) and, when the calibration data has a ``label`` key, their
     labels. Returns (inputs, fp32 outputs, labels or None, count)."""
-    inputs = ctx.extras.get("captured_inputs") or []
-    refs = ctx.extras.get("captured_outputs") or []
+    inputs, refs = ctx.captured.inputs, ctx.captured.outputs
     count = sum(next(iter(f.values())).shape[0] for f in inputs) if inputs else 0
     labels = None
     if count and ctx.calib is not None and hasattr(ctx.calib, "batches"):
@@ -382,7 +385,7 @@ class RecalibrateBatchNorm(Pass):
                 if available >= 2 * n_eval:
                     break
             hold_out = n_eval if available >= 2 * n_eval else 0
-        fp32 = ctx.extras.get("fp32_graph")
+        fp32 = ctx.fp32_graph
         if mode == "shift":
             if fp32 is None:
                 notes.append("bn_mode shift: no FP32 graph kept (the pass ran outside the bn_recalibrate pipeline); "
@@ -445,18 +448,22 @@ class RecalibrateBatchNorm(Pass):
                          f"{'held-out' if hold_out else 'calibration'} sample(s)")
         elif reason:
             notes.append(f"recalibration lowered {reason} on {n_eval} sample(s); kept anyway (bn_guard off)")
-        ctx.extras.pop("fp32_graph", None)
-        ctx.extras["bn_recalibration"] = {
-            "samples": samples, "batches": batches, "source": getattr(data, "describe", lambda: "")(),
-            "augment": list(cfg.augment), "statistics": "pooled", "mode": mode, "layers": layers,
-            "applied": kept == "recalibrated", "guard": cfg.bn_guard, "worse": reason,
-            "eval_samples": n_eval, "eval_held_out": bool(hold_out), "eval_labelled": labels is not None,
-            "sqnr_without": before["sqnr"] if before else None, "sqnr_with": after["sqnr"] if after else None,
-            "top1_without": before["top1_agreement"] if before else None,
-            "top1_with": after["top1_agreement"] if after else None,
-            "accuracy_without": before["accuracy"] if before and labels is not None else None,
-            "accuracy_with": after["accuracy"] if after and labels is not None else None,
-            "seconds": time.perf_counter() - start}
+        ctx.fp32_graph = None
+        if kept == "recalibrated":  # the statistics written are a decision of the plan (apply_plan replays it)
+            for name in old_params:
+                d = layers[name]
+                ctx.plan.batchnorm[name] = BatchNormStats(d["mean_after"], d["var_after"])
+        ctx.bn_recalibration = BatchNormReport(
+            samples=samples, batches=batches, source=getattr(data, "describe", lambda: "")(),
+            augment=list(cfg.augment), statistics="pooled", mode=mode, layers=layers,
+            applied=kept == "recalibrated", guard=cfg.bn_guard, worse=reason,
+            eval_samples=n_eval, eval_held_out=bool(hold_out), eval_labelled=labels is not None,
+            sqnr_without=before["sqnr"] if before else None, sqnr_with=after["sqnr"] if after else None,
+            top1_without=before["top1_agreement"] if before else None,
+            top1_with=after["top1_agreement"] if after else None,
+            accuracy_without=before["accuracy"] if before and labels is not None else None,
+            accuracy_with=after["accuracy"] if after and labels is not None else None,
+            seconds=time.perf_counter() - start)
         worst = max(layers.values(), key=lambda d: d["max_mean_shift"], default=None)
         notes.insert(0, f"recalibrated {len(layers)} BatchNormalization node(s) on {samples} sample(s) in {batches} "
                         f"batch(es)" + (f"; largest mean shift {worst['max_mean_shift']:.3f} sigma" if worst else ""))
@@ -501,10 +508,38 @@ class RecalibrateBatchNorm(Pass):
         return pooled, samples, batches, data, freed
 
 
-def with_bn_recalibration(pipe: Pipeline) -> Pipeline:
+class ApplyBatchNormStats(Pass):
+    """Write the plan's recalibrated statistics (``plan.batchnorm``) into their BatchNormalization nodes: the
+    data-free stand-in of ``recalibrate_batchnorm`` when a saved plan is applied (``apply_plan``)."""
+
+    name = "apply_batchnorm_stats"
+
+    def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
+        known = {n.name for n in batchnorms(graph)}
+        missing = [name for name in ctx.plan.batchnorm if name not in known]
+        if missing:
+            raise ValueError(f"the plan holds statistics of BatchNormalization '{missing[0]}', which is not an "
+                             f"inference-mode BatchNormalization with constant parameters of this graph")
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        by_name = {n.name: n for n in batchnorms(graph)}
+        for name, st in ctx.plan.batchnorm.items():
+            bn = by_name[name]
+            channels = int(np.size(bn.inputs[3].values))
+            if len(st.mean) != channels or len(st.var) != channels:
+                raise ValueError(f"the plan's statistics of {name} have {len(st.mean)} / {len(st.var)} values, "
+                                 f"the BatchNormalization has {channels} channel(s)")
+            _set_param(bn, 3, np.asarray(st.mean, np.float64), "running_mean")
+            _set_param(bn, 4, np.asarray(st.var, np.float64), "running_var")
+        return PassResult(bool(ctx.plan.batchnorm),
+                          [f"wrote the plan's statistics into {len(ctx.plan.batchnorm)} BatchNormalization node(s)"])
+
+
+def with_bn_recalibration(pipe: Pipeline, config=None) -> Pipeline:
     """Turn a pipeline into its BN-recalibrating form: BatchNormalization is left unfolded while quantizing,
     the FP32 weights feeding a BN are kept before ``insert_qdq``, and after it come recalibration and the
-    fold (which recomputes the folded weights' scales and re-quantizes them)."""
+    fold (which recomputes the folded weights' scales and re-quantizes them); with ``config.bn_ranges`` then
+    the re-measurement of the activation ranges (passes/remeasure_ranges.py)."""
     from onnxfp8.passes.fold_quantized_batchnorm import FoldQuantizedBatchNorm, StashFP32Weights
 
     names = pipe.names()
@@ -515,4 +550,8 @@ def with_bn_recalibration(pipe: Pipeline) -> Pipeline:
     pipe.insert_before("insert_qdq", StashFP32Weights())
     pipe.insert_after("insert_qdq", RecalibrateBatchNorm())
     pipe.insert_after("recalibrate_batchnorm", FoldQuantizedBatchNorm())
+    if config is not None and config.bn_ranges:
+        from onnxfp8.passes.remeasure_ranges import RemeasureRanges
+
+        pipe.insert_after("fold_quantized_batchnorm", RemeasureRanges())
     return pipe

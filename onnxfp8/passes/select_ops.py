@@ -13,6 +13,7 @@ import onnx_graphsurgeon as gs
 from onnxfp8.errors import ConfigError
 from onnxfp8.pipeline import Pass, PassContext, PassResult
 from onnxfp8.plan import NodeDecision
+from onnxfp8.state import PatternMatch
 from onnxfp8.rules import (ExcludeOpRule, FirstLastRule, GraphInfo, NodeNameRule, NodeRule, OpTypeRule,
                            SupportRule, select)
 
@@ -41,6 +42,15 @@ class SelectOps(Pass):
     def __init__(self, extra_rules: List[NodeRule] = ()):
         self.extra_rules = list(extra_rules)
 
+    def ensures(self, graph: gs.Graph, ctx: PassContext) -> None:
+        """Every node is decided, with a reason."""
+        for node in graph.nodes:
+            d = ctx.plan.nodes.get(node.name)
+            if d is None:
+                raise ValueError(f"node '{node.name}' has no decision")
+            if not d.reason:
+                raise ValueError(f"node '{node.name}' is {'' if d.quantized else 'not '}quantized without a reason")
+
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         rules = self.extra_rules + build_rules(ctx)
         info = GraphInfo(compute_order=[n.name for n in graph.nodes if n.op in COMPUTE_OPS])
@@ -54,8 +64,9 @@ class SelectOps(Pass):
                 for pattern, names in rule.matches.items():
                     if not names:
                         raise ConfigError(f"{ctx.source}: {flag} pattern '{pattern}' matches no node")
-                    notes.append(f"{flag} '{pattern}' matched {len(names)} node(s): {', '.join(names[:8])}"
-                                 + (" ..." if len(names) > 8 else ""))
+                    match = PatternMatch(flag, pattern, list(names))
+                    ctx.patterns.append(match)
+                    notes.append(match.describe())
         by_name = {n.name: n for n in graph.nodes}
         for name, d in decisions.items():
             node = by_name[name]

@@ -28,7 +28,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import numpy as np
 import onnx
 
-from onnxfp8.calibrators.data import CalibrationData, as_data, input_specs
+from onnxfp8.calibrators.data import CalibrationData, as_data, input_specs, take_samples
+from onnxfp8.calibrators.data import batch_size as samples_in
 from onnxfp8.errors import ConfigError, DataError, ModelError
 from onnxfp8.modelio import ModelLike, load_model, make_session
 from onnxfp8.plan import json_plain
@@ -400,7 +401,7 @@ def check(fp32: ModelLike, quant: ModelLike, data: Any, thresholds: Optional[Thr
     batches = 0
     data_labels: Optional[bool] = None
     for batch, batch_labels in dataset.batches(with_labels=True):
-        n = next(iter(batch.values())).shape[0]
+        n = samples_in(batch)
         if label_array is not None:
             if seen + n > label_array.shape[0]:
                 raise DataError(f"{label_source}: holds {label_array.shape[0]} labels, the data has more samples")
@@ -554,10 +555,10 @@ def _reference(model: onnx.ModelProto, sess: Any, dataset: CalibrationData, out_
     diffs = {o: 0.0 for o in out_names}
     done = 0
     for batch in dataset.batches():
-        take = min(n - done, next(iter(batch.values())).shape[0])
+        take = min(n - done, samples_in(batch))
         if take <= 0:
             break
-        feed = {k: v[:take] for k, v in batch.items()}
+        feed = take_samples(batch, take)
         got = sess.run(out_names, feed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # log(0) in the E3M4 emulation subgraph is -inf by design

@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from onnxfp8.calibrators.data import batch_size, take_samples
 from onnxfp8.errors import ConfigError
 from onnxfp8.modelio import inferred_light, make_session
 from onnxfp8.plan import json_plain
@@ -344,14 +345,14 @@ class LayerRun:
 
 
 def micro_batches(batches: Iterable[Dict[str, np.ndarray]], m: int) -> Iterable[Dict[str, np.ndarray]]:
-    """The batches cut along axis 0 into pieces of at most ``m`` samples (views, no copies)."""
+    """The batches cut along each input's batch axis into pieces of at most ``m`` samples (views, no copies)."""
     for batch in batches:
-        n = int(np.asarray(next(iter(batch.values()))).shape[0])
+        n = batch_size(batch)
         if n <= m:
             yield batch
             continue
         for start in range(0, n, m):
-            yield {k: v[start:start + m] for k, v in batch.items()}
+            yield take_samples(batch, start + m, start)
 
 
 def release_memory() -> None:
@@ -398,7 +399,7 @@ def compare_layers(fp32: onnx.ModelProto, quant: onnx.ModelProto, data, *, max_m
     static = any(getattr(s, "static_batch", None) for s in getattr(data, "specs", {}).values())
     first = next(iter(data.batches()))
     if not static:  # one sample is enough: every wanted tensor stays alive until its Size runs
-        first = {k: v[:1] for k, v in first.items()}
+        first = take_samples(first, 1)
     # element counts per sample (per batch for a static batch), from Size scalars of the quantized model
     wanted = sorted({l.output for l in layers} | {b for l in layers for b in l.boundaries if b not in fp32_inputs})
     size_sess = make_session(_size_model(quant, wanted), level="basic", providers=providers, threads=threads)
@@ -409,7 +410,7 @@ def compare_layers(fp32: onnx.ModelProto, quant: onnx.ModelProto, data, *, max_m
     types = _value_types(fp32)
     for name, arr in first.items():
         types.setdefault(name, helper.np_dtype_to_tensor_dtype(np.asarray(arr).dtype))
-    n0 = max(1, int(np.asarray(next(iter(first.values()))).shape[0]))
+    n0 = max(1, batch_size(first))
     del first
     release_memory()
     if not max_memory_mb > 0:

@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional
 
 from onnxfp8.pipeline import PassRecord
 from onnxfp8.plan import QuantPlan, json_plain
+from onnxfp8.state import BatchNormReport, CalibrationInfo, PatternMatch
 
 RUN_EXACTLY = ("run it in onnxruntime with SessionOptions.graph_optimization_level = ORT_ENABLE_BASIC and "
                "InferenceSession(..., disabled_optimizers=['WeightBiasQuantization']) (onnxfp8.modelio.make_session "
@@ -28,10 +29,13 @@ class QuantReport:
     size_after: int = 0
     outputs: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # output -> metrics on summary samples
     summary_samples: int = 0
-    calibration: Dict[str, Any] = field(default_factory=dict)
+    calibration: Optional[CalibrationInfo] = None
     seconds: float = 0.0
     how_to_run: str = ""
-    batchnorm: Dict[str, Any] = field(default_factory=dict)  # BN recalibration: per-layer shifts, SQNR without/with
+    batchnorm: Optional[BatchNormReport] = None  # BN recalibration: per-layer shifts, SQNR without/with
+    patterns: List[PatternMatch] = field(default_factory=list)  # what each node-name pattern matched
+    warnings: List[str] = field(default_factory=list)  # one line each, printed as "warning: ..." (control flow)
+    control_flow: List[Dict[str, str]] = field(default_factory=list)  # nodes in If/Loop/Scan bodies left FP32
     # would `onnxfp8 check`'s default thresholds hold on the summary samples: passed, failures, what to try
     check_defaults: Dict[str, Any] = field(default_factory=dict)
 
@@ -44,8 +48,12 @@ class QuantReport:
             "plan": self.plan.to_dict(),
             "size_before": self.size_before, "size_after": self.size_after,
             "outputs": self.outputs, "summary_samples": self.summary_samples,
-            "calibration": self.calibration, "seconds": round(self.seconds, 4), "how_to_run": self.how_to_run,
-            "batchnorm": json_plain(self.batchnorm), "check_defaults": json_plain(self.check_defaults),
+            "calibration": self.calibration.to_dict() if self.calibration else {},
+            "seconds": round(self.seconds, 4), "how_to_run": self.how_to_run,
+            "batchnorm": json_plain(self.batchnorm.to_dict()) if self.batchnorm else {},
+            "patterns": [m.to_dict() for m in self.patterns],
+            "warnings": self.warnings, "control_flow": self.control_flow,
+            "check_defaults": json_plain(self.check_defaults),
         }
 
     def to_json(self, indent: int = 1) -> str:
@@ -76,8 +84,7 @@ class QuantReport:
         for r, names in sorted(interesting.items(), key=lambda kv: -len(kv[1])):
             more = f" (+{len(names) - 4} more)" if len(names) > 4 else ""
             lines.append(f"  {len(names):4d} x {r}: {', '.join(names[:4])}{more}")
-        matched = [n for p in self.passes if p.name == "select_ops" for n in p.notes
-                   if n.startswith(("--include-node", "--exclude-node"))]
+        matched = [m.describe() for m in self.patterns]
         if matched:  # what each node-name pattern matched (select_ops fails on a pattern matching nothing)
             lines.append("node patterns: " + "; ".join(matched))
         if self.size_before:
@@ -97,6 +104,8 @@ class QuantReport:
             lines.extend(batchnorm_lines(self.batchnorm))
         if self.how_to_run:
             lines.append(f"to compute it exactly: {self.how_to_run}")
+        lines.extend(auto_summary(self.plan) + dynamic_summary(self.plan))  # auto: what won where; dynamic
+        lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
 
 
@@ -126,9 +135,10 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:.2f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
 
 
-def batchnorm_lines(bn: Dict[str, Any]) -> List[str]:
+def batchnorm_lines(report: BatchNormReport) -> List[str]:
     """Summary of BatchNorm recalibration: per layer the mean shift (in old standard deviations, mean and max
     over channels) and the variance ratio new/old, then the output SQNR without and with recalibration."""
+    bn = report.to_dict()
     aug = f", augmented {','.join(bn['augment'])}" if bn.get("augment") else ""
     lines = [f"BatchNorm recalibration ({bn.get('mode', 'replace')} mode, {bn.get('statistics', 'pooled')} statistics) "
              f"on {bn.get('samples', 0)} "
@@ -159,3 +169,48 @@ def batchnorm_lines(bn: Dict[str, Any]) -> List[str]:
 
 def _db(v: Any) -> str:
     return f"{v:.2f} dB" if isinstance(v, float) and math.isfinite(v) else str(v)
+
+
+def auto_summary(plan, limit: int = 8) -> List[str]:
+    """What format auto chose, in words, for the CLI summary: the count per format, then the tensors where the
+    choice mattered most (largest margin between the best and the second-best candidate) with their notes
+    ('layer0/attn_ln/output (activation): this tensor has outliers (max/rms 25.3): E4M3 beats E3M4 by 6.1 dB
+    (SQNR ...)'). Every candidate's SQNR is in the plan (QuantSpec.candidates) and the JSON report."""
+    specs = [s for s in plan.tensors.values() if len(s.candidates) > 1]
+    if not specs:
+        return []
+    won: Dict[str, int] = {}
+    for s in specs:
+        won[s.format] = won.get(s.format, 0) + 1
+
+    def margin(s) -> float:
+        top = sorted(s.candidates.values(), reverse=True)
+        d = top[0] - top[1]
+        return d if math.isfinite(d) else 0.0
+
+    line = ("format auto (per tensor, the candidate with the best SQNR on the weight's values or the activation's "
+            "calibration histogram): ") + ", ".join(
+        f"{f} chosen for {k} tensor(s)" for f, k in sorted(won.items(), key=lambda kv: -kv[1]))
+    if "int8" in won:
+        line += f"; INT8 wins {won['int8']} tensor(s)"
+    lines = [line]
+    for s in sorted(specs, key=margin, reverse=True)[:limit]:
+        note = next((n for n in s.notes if n.startswith("format auto: ")), "")
+        lines.append(f"  {s.tensor} ({s.role}): {note[len('format auto: '):]}")
+    if len(specs) > limit:
+        lines.append(f"  (+{len(specs) - limit} more; --plan and --report hold every candidate's SQNR)")
+    return lines
+
+
+def dynamic_summary(plan) -> List[str]:
+    """Dynamic quantization, in words: how many activation scales are computed at run time, per row (token) /
+    per column / per tensor (from the specs' ``dynamic`` field)."""
+    kinds: Dict[str, int] = {}
+    for s in plan.activations():
+        if s.dynamic is not None and s.scale is None:
+            kinds[s.dynamic.kind] = kinds.get(s.dynamic.kind, 0) + 1
+    if not kinds:
+        return []
+    return [f"dynamic quantization: {sum(kinds.values())} activation scale(s) computed at run time "
+            f"(ReduceMax(Abs(x)) / format max, no calibration): "
+            + ", ".join(f"{n} {kind}" for n, kind in sorted(((n, k) for k, n in kinds.items()), reverse=True))]

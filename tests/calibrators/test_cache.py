@@ -60,7 +60,7 @@ def test_saved_file_holds_minmax_and_histograms(saved, mlp):
         assert max(abs(v["min"]), abs(v["max"])) == acts[t]  # max calibration: amax = max |x|
         h = v["histogram"]
         assert sum(h["counts"]) > 0 and h["max"] == acts[t] and h["range"] == acts[t]
-    assert res.report.calibration["saved_stats"] == path
+    assert res.report.calibration.saved_stats == path
 
 
 @pytest.mark.parametrize("fmt,method", [("e4m3", "max"), ("e5m2", "max"), ("e4m3", "mse"), ("int8", "mse"),
@@ -73,7 +73,7 @@ def test_loaded_statistics_give_the_direct_ranges_without_calibrating(saved, mlp
     loaded = onnxfp8.quantize(model, calib, config=QuantConfig(format=fmt, calibration=method, percentile=99.9,
                                                                load_stats=path))
     assert _scales(loaded) == _scales(direct)
-    assert loaded.report.calibration["passes"] == 0 and loaded.report.calibration["loaded_stats"] == path
+    assert loaded.report.calibration.passes == 0 and loaded.report.calibration.loaded_stats == path
     # the summary still runs (on the first samples, FP32 outputs computed without a calibration pass)
     assert loaded.report.outputs["logits"] == direct.report.outputs["logits"]
 
@@ -96,7 +96,7 @@ def test_load_without_data(saved, mlp):
     model, _ = mlp
     loaded = onnxfp8.quantize(model, None, config=QuantConfig(load_stats=path))
     assert _scales(loaded) == _scales(res)
-    assert loaded.report.calibration["samples"] == 32 and not loaded.report.outputs
+    assert loaded.report.calibration.samples == 32 and not loaded.report.outputs
 
 
 def test_other_model_is_refused_naming_the_file(saved, example_models, tmp_path):
@@ -135,7 +135,7 @@ def test_other_data_is_refused_batching_is_not(saved, mlp, tmp_path):
         onnxfp8.quantize(model, calib, config=QuantConfig(load_stats=path, calib_samples=31))
     # the data fingerprint does not depend on how the samples are batched (saved with batch size 5)
     res = onnxfp8.quantize(model, calib, config=QuantConfig(load_stats=path, batch_size=16))
-    assert res.report.calibration["passes"] == 0
+    assert res.report.calibration.passes == 0
 
 
 def test_data_fingerprint_is_batching_independent_and_content_sensitive():

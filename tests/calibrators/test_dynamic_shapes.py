@@ -53,9 +53,9 @@ def data(tmp_path_factory):
 def test_max_over_varying_batch_and_sequence(data, run_passes, batch_size):
     folder, values = data
     _, ctx, _ = run_passes(_model(), PASSES, config=QuantConfig(batch_size=batch_size), calib=str(folder))
-    assert ctx.extras["calibration"]["samples"] == 13
+    assert ctx.calibration.samples == 13
     # files of different sequence lengths are never batched together: one batch per file at batch size 16
-    assert ctx.extras["calibration"]["batches"] == (13 if batch_size == 1 else 5)
+    assert ctx.calibration.batches == (13 if batch_size == 1 else 5)
     for t in TENSORS:
         assert ctx.stats[t]["amax"] == pytest.approx(float(np.abs(values[t]).max()), rel=1e-6)
         assert ctx.stats[t]["min"] == pytest.approx(float(values[t].min()), rel=1e-6)
@@ -66,10 +66,10 @@ def test_histogram_methods_over_varying_shapes_and_split_passes(data, run_passes
     folder, values = data
     cfg = QuantConfig(calibration=method, percentile=99.0, batch_size=4)
     _, ctx, _ = run_passes(_model(), PASSES, config=cfg, calib=str(folder))
-    assert ctx.extras["calibration"]["passes"] == 2  # max pass + one histogram pass (both tensors fit)
+    assert ctx.calibration.passes == 2  # max pass + one histogram pass (both tensors fit)
     # a 1 MB budget (below the 1.15 MB of "a" in the largest batch): one histogram pass per tensor, same ranges
     _, split, _ = run_passes(_model(), PASSES, config=cfg.replace(max_memory_mb=1), calib=str(folder))
-    assert split.extras["calibration"]["passes"] == 3
+    assert split.calibration.passes == 3
     # the same method on all the values at once (numpy arrays, not onnxruntime batches)
     ref = make_calibrator(method, **({"percentile": 99.0} if method == "percentile" else {}))
     for t in TENSORS:
@@ -93,6 +93,6 @@ def test_cache_with_dynamic_shapes(data, tmp_path):
     saved = onnxfp8.quantize(model, str(folder), config=QuantConfig(save_stats=path, batch_size=2))
     direct = onnxfp8.quantize(model, str(folder), config=QuantConfig(calibration="mse"))
     loaded = onnxfp8.quantize(model, str(folder), config=QuantConfig(load_stats=path, calibration="mse"))
-    assert loaded.report.calibration["passes"] == 0
+    assert loaded.report.calibration.passes == 0
     assert {t: s.scale for t, s in loaded.plan.tensors.items()} == {t: s.scale for t, s in direct.plan.tensors.items()}
     assert {t: s.scale for t, s in saved.plan.tensors.items()} != {t: s.scale for t, s in direct.plan.tensors.items()}

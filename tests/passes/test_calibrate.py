@@ -26,7 +26,7 @@ def test_amax_is_max_abs_over_all_batches(name, example_models, run_passes, load
     model = onnx.load(ex["model"])
     graph, ctx, res = run_passes(model, PASSES, config=QuantConfig(batch_size=5), calib=str(ex["calib"]))
     tensors = sorted(ctx.stats)
-    assert tensors and ctx.extras["calibration"]["samples"] == 32 and ctx.extras["calibration"]["batches"] == 7
+    assert tensors and ctx.calibration.samples == 32 and ctx.calibration.batches == 7
     feeds = load_feeds(ex["calib"])
     same_level = _exposed_amax(graph, tensors, feeds, level="all")
     plain = _exposed_amax(graph, tensors, feeds, level="disable")
@@ -49,7 +49,7 @@ def test_streaming_batch_sizes_give_identical_ranges(example_models, run_passes)
     for bs in (1, 3, 16):
         _, ctx, _ = run_passes(model, PASSES, config=QuantConfig(batch_size=bs), calib=str(ex["calib"]))
         stats[bs] = ctx.stats
-        assert ctx.extras["calibration"]["batches"] == -(-32 // bs)
+        assert ctx.calibration.batches == -(-32 // bs)
     assert stats[1] == stats[3] == stats[16]
 
 
@@ -58,7 +58,7 @@ def test_calib_samples_limit(example_models, run_passes, load_feeds):
     model = onnx.load(ex["model"])
     graph, ctx, _ = run_passes(model, PASSES, config=QuantConfig(calib_samples=5, batch_size=2),
                                calib=str(ex["calib"]))
-    assert ctx.extras["calibration"]["samples"] == 5
+    assert ctx.calibration.samples == 5
     tensors = sorted(ctx.stats)
     want = _exposed_amax(graph, tensors, load_feeds(ex["calib"], n=5), level="all")
     assert {t: ctx.stats[t]["amax"] for t in tensors} == {t: want[t][0] for t in tensors}
@@ -79,7 +79,7 @@ def test_dynamic_sequence_lengths_across_files(tmp_path, run_passes):
     for s, arr in ids.items():
         np.savez(tmp_path / f"len{s}.npz", ids=arr.astype(np.int64))
     graph, ctx, _ = run_passes(m, PASSES, config=QuantConfig(batch_size=16), calib=str(tmp_path))
-    assert ctx.extras["calibration"]["samples"] == 9 and ctx.extras["calibration"]["batches"] == 3
+    assert ctx.calibration.samples == 9 and ctx.calibration.batches == 3
     # e = emb[ids]: its range is the range of the rows that were looked up
     used = np.concatenate([a.reshape(-1) for a in ids.values()])
     assert ctx.stats["e"]["amax"] == float(np.abs(emb[used]).max())

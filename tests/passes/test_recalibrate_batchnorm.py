@@ -125,7 +125,7 @@ def test_recalibrated_stats_equal_numpy_stats_of_quantized_upstream(case, fmt):
     graph, ctx = _quantize_unfolded(model, x, format=fmt, bn_mode="replace")
     f = get_format(fmt)
     plan = ctx.plan.tensors
-    assert ctx.extras["bn_recalibration"]["batches"] == 2  # 96 samples in batches of 64 and 32
+    assert ctx.bn_recalibration.batches == 2  # 96 samples in batches of 64 and 32
     fq = lambda v, name: f.fake_quant(v.astype(np.float32), plan[name].scale_array(), plan[name].axis)  # noqa: E731
     assert not np.array_equal(fq(p["w1"], "w1"), p["w1"])  # quantization really happened
     for name, (want_m, want_v) in _numpy_train_mode_stats(x, p, fq).items():
@@ -172,12 +172,12 @@ def test_fp32_recalibration_on_fitting_data_leaves_stats_unchanged(case):
 
 def test_shift_mode_without_quantization_is_exactly_a_no_op(case):
     model, x, p = case
-    res = onnxfp8.quantize(model, [{"x": x}], config=QuantConfig(op_types=("NoSuchOp",), bn_recalibrate=True,
+    res = onnxfp8.quantize(model, [{"x": x}], config=QuantConfig(op_types=("NoSuchOp",), allow_empty=True, bn_recalibrate=True,
                                                                   fold_batchnorm=False))
     inits = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
     for k in ("m1", "v1", "m2", "v2"):
         np.testing.assert_allclose(inits[k], p[k], rtol=1e-6, atol=1e-7)
-    assert res.report.batchnorm["mode"] == "shift"
+    assert res.report.batchnorm.to_dict()["mode"] == "shift"
 
 
 @pytest.mark.parametrize("fmt,style", [("e4m3", "qdq"), ("e4m3", "emulate"), ("int8", "qdq"), ("e3m4", "qdq"),
@@ -195,7 +195,7 @@ def test_folded_model_checks_and_matches_unfolded_twin(case, fmt, style):
     inits = {t.name: t for t in folded.graph.initializer}
     spec = ctx.plan.tensors["w2"]
     assert inits["w2.quantized"].data_type != onnx.TensorProto.FLOAT
-    g, v = p["g2"].astype(np.float64), ctx.extras["bn_recalibration"]["layers"]["bn2"]["var_after"]
+    g, v = p["g2"].astype(np.float64), ctx.bn_recalibration.layers["bn2"]["var_after"]
     folded_w = p["w2"] * (g / np.sqrt(np.asarray(v) + EPS))[:, None, None, None]
     np.testing.assert_allclose(spec.scale, get_format(fmt).scale_for(channel_amax(folded_w.astype(np.float32), 0)),
                                rtol=1e-6)
@@ -216,7 +216,7 @@ def test_pipeline_order_and_report(case):
     assert names.index("stash_fp32_weights") < names.index("insert_qdq") < names.index("recalibrate_batchnorm") \
         < names.index("fold_quantized_batchnorm")
     res = onnxfp8.quantize(model, [{"x": x}], config=cfg)
-    bn = res.report.batchnorm
+    bn = res.report.batchnorm.to_dict()
     assert set(bn["layers"]) == {"bn1", "bn2"} and bn["samples"] == N
     assert set(bn["sqnr_without"]) == {"y"} and set(bn["sqnr_with"]) == {"y"}
     text = res.report.summary()
@@ -271,7 +271,7 @@ def test_guard_keeps_stored_statistics_when_recalibration_is_worse_on_held_out_s
     calib = _shifted_calibration(x)
     cfg = dict(format="int8", bn_recalibrate=True, bn_mode="replace")
     kept = onnxfp8.quantize(model, calib, config=QuantConfig(**cfg))
-    bn = kept.report.batchnorm
+    bn = kept.report.batchnorm.to_dict()
     # the 64 samples captured for the FP32 comparison are held out of the 256: 192 recalibrate
     assert bn["eval_held_out"] is True and bn["eval_samples"] == 64 and bn["samples"] == 192
     assert bn["applied"] is False and bn["worse"].startswith("output SQNR vs FP32")
@@ -281,7 +281,7 @@ def test_guard_keeps_stored_statistics_when_recalibration_is_worse_on_held_out_s
     np.testing.assert_allclose(spec.scale, get_format("int8").scale_for(channel_amax(folded, 0)), rtol=1e-6)
     assert "kept the stored statistics: recalibration lowered output SQNR" in kept.report.summary()
     applied = onnxfp8.quantize(model, calib, config=QuantConfig(bn_guard=False, **cfg))
-    assert applied.report.batchnorm["applied"] is True
+    assert applied.report.batchnorm.to_dict()["applied"] is True
     assert "applied anyway (--no-bn-guard)" in applied.report.summary()
     # judged right: on the held-out samples the final models compare as the guard measured
     assert kept.report.outputs["y"]["sqnr_db"] > applied.report.outputs["y"]["sqnr_db"] + 3
@@ -370,7 +370,7 @@ def test_cli_bn_errors(case, tmp_path, runner):
     assert not out.exists()
     # without --augment the same model recalibrates (any rank): on its fitting data nothing moves
     res = runner.invoke(cli, ["quantize", fpath, "--calib", fcalib, "--bn-recalibrate", "--bn-mode", "replace",
-                              "--op-types", "NoSuchOp", "--no-fold-bn", "-o", str(out)])
+                              "--op-types", "NoSuchOp", "--no-fold-bn", "--allow-empty", "-o", str(out)])
     assert res.exit_code == 0, res.stderr
     q = {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
     np.testing.assert_allclose(q["m"], h.mean(0), rtol=1e-5, atol=1e-6)
@@ -382,7 +382,7 @@ def test_bn_ranges_re_measures_the_activation_ranges_that_moved(case):
     calib = _shifted_calibration(x)
     cfg = QuantConfig(format="int8", bn_recalibrate=True, bn_mode="replace", bn_guard=False, bn_ranges=True)
     res = onnxfp8.quantize(model, calib, config=cfg)
-    notes = [n for r in res.report.passes if r.name == "fold_quantized_batchnorm" for n in r.notes]
+    notes = [n for r in res.report.passes if r.name == "remeasure_ranges" for n in r.notes]
     assert any(n.startswith("re-measured 2 activation range(s) after recalibration; 1 moved") for n in notes), notes
     spec = res.plan.tensors["r1"]
     assert any("range re-measured after BN recalibration" in n for n in spec.notes)
@@ -415,7 +415,7 @@ def test_accuracy_without_and_with_when_the_calibration_data_has_labels(case):
     calib = [{"x": xs[i:i + 64], "label": labels[i:i + 64]} for i in range(0, len(xs), 64)]
     res = onnxfp8.quantize(m, calib, config=QuantConfig(format="e4m3", bn_recalibrate=True, bn_mode="replace",
                                                           bn_guard=False))
-    bn = res.report.batchnorm
+    bn = res.report.batchnorm.to_dict()
     assert bn["eval_labelled"] is True and bn["eval_held_out"] is True and bn["applied"] is True
     out = make_session(res.model).run(["logits"], {"x": xs[:64]})[0]
     np.testing.assert_allclose(bn["accuracy_with"]["logits"], np.mean(out.argmax(1) == labels[:64]), atol=1 / 64)
@@ -448,10 +448,10 @@ def _static_batch_one(model, tail=False):
 def test_static_batch_is_freed_on_the_working_copy(case):
     model, x, _ = case
     calib = [{"x": x[i:i + 1]} for i in range(len(x))]
-    cfg = QuantConfig(format="int8", bn_recalibrate=True, bn_mode="replace", bn_guard=False, op_types=("NoSuchOp",))
-    dynamic = onnxfp8.quantize(model, calib, config=cfg, check_model=False).report.batchnorm
+    cfg = QuantConfig(format="int8", bn_recalibrate=True, bn_mode="replace", bn_guard=False, op_types=("NoSuchOp",), allow_empty=True)
+    dynamic = onnxfp8.quantize(model, calib, config=cfg, check_model=False).report.batchnorm.to_dict()
     static = onnxfp8.quantize(_static_batch_one(model), calib, config=cfg)
-    bn = static.report.batchnorm
+    bn = static.report.batchnorm.to_dict()
     assert (bn["samples"], bn["batches"]) == (96, 2)  # batches of 64 + 32, not 96 of one sample
     notes = [n for r in static.report.passes if r.name == "recalibrate_batchnorm" for n in r.notes]
     assert "the model's static batch dimension was freed on the working copy: batches of 64 sample(s)" in notes
@@ -464,13 +464,13 @@ def test_static_batch_is_freed_on_the_working_copy(case):
 def test_static_batch_falls_back_when_the_model_needs_it(case):
     model, x, _ = case
     calib = [{"x": x[i:i + 1]} for i in range(len(x))]
-    cfg = QuantConfig(format="int8", bn_recalibrate=True, bn_mode="replace", bn_guard=False, op_types=("NoSuchOp",))
+    cfg = QuantConfig(format="int8", bn_recalibrate=True, bn_mode="replace", bn_guard=False, op_types=("NoSuchOp",), allow_empty=True)
     res = onnxfp8.quantize(_static_batch_one(model, tail=True), calib, config=cfg)
-    bn = res.report.batchnorm
+    bn = res.report.batchnorm.to_dict()
     assert (bn["samples"], bn["batches"]) == (96, 96)
     notes = [n for r in res.report.passes if r.name == "recalibrate_batchnorm" for n in r.notes]
     assert any(n.startswith("the working copy does not run with a free batch dimension") and
                "recalibrated with the model's static batch of 1" in n for n in notes), notes
     # bn1 has no BN upstream: its pooled statistics do not depend on the batching
-    dynamic = onnxfp8.quantize(model, calib, config=cfg, check_model=False).report.batchnorm
+    dynamic = onnxfp8.quantize(model, calib, config=cfg, check_model=False).report.batchnorm.to_dict()
     np.testing.assert_allclose(bn["layers"]["bn1"]["var_after"], dynamic["layers"]["bn1"]["var_after"], rtol=1e-5)
