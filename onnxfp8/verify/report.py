@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from onnxfp8.pipeline import PassRecord
+from onnxfp8.versions import software
 from onnxfp8.plan import QuantPlan, json_plain
 from onnxfp8.state import BatchNormReport, CalibrationInfo, PatternMatch
 
@@ -41,7 +42,7 @@ class QuantReport:
 
     def to_dict(self) -> Dict[str, Any]:
         return {
-            "source": self.source, "output": self.output, "config": self.config,
+            "software": software(), "source": self.source, "output": self.output, "config": self.config,
             "passes": [p.to_dict() for p in self.passes],
             "quantized_by_op": self.plan.counts_by_op(),
             "skipped": [{"node": d.node, "op_type": d.op_type, "reason": d.reason} for d in self.plan.skipped_nodes()],
