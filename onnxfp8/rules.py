@@ -15,6 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxfp8.formats import is_float_dtype
+from onnxfp8.tensorrt import FUSABLE as TRT_FUSABLE, WEIGHTED as TRT_WEIGHTED, weighted_problem
 
 
 @dataclass(frozen=True)
@@ -232,15 +233,20 @@ SINGLE_INPUT_OPS = ("LayerNormalization", "BatchNormalization", "InstanceNormali
 
 
 def weight_axis(node: gs.Node, index: int, rank: int) -> Optional[int]:
+    """The per-output-channel axis of weight input ``index`` of ``node`` (see channel_axis)."""
+    return channel_axis(node.op, node.attrs, index, rank)
+
+
+def channel_axis(op: str, attrs, index: int, rank: int) -> Optional[int]:
     """The per-output-channel axis of a weight input: Conv 0, ConvTranspose 1, Gemm by transB, MatMul by
-    layout (weight on the right: last axis; on the left: its row axis), Gather (embedding table): rows."""
-    op = node.op
+    layout (weight on the right: last axis; on the left: its row axis), Gather (embedding table): rows.
+    ``attrs``: the node's attributes as a mapping (graphsurgeon's ``node.attrs``, or a dict from a NodeProto)."""
     if op == "Conv":
         return 0
     if op == "ConvTranspose":
         return 1
     if op == "Gemm":
-        return 0 if node.attrs.get("transB", 0) else 1
+        return 0 if attrs.get("transB", 0) else 1
     if op == "MatMul":
         return rank - 1 if index == 1 else rank - 2
     if op == "Gather":
@@ -268,21 +274,6 @@ def select(nodes: Iterable[gs.Node], rules: Sequence[NodeRule], info: GraphInfo)
 # --------------------------------------------------------------------------------------------------
 # TensorRT placement (--target tensorrt)
 # --------------------------------------------------------------------------------------------------
-TRT_CHANNEL_MULTIPLE = 16  # FP8 Conv/GEMM kernels: channel counts (K, N) multiples of 16 (see TensorRTRule)
-TRT_MAX_FP8_FILTER = 32  # FP8 convolution kernels: kernel area kh*kw*... at most 32
-TRT_WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-# ops TensorRT fuses with their input DQs (besides the weighted ones): pooling, concatenation, residual Add
-TRT_FUSABLE = TRT_WEIGHTED + ("Add", "MaxPool", "AveragePool", "GlobalAveragePool", "Concat")
-
-
-def _static_dim(t, axis: int) -> Optional[int]:
-    shape = getattr(t, "shape", None)
-    if not shape or not -len(shape) <= axis < len(shape):
-        return None
-    d = shape[axis]
-    return int(d) if isinstance(d, (int, np.integer)) and d > 0 else None
-
-
 def weighted_branch(t, depth: int = 3) -> Optional[gs.Node]:
     """The Conv/Gemm/MatMul whose output ``t`` is, directly or through the bias Add / BatchNormalization that
     TensorRT fuses into it (the layer an Add's Q/DQ-free input comes from), else None."""
@@ -296,47 +287,6 @@ def weighted_branch(t, depth: int = 3) -> Optional[gs.Node]:
             t = p.inputs[0] if not is_const(p.inputs[0]) else p.inputs[1]
             continue
         return None
-    return None
-
-
-def trt_weighted_problem(node: gs.Node, weight: np.ndarray, act=None) -> Optional[str]:
-    """Why TensorRT will not run this Conv/ConvTranspose/Gemm/MatMul in FP8 (channel counts, filter size,
-    GEMV), or None. ``weight`` is the weight's values, ``act`` the activation input (for the GEMV check)."""
-    m = TRT_CHANNEL_MULTIPLE
-    if node.op in ("Conv", "ConvTranspose"):
-        if weight.ndim < 3:
-            return f"{node.op} weight of rank {weight.ndim}"
-        group = int(node.attrs.get("group", 1))
-        if node.op == "Conv":
-            cout, cin = weight.shape[0], weight.shape[1] * group
-        else:
-            cin, cout = weight.shape[0], weight.shape[1] * group
-        if cin % m or cout % m:
-            return (f"{node.op} with {cin} input / {cout} output channels: TensorRT's FP8 convolution kernels need "
-                    f"channel counts that are multiples of {m}")
-        if group > 1 and weight.shape[1] % m:
-            return (f"grouped {node.op} with {weight.shape[1]} channels per group: TensorRT's FP8 convolution "
-                    f"kernels need multiples of {m} per group")
-        area = int(np.prod(weight.shape[2:]))
-        if area > TRT_MAX_FP8_FILTER:
-            return (f"{node.op} filter of {'x'.join(map(str, weight.shape[2:]))} = {area} taps: TensorRT's FP8 "
-                    f"convolution kernels take at most {TRT_MAX_FP8_FILTER}")
-        return None
-    if weight.ndim < 2:
-        return f"{node.op} weight of rank {weight.ndim}"
-    if node.op == "Gemm" and node.attrs.get("transB", 0):
-        n, k = weight.shape[-2], weight.shape[-1]
-    else:
-        k, n = weight.shape[-2], weight.shape[-1]
-    if k % m or n % m:
-        return (f"{node.op} weight [K={k}, N={n}]: TensorRT's FP8 GEMM kernels need K and N to be multiples of {m}")
-    if act is not None:
-        rank = len(act.shape) if getattr(act, "shape", None) else 0
-        rows = _static_dim(act, 0 if node.op == "Gemm" else -2) if rank >= 2 else (1 if rank == 1 else None)
-        if node.op == "Gemm" and node.attrs.get("transA", 0):
-            rows = _static_dim(act, 1)
-        if rows == 1:
-            return f"{node.op} is a GEMV (one row): FP8 tensor cores gain nothing, TensorRT runs it in high precision"
     return None
 
 
@@ -386,8 +336,9 @@ class TensorRTRule(SupportRule):
                 return Decision(False, "MatMul with the constant weight on the left: TensorRT takes per-channel "
                                        "weight scales on the right operand's output columns (--target tensorrt)")
             if widx:
-                why = trt_weighted_problem(node, node.inputs[widx[0]].values,
-                                           node.inputs[aidx[0]] if aidx else None)
+                act = node.inputs[aidx[0]] if aidx else None
+                why = weighted_problem(node.op, node.attrs, node.inputs[widx[0]].values.shape,
+                                       list(act.shape) if act is not None and act.shape is not None else None)
                 if why:
                     return Decision(False, f"{why} (--target tensorrt)")
         elif node.op == "Add":

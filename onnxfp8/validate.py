@@ -252,18 +252,18 @@ def first_nonfinite(model: onnx.ModelProto, batch: Dict[str, np.ndarray], arrays
     calibration pass has seen a non-finite value, to name where it starts."""
     from onnx import helper
 
-    from onnxfp8.calibrators.collector import _elem_type, _tensor_types
+    from onnxfp8.calibrators.collector import elem_type, tensor_types
     from onnxfp8.modelio import make_session
 
     for name, v in batch.items():
         v = np.asarray(v)
         if v.dtype.kind == "f" and not np.isfinite(v).all():
             return name, "", "input"
-    types = _tensor_types(model)
+    types = tensor_types(model)
     order: List[Tuple[str, str, str]] = []
     for n in model.graph.node:
         for o in n.output:
-            et = _elem_type(types.get(o))
+            et = elem_type(types.get(o))
             if o and (et is None or et in FLOAT_TYPES):
                 order.append((o, n.name, n.op_type))
     m = onnx.ModelProto()
@@ -271,7 +271,7 @@ def first_nonfinite(model: onnx.ModelProto, batch: Dict[str, np.ndarray], arrays
     present = {o.name for o in m.graph.output}
     for o, _, _ in order:
         if o not in present:
-            m.graph.output.append(helper.make_tensor_value_info(o, _elem_type(types.get(o)) or TensorProto.FLOAT, None))
+            m.graph.output.append(helper.make_tensor_value_info(o, elem_type(types.get(o)) or TensorProto.FLOAT, None))
     sess = make_session(m, level="disable", providers=providers, threads=threads, arrays=arrays)
     fixed = any(i.shape and isinstance(i.shape[0], int) for i in sess.get_inputs())
     feed = batch if fixed else {k: np.asarray(v)[:1] for k, v in batch.items()}

@@ -25,7 +25,7 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
-from onnxfp8.calibrators.data import _fmt_shape
+from onnxfp8.calibrators.data import fmt_shape
 from onnxfp8.calibrators.data import batch_size, take_samples
 from onnxfp8.errors import ConfigError
 
@@ -40,7 +40,7 @@ def check_image_inputs(specs, ops: Sequence[str], source: str = "model") -> None
         dtype = np.dtype(spec.dtype)
         if len(spec.shape) != 4 or dtype.kind != "f":
             raise ConfigError(f"{source}: --augment {','.join(ops)} needs NCHW image inputs (float, rank 4), but input "
-                              f"'{spec.name}' is {dtype.name} {_fmt_shape(spec.shape)}; drop --augment for this model")
+                              f"'{spec.name}' is {dtype.name} {fmt_shape(spec.shape)}; drop --augment for this model")
 
 
 def flip(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -36,10 +36,10 @@ from onnxfp8.calibrators.data import (Batch, CalibrationData, batch_size, output
                                      take_samples)
 from onnxfp8.calibrators.max import MaxCalibrator
 from onnxfp8.modelio import make_session
+from onnxfp8.names import SIZE_SUFFIX
 
 MAX_SUFFIX = "__onnxfp8_max"
 MIN_SUFFIX = "__onnxfp8_min"
-SIZE_SUFFIX = "__onnxfp8_size"
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 _GMP_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
@@ -78,7 +78,7 @@ class CollectResult:
 
 
 # -- graph analysis ------------------------------------------------------------------------------------
-def _tensor_types(model: onnx.ModelProto) -> Dict[str, onnx.TypeProto]:
+def tensor_types(model: onnx.ModelProto) -> Dict[str, onnx.TypeProto]:
     out = {}
     for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
         out[vi.name] = vi.type
@@ -91,7 +91,7 @@ def _rank(tp: Optional[onnx.TypeProto]) -> Optional[int]:
     return len(tp.tensor_type.shape.dim)
 
 
-def _elem_type(tp: Optional[onnx.TypeProto]) -> Optional[int]:
+def elem_type(tp: Optional[onnx.TypeProto]) -> Optional[int]:
     if tp is None or not tp.HasField("tensor_type"):
         return None
     return tp.tensor_type.elem_type or None
@@ -139,27 +139,27 @@ def _float_tensors(model: onnx.ModelProto, tensors: Sequence[str]) -> List[str]:
     """Keep tensors that exist in the graph (produced by a node or a graph input) and are not known to hold
     anything but floats."""
     produced = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
-    types = _tensor_types(model)
+    types = tensor_types(model)
     out = []
     for t in tensors:
-        et = _elem_type(types.get(t))
+        et = elem_type(types.get(t))
         if t in produced and (et is None or et in _FLOAT_TYPES):
             out.append(t)
     return out
 
 
-def _augment_reduce(model: onnx.ModelProto, tensors: Sequence[str], sized: Set[str] = frozenset(),
+def augment_reduce(model: onnx.ModelProto, tensors: Sequence[str], sized: Set[str] = frozenset(),
                     nonneg: Set[str] = frozenset()) -> onnx.ModelProto:
     """A copy of ``model`` with per-tensor reductions as extra outputs ``<t>__onnxfp8_max`` (and ``_min``
     unless ``t`` is in ``nonneg``, ``_size`` when ``t`` is in ``sized``)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
-    types = _tensor_types(model)
+    types = tensor_types(model)
     added: Dict[str, List[onnx.NodeProto]] = {}  # tensor -> its reduction nodes
     for i, t in enumerate(tensors):
         rank = _rank(types.get(t))
-        et = _elem_type(types.get(t))
+        et = elem_type(types.get(t))
         src = t
         nodes = added.setdefault(t, [])
         if rank is not None and rank >= 3 and (et is None or et in _GMP_TYPES):
@@ -189,10 +189,10 @@ def _augment_expose(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.Mode
     m = onnx.ModelProto()
     m.CopyFrom(model)
     outputs = {o.name for o in m.graph.output}
-    types = _tensor_types(model)
+    types = tensor_types(model)
     for t in tensors:
         if t not in outputs:
-            m.graph.output.append(helper.make_tensor_value_info(t, _elem_type(types.get(t)) or onnx.TensorProto.FLOAT,
+            m.graph.output.append(helper.make_tensor_value_info(t, elem_type(types.get(t)) or onnx.TensorProto.FLOAT,
                                                                 None))
     return m
 
@@ -275,7 +275,7 @@ def collect(model: onnx.ModelProto, tensors: Sequence[str], data: CalibrationDat
     pass_no = 0
     if run_max_pass:
         pass_no += 1
-        session = make_session(_augment_reduce(model, reduced, sized, bounded), level=level, arrays=arrays,
+        session = make_session(augment_reduce(model, reduced, sized, bounded), level=level, arrays=arrays,
                                providers=providers, threads=threads)
         fetch = list(out_names)
         slots = []
@@ -411,7 +411,7 @@ def _groups_by_static_size(model: onnx.ModelProto, tensors: Sequence[str], data:
                            budget_bytes: int) -> List[List[str]]:
     """Groups from the inferred shapes (batch dimension = the data's batch size) when no max pass measured the
     sizes. A tensor with an unknown dimension counts as the whole budget (a group of its own)."""
-    types = _tensor_types(model)
+    types = tensor_types(model)
     sizes: Dict[str, int] = {}
     for t in tensors:
         tp = types.get(t)

@@ -346,13 +346,13 @@ class CalibrationData:
             arr = np.expand_dims(arr, ax)
         elif (spec.shape or spec.ranked) and arr.ndim != rank:
             raise DataError(f"{where}: input '{name}' has shape {tuple(arr.shape)}, the model expects rank {rank} "
-                            f"{_fmt_shape(spec.shape)}")
+                            f"{fmt_shape(spec.shape)}")
         for i, (got, want) in enumerate(zip(arr.shape, spec.shape)):
             if i == ax and spec.static_batch is None:
                 continue
             if isinstance(want, int) and want > 0 and got != want:
                 raise DataError(f"{where}: input '{name}' has shape {tuple(arr.shape)}, the model expects "
-                                f"{_fmt_shape(spec.shape)} (dimension {i} must be {want})")
+                                f"{fmt_shape(spec.shape)} (dimension {i} must be {want})")
         return arr
 
     # -- iteration ----------------------------------------------------------------------------------
@@ -456,7 +456,7 @@ def _cast(arr: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:
     raise DataError(f"{where}: input '{spec.name}' has dtype {arr.dtype.name}, the model expects {want.name}")
 
 
-def _fmt_shape(shape: Sequence[Any]) -> str:
+def fmt_shape(shape: Sequence[Any]) -> str:
     return "[" + ", ".join(str(d) if isinstance(d, int) and d > 0 else (d or "?") for d in shape) + "]"
 
 

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from onnxfp8.calibrators.base import register
-from onnxfp8.calibrators.histogram import CalibrationOptionError, Histogram, HistogramCalibrator, _check_int
+from onnxfp8.calibrators.histogram import CalibrationOptionError, Histogram, HistogramCalibrator, check_int
 
 
 def kl_divergences(counts: np.ndarray, num_quantized_bins: int = 128, start_bin: int = 128,
@@ -94,14 +94,14 @@ class EntropyCalibrator(HistogramCalibrator):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        self.num_quantized_bins = _check_int("num_quantized_bins", self.options["num_quantized_bins"], 2,
+        self.num_quantized_bins = check_int("num_quantized_bins", self.options["num_quantized_bins"], 2,
                                              self.num_bins)
         sb = self.options["start_bin"]
-        self.start_bin = self.num_quantized_bins if sb is None else _check_int("start_bin", sb, 1, self.num_bins)
+        self.start_bin = self.num_quantized_bins if sb is None else check_int("start_bin", sb, 1, self.num_bins)
         if self.start_bin < self.num_quantized_bins:
             raise CalibrationOptionError(
                 f"start_bin ({self.start_bin}) must be >= num_quantized_bins ({self.num_quantized_bins})")
-        self.stride = _check_int("stride", self.options["stride"], 1)
+        self.stride = check_int("stride", self.options["stride"], 1)
 
     def compute_amax(self, name: str, hist: Histogram) -> float:
         nb = hist.used_bins()  # what a histogram over [0, max] would hold (a grown range has empty top bins)

@@ -237,7 +237,7 @@ def _plain(v: Any) -> Any:
     return getattr(v, "name", str(v))
 
 
-def _check_int(name: str, value: Any, lo: int, hi: Optional[int] = None) -> int:
+def check_int(name: str, value: Any, lo: int, hi: Optional[int] = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo or (
             hi is not None and value > hi):
         bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
@@ -245,7 +245,7 @@ def _check_int(name: str, value: Any, lo: int, hi: Optional[int] = None) -> int:
     return int(value)
 
 
-def _check_number(name: str, value: Any, lo: float, hi: float, include_hi: bool = False) -> float:
+def check_number(name: str, value: Any, lo: float, hi: float, include_hi: bool = False) -> float:
     """``value`` as a float in ``(lo, hi)`` (``(lo, hi]`` with ``include_hi``), else a CalibrationOptionError."""
     ok = (not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
           and math.isfinite(value) and lo < value and (value <= hi if include_hi else value < hi))
@@ -255,7 +255,7 @@ def _check_number(name: str, value: Any, lo: float, hi: float, include_hi: bool 
     return float(value)
 
 
-def _check_format(value: Any, what: str):
+def check_format(value: Any, what: str):
     """The Format named by ``value``, else a CalibrationOptionError starting with ``what``."""
     from onnxfp8.formats import get_format
 
@@ -293,11 +293,11 @@ class HistogramCalibrator(Calibrator):
                 f"known: {', '.join(sorted(known))}")
         merged = {"num_bins": self.default_num_bins, "format": "e4m3", **self.extra_options, **options}
         super().__init__(**merged)
-        self.num_bins = _check_int("num_bins", merged["num_bins"], self.min_num_bins)
+        self.num_bins = check_int("num_bins", merged["num_bins"], self.min_num_bins)
         if self.num_bins % 2:
             raise CalibrationOptionError(f"num_bins must be even (the range grows by merging bin pairs), "
                                          f"got {self.num_bins}")
-        self.format = _check_format(merged["format"], f"{self.method} calibration")
+        self.format = check_format(merged["format"], f"{self.method} calibration")
         self._hists: Dict[str, Histogram] = {}
 
     # -- collecting

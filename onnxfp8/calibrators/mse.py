@@ -45,8 +45,8 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from onnxfp8.calibrators.base import register
-from onnxfp8.calibrators.histogram import (CalibrationOptionError, Histogram, HistogramCalibrator, _check_format,
-                                           _check_int, _check_number)
+from onnxfp8.calibrators.histogram import (CalibrationOptionError, Histogram, HistogramCalibrator, check_format,
+                                           check_int, check_number)
 
 
 def _ragged(lengths: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -91,7 +91,7 @@ class _ErrorIntegral:
         return self.base[k] + d * d * d * (1.0 / 3.0)
 
 
-class _Bins:
+class Bins:
     """A histogram as a piecewise-uniform density (values spread evenly inside each bin), except the last
     non-empty bin, which is taken as a point mass at the max (it holds the max: one value for continuous
     data, many for saturated activations such as ReLU6)."""
@@ -152,11 +152,11 @@ class MSECalibrator(HistogramCalibrator):
         tf = self.options["tensor_formats"] or {}
         if not hasattr(tf, "items"):
             raise CalibrationOptionError(f"tensor_formats must map tensor names to formats, got {tf!r}")
-        self.tensor_formats = {k: _check_format(v, "mse calibration: tensor_formats") for k, v in tf.items()}
-        self.num_candidates = _check_int("num_candidates", self.options["num_candidates"], 2)
-        self.refine = _check_int("refine", self.options["refine"], 0)
+        self.tensor_formats = {k: check_format(v, "mse calibration: tensor_formats") for k, v in tf.items()}
+        self.num_candidates = check_int("num_candidates", self.options["num_candidates"], 2)
+        self.refine = check_int("refine", self.options["refine"], 0)
         mf = self.options["min_fraction"]
-        self.min_fraction = None if mf is None else _check_number("min_fraction", mf, 0, 1)
+        self.min_fraction = None if mf is None else check_number("min_fraction", mf, 0, 1)
 
     def format_of(self, name: str):
         return self.tensor_formats.get(name, self.format)
@@ -171,7 +171,7 @@ class MSECalibrator(HistogramCalibrator):
         top = hist.max
         if top <= 0 or hist.total == 0:
             return np.zeros(1), np.zeros(1)
-        bins = _Bins(hist)
+        bins = Bins(hist)
         lo_frac = self.min_fraction if self.min_fraction is not None else min(0.5, 8.0 * hist.width / top)
         coarse = top * np.geomspace(lo_frac, 1.0, self.num_candidates)
         coarse[-1] = top

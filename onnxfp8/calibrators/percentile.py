@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from onnxfp8.calibrators.base import register
-from onnxfp8.calibrators.histogram import Histogram, HistogramCalibrator, _check_number
+from onnxfp8.calibrators.histogram import Histogram, HistogramCalibrator, check_number
 
 
 @register
@@ -24,7 +24,7 @@ class PercentileCalibrator(HistogramCalibrator):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        self.percentile = _check_number("percentile", self.options["percentile"], 0, 100, include_hi=True)
+        self.percentile = check_number("percentile", self.options["percentile"], 0, 100, include_hi=True)
 
     def compute_amax(self, name: str, hist: Histogram) -> float:
         if self.percentile >= 100:

@@ -250,14 +250,14 @@ def choose_activation_format(name: str, hists: Dict[str, object], cfg, amax: flo
     that format's range (the calibrated amax; with --calibration mse the format's own MSE-optimal range),
     computed with the MSE calibrator's exact in-bin error integral. Returns (format, {format: SQNR dB},
     remark, amax of the winner)."""
-    from onnxfp8.calibrators.mse import MSECalibrator, _Bins
+    from onnxfp8.calibrators.mse import MSECalibrator, Bins
 
     h = hists["hists"][name]
     cal = hists["calibrator"]
     if h.max <= 0:
         f = cfg.formats[0]
         return f, {f: math.inf}, "all-zero tensor", amax
-    bins = _Bins(h)
+    bins = Bins(h)
     counts = h.counts.astype(np.float64)
     top = int(np.flatnonzero(counts)[-1])
     centers = (np.arange(top) + 0.5) * h.width

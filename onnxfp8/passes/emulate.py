@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxfp8 import names
 from onnxfp8.formats import SCALE_MIN, Format
 from onnxfp8.plan import QuantSpec
 
@@ -70,8 +71,8 @@ class QDQEmitter(Emitter):
         out = self._var(out_name, w)
         attrs = {"axis": spec.axis} if spec.axis is not None and scale.ndim else {}
         self._node("DequantizeLinear", f"{w.name}/DequantizeLinear",
-                   [_const(f"{w.name}.quantized", q), _const(f"{w.name}.scale", scale),
-                    _const(f"{w.name}.zero_point", zp)], [out], **attrs)
+                   [_const(names.quantized(w.name), q), _const(names.scale(w.name), scale),
+                    _const(names.zero_point(w.name), zp)], [out], **attrs)
         return out
 
     def activation(self, x: gs.Variable, spec: QuantSpec, fmt: Format, tag: str, scale=None) -> gs.Variable:
@@ -79,9 +80,9 @@ class QDQEmitter(Emitter):
         a per-row one (``DynamicScale.per_row``) is applied as ``Div -> Q(1) -> DQ(1) -> Mul``, the same
         function (QuantizeLinear divides by 1 exactly), since QuantizeLinear's scale is 1-D at most."""
         zp = np.zeros((), dtype=fmt.storage_dtype)
-        z = _const(f"{tag}.zero_point", zp)
+        z = _const(names.zero_point(tag), zp)
         q = gs.Variable(f"{tag}.q", dtype=fmt.storage_dtype, shape=getattr(x, "shape", None))
-        out = self._var(f"{tag}.dq", x)
+        out = self._var(names.dq(tag), x)
         if isinstance(scale, DynamicScale) and scale.per_row:
             v = gs.Variable(f"{tag}.scaled", dtype=np.float32)
             self._node("Div", f"{tag}/Div", [x, scale.tensor], [v])
@@ -91,7 +92,7 @@ class QDQEmitter(Emitter):
             self._node("DequantizeLinear", f"{tag}/DequantizeLinear", [q, one, z], [r])
             self._node("Mul", f"{tag}/Mul", [r, scale.tensor], [out])
             return out
-        s = scale.tensor if isinstance(scale, DynamicScale) else _const(f"{tag}.scale", np.asarray(spec.scale, np.float32))
+        s = scale.tensor if isinstance(scale, DynamicScale) else _const(names.scale(tag), np.asarray(spec.scale, np.float32))
         self._node("QuantizeLinear", f"{tag}/QuantizeLinear", [x, s, z], [q])
         self._node("DequantizeLinear", f"{tag}/DequantizeLinear", [q, s, z], [out])
         return out
@@ -103,13 +104,13 @@ class EmulateEmitter(Emitter):
     def weight(self, w: gs.Constant, spec: QuantSpec, fmt: Format, out_name: str) -> gs.Variable:
         scale = spec.scale_array()
         q = fmt.quantize(w.values, scale, spec.axis)
-        s = _const(f"{w.name}.scale", _broadcast_scale(scale, spec.axis, w.values.ndim))
-        stored = _const(f"{w.name}.quantized", q)
+        s = _const(names.scale(w.name), _broadcast_scale(scale, spec.axis, w.values.ndim))
+        stored = _const(names.quantized(w.name), q)
         decoded = gs.Variable(f"{w.name}.decoded", dtype=np.float32, shape=list(w.values.shape))
         if fmt.emulated:  # E3M4: 8-bit codes -> table lookup
             idx = gs.Variable(f"{w.name}.codes", dtype=np.int32, shape=list(w.values.shape))
             self._node("Cast", f"{w.name}/CastCodes", [stored], [idx], to=onnx.TensorProto.INT32)
-            table = self._shared(f"{fmt.name}.code_table", fmt.code_table().astype(np.float32))
+            table = self._shared(fmt.name + names.CODE_TABLE, fmt.code_table().astype(np.float32))
             self._node("Gather", f"{w.name}/Decode", [table, idx], [decoded], axis=0)
         else:
             self._node("Cast", f"{w.name}/Cast", [stored], [decoded], to=onnx.TensorProto.FLOAT)
@@ -121,7 +122,7 @@ class EmulateEmitter(Emitter):
         if isinstance(scale, DynamicScale):
             s = scale.tensor
         else:
-            s = _const(f"{tag}.scale", np.asarray(spec.scale, dtype=np.float32))
+            s = _const(names.scale(tag), np.asarray(spec.scale, dtype=np.float32))
         v = gs.Variable(f"{tag}.scaled", dtype=np.float32)
         self._node("Div", f"{tag}/Div", [x, s], [v])
         r = gs.Variable(f"{tag}.rounded", dtype=np.float32)
@@ -136,7 +137,7 @@ class EmulateEmitter(Emitter):
             q = gs.Variable(f"{tag}.q", dtype=fmt.storage_dtype)
             self._node("Cast", f"{tag}/CastFP8", [v], [q], to=fmt.onnx_dtype, saturate=1)
             self._node("Cast", f"{tag}/CastFloat", [q], [r], to=onnx.TensorProto.FLOAT)
-        out = self._var(f"{tag}.dq", x)
+        out = self._var(names.dq(tag), x)
         self._node("Mul", f"{tag}/Mul", [r, s], [out])
         return out
 
@@ -188,7 +189,7 @@ class DynamicScale:
                      [amax], keepdims=1)
         ratio = gs.Variable(f"{tag}.ratio", dtype=np.float32)
         em._node("Div", f"{tag}/DynDiv", [amax, _const(f"{tag}.fmt_max", np.float32(fmt.max))], [ratio])
-        self.tensor = gs.Variable(f"{tag}.scale", dtype=np.float32)
+        self.tensor = gs.Variable(names.scale(tag), dtype=np.float32)
         em._node("Max", f"{tag}/DynScale", [ratio, _const(f"{tag}.scale_floor", np.float32(SCALE_MIN))], [self.tensor])
 
 

@@ -29,6 +29,7 @@ from typing import Dict, List
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxfp8 import names
 from onnxfp8.formats import get_format
 from onnxfp8.passes.assign_formats import channel_amax
 from onnxfp8.passes.emulate import emitter_for
@@ -94,14 +95,14 @@ class FoldQuantizedBatchNorm(Pass):
             if set(spec.consumers) != {producer.name} or len(w.outputs) != 1:
                 notes.append(f"{bn.name}: {producer.name} weight {spec.tensor} is shared, BN kept")
                 continue
-            producer.inputs[1] = gs.Constant(f"{spec.tensor}.fp32", stash[spec.tensor])
+            producer.inputs[1] = gs.Constant(names.fp32(spec.tensor), stash[spec.tensor])
             reason = fold_into(producer, bn)
             if reason:
                 producer.inputs[1] = w
                 notes.append(f"{bn.name}: not folded into {producer.name}: {reason}")
                 continue
             folded = producer.inputs[1].values
-            w.name = f"{spec.tensor}.unfolded"  # the old fragment: now unused, removed by cleanup
+            w.name = spec.tensor + names.UNFOLDED  # the old fragment: now unused, removed by cleanup
             pending.append((producer, spec, folded, bn.name))
         graph.cleanup(remove_unused_graph_inputs=False)
         for producer, spec, folded, bn_name in pending:

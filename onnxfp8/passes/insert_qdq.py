@@ -14,6 +14,7 @@ from typing import Dict, List
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxfp8 import names
 from onnxfp8.formats import get_format
 from onnxfp8.passes.emulate import DynamicScale, emitter_for
 from onnxfp8.pipeline import Pass, PassContext, PassResult
@@ -47,9 +48,9 @@ class InsertQDQ(Pass):
                 raise ValueError(f"planned tensor {spec.tensor} is not in the graph")
             if spec.role == "weight":
                 all_quantized = all(n.name in spec.consumers for n in t.outputs)
-                out_name = spec.tensor if all_quantized else f"{spec.tensor}.dq"
+                out_name = spec.tensor if all_quantized else names.dq(spec.tensor)
                 if all_quantized:
-                    t.name = f"{spec.tensor}.fp32"  # frees the name for the dequantized tensor
+                    t.name = names.fp32(spec.tensor)  # frees the name for the dequantized tensor
                     w = gs.Constant(spec.tensor, t.values)
                 else:
                     w = t
@@ -63,7 +64,7 @@ class InsertQDQ(Pass):
                     dq = em.activation(x, spec, fmt, spec.tensor, self._dynamic(em, x, spec, fmt, True))
                     others = [n for n in t.outputs if n.name not in spec.consumers]
                     if others:  # other readers keep the FP32 Relu: quantized consumers get a clone
-                        out = gs.Variable(f"{spec.tensor}.relu_q", dtype=t.dtype, shape=t.shape)
+                        out = gs.Variable(names.relu_q(spec.tensor), dtype=t.dtype, shape=t.shape)
                         graph.nodes.append(gs.Node("Relu", name=f"{relu.name}/quantized", inputs=[dq], outputs=[out]))
                         for n in consumers:
                             _rewire(n, t, out)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxfp8 import names
 from onnxfp8.calibrators.collector import collect
 from onnxfp8.calibrators.max import MaxCalibrator
 from onnxfp8.formats import get_format
@@ -36,7 +37,7 @@ def remeasure(graph: gs.Graph, ctx: PassContext):
     tensors = graph.tensors()
     probes = {}
     for spec in ctx.plan.activations():
-        scale_t = tensors.get(f"{spec.tensor}.scale")
+        scale_t = tensors.get(names.scale(spec.tensor))
         if not isinstance(scale_t, gs.Constant):
             continue
         # the Q/Div node reading the scale takes the FP32 tensor that is quantized as its first input

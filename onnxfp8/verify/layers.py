@@ -33,6 +33,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from onnxfp8 import names
+from onnxfp8.names import SIZE_SUFFIX
 from onnxfp8.calibrators.data import batch_size, take_samples
 from onnxfp8.errors import ConfigError
 from onnxfp8.modelio import inferred_light, make_session
@@ -42,7 +44,6 @@ from onnxfp8.verify.compare import ErrorStats
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 COMMUTING_OPS = ("Relu",)  # ops the quantizer may move behind a Q/DQ ("before:" placement)
 LOCAL_PREFIX = "__onnxfp8_own/"
-SIZE_SUFFIX = "__onnxfp8_size"
 
 
 @dataclass
@@ -146,7 +147,7 @@ def find_layers(fp32: onnx.ModelProto, quant: onnx.ModelProto) -> Tuple[List[Lay
             src = producer[n.input[0]]
             res = is_fragment(*src) and carries_quantized(*src)
         else:
-            res = any(o.endswith((".dq", ".relu_q")) or o in fp32_inits for o in n.output if o)
+            res = any(o.endswith(names.QUANTIZED_OUTPUTS) or o in fp32_inits for o in n.output if o)
         quantized[i] = res
         return res
 

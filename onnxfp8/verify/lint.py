@@ -46,12 +46,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from onnxfp8 import names
 from onnxfp8.modelio import inferred_light
-from onnxfp8.rules import TRT_CHANNEL_MULTIPLE, TRT_MAX_FP8_FILTER
+from onnxfp8.tensorrt import QUANTIZED_TYPES, WEIGHTED, weight_axis, weighted_problem
 
 TARGETS = ("tensorrt",)
-ALLOWED_TYPES = {TensorProto.FLOAT8E4M3FN: "FLOAT8E4M3FN", TensorProto.INT8: "INT8"}
-WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+ALLOWED_TYPES = QUANTIZED_TYPES
 QUANTIZABLE = WEIGHTED + ("Add", "MaxPool", "AveragePool", "GlobalAveragePool", "Concat", "QuantizeLinear")
 PASS_THROUGH = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Identity")
 FP8_TYPES = {getattr(TensorProto, n) for n in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ")}
@@ -167,19 +167,6 @@ def _qdq_type(g: _Graph, node: onnx.NodeProto) -> Optional[int]:
     return None
 
 
-def _weight_axis(consumer: onnx.NodeProto, index: int, rank: int, g: _Graph) -> Optional[int]:
-    op = consumer.op_type
-    if op == "Conv" and index == 1:
-        return 0
-    if op == "ConvTranspose" and index == 1:
-        return 1
-    if op == "Gemm" and index == 1:
-        return 0 if g.attr(consumer, "transB", 0) else 1
-    if op == "MatMul" and index == 1:
-        return rank - 1
-    return None
-
-
 def _reaches(g: _Graph, tensor: str, depth: int = 8) -> List[onnx.NodeProto]:
     """The consumers of ``tensor``, looking through layout-only ops."""
     out = []
@@ -264,7 +251,7 @@ def lint_model(model: Union[str, os.PathLike, onnx.ModelProto], target: str = "t
                 axis = axis + w.ndim if axis < 0 else axis
                 for c in g.consumers.get(n.output[0], []):
                     idx = [i for i, x in enumerate(c.input) if x == n.output[0]]
-                    want = _weight_axis(c, idx[0], w.ndim, g)
+                    want = weight_axis(c.op_type, _attrs(c), idx[0], w.ndim)
                     if want is None:
                         add(Finding("axis", [name, _label(c)], f"per-channel weight feeds input {idx[0]} of "
                                     f"{c.op_type}, which TensorRT takes per tensor only"))
@@ -358,40 +345,17 @@ def lint_model(model: Union[str, os.PathLike, onnx.ModelProto], target: str = "t
                     f"{len(casts)} Cast(s) to FP8: emulate-style fake quantization is not Q/DQ, TensorRT builds no "
                     "FP8 kernel from it (quantize with --style qdq)"))
     codes = [n for n in g.nodes if n.op_type == "Gather" and n.input and g.elem_type(n.input[0]) is not None
-             and n.input[0].endswith(".code_table")]
+             and n.input[0].endswith(names.CODE_TABLE)]
     if codes:
         add(Finding("emulated", [_label(c) for c in codes[:4]], "emulated format (E3M4 codes decoded by a table): "
                     "not a TensorRT type"))
     return rep
 
 
-def _channel_problem(g: _Graph, node: onnx.NodeProto, w: np.ndarray) -> Optional[str]:
-    m = TRT_CHANNEL_MULTIPLE
-    op = node.op_type
-    if op in ("Conv", "ConvTranspose"):
-        group = int(g.attr(node, "group", 1))
-        if w.ndim < 3:
-            return None
-        cout, cin = (w.shape[0], w.shape[1] * group) if op == "Conv" else (w.shape[1] * group, w.shape[0])
-        if cin % m or cout % m:
-            return (f"{cin} input / {cout} output channels: TensorRT's FP8 convolution kernels need multiples of {m}")
-        area = int(np.prod(w.shape[2:]))
-        if area > TRT_MAX_FP8_FILTER:
-            return f"filter of {area} taps: TensorRT's FP8 convolution kernels take at most {TRT_MAX_FP8_FILTER}"
-        return None
-    if w.ndim < 2:
-        return None
-    if op == "Gemm" and g.attr(node, "transB", 0):
-        n_, k = w.shape[-2], w.shape[-1]
-    else:
-        k, n_ = w.shape[-2], w.shape[-1]
-    if k % m or n_ % m:
-        return f"weight [K={k}, N={n_}]: TensorRT's FP8 GEMM kernels need K and N to be multiples of {m}"
-    shape = g.shapes.get(node.input[0])
-    if shape:
-        rows = shape[0] if op == "Gemm" and len(shape) == 2 and not g.attr(node, "transA", 0) else (
-            shape[-2] if len(shape) >= 2 else 1)
-        if rows == 1:
-            return f"{op} is a GEMV (one row): TensorRT runs it in high precision"
-    return None
+def _attrs(node: onnx.NodeProto) -> Dict[str, object]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
+
+def _channel_problem(g: _Graph, node: onnx.NodeProto, w: np.ndarray) -> Optional[str]:
+    """tensorrt.weighted_problem on the node (the rule --target tensorrt selects by)."""
+    return weighted_problem(node.op_type, _attrs(node), w.shape, g.shapes.get(node.input[0]))

@@ -25,7 +25,7 @@ def _chain(depth=8):
 def test_reductions_run_next_to_their_tensors(tmp_path):
     model = _chain()
     tensors = ["x"] + [f"r{i}" for i in range(7)]  # the MatMul inputs
-    aug = collector._augment_reduce(model, tensors, nonneg=set(tensors[1:]))
+    aug = collector.augment_reduce(model, tensors, nonneg=set(tensors[1:]))
     so = ort.SessionOptions()
     so.enable_profiling = True
     so.profile_file_prefix = str(tmp_path / "prof")

@@ -24,7 +24,7 @@ def _f(name, arr):
 
 
 def conv_model(cin=16, cout=32, k=3, *, wtype=F8, act_zp=0, axis=0, per_channel=True, out_dq=False,
-               quant_input=True, quant_weight=True, bias_q=False, dyn_scale=False, atype=None):
+               quant_input=True, quant_weight=True, bias_q=False, dyn_scale=False, atype=None, group=1):
     """x -> Q -> DQ -> Conv(W: FP8 init -> DQ, B) -> Relu -> y, with one thing changed per argument."""
     nodes, inits = [], []
     x_in = "x"
@@ -37,7 +37,7 @@ def conv_model(cin=16, cout=32, k=3, *, wtype=F8, act_zp=0, axis=0, per_channel=
         nodes += [helper.make_node("QuantizeLinear", ["x", scale, "xzp"], ["xq"], name="x/Q"),
                   helper.make_node("DequantizeLinear", ["xq", scale, "xzp"], ["xdq"], name="x/DQ")]
         x_in = "xdq"
-    w = np.random.default_rng(0).standard_normal((cout, cin, k, k)).astype(np.float32)
+    w = np.random.default_rng(0).standard_normal((cout, cin // group, k, k)).astype(np.float32)
     if quant_weight:
         n_s = w.shape[axis] if per_channel else 1
         inits += [helper.make_tensor("wq", wtype, list(w.shape), np.zeros(w.size, np.int64).tolist()),
@@ -52,7 +52,8 @@ def conv_model(cin=16, cout=32, k=3, *, wtype=F8, act_zp=0, axis=0, per_channel=
         inits += [helper.make_tensor("bq", F8, [cout], [0] * cout), _f("bs", 0.01), _zp("bzp")]
         nodes.append(helper.make_node("DequantizeLinear", ["bq", "bs", "bzp"], ["bdq"], name="b/DQ"))
         b = "bdq"
-    nodes.append(helper.make_node("Conv", [x_in, "w", b], ["c"], name="conv", pads=[1, 1, 1, 1]))
+    nodes.append(helper.make_node("Conv", [x_in, "w", b], ["c"], name="conv", pads=[1, 1, 1, 1],
+                                  **({"group": group} if group > 1 else {})))
     y = "c"
     if out_dq:
         inits += [_f("cs", 0.1), _zp("czp")]
@@ -87,6 +88,7 @@ def test_good_conv_is_clean():
     (dict(cin=3), "channels", {"conv"}),
     (dict(cout=24), "channels", {"conv"}),
     (dict(k=7), "channels", {"conv"}),
+    (dict(cin=32, group=4), "channels", {"conv"}),  # 8 channels per group (the check selection makes too)
     (dict(quant_input=False), "half-quantized", {"conv"}),
     (dict(atype=TensorProto.INT8), "mixed-types", {"conv"}),
     (dict(dyn_scale=True), "scale", {"x/Q", "x/DQ"}),
@@ -185,7 +187,7 @@ def test_cli_exit_codes(tmp_path):
     onnx.save(conv_model(), good)
     res = runner.invoke(cli, ["lint", str(bad), "--target", "tensorrt", "--json", str(tmp_path / "l.json")])
     assert res.exit_code == 1
-    assert "error: [channels] conv: 3 input / 32 output channels" in res.output
+    assert "error: [channels] conv: Conv with 3 input / 32 output channels" in res.output
     assert '"errors": 1' in (tmp_path / "l.json").read_text()
     res = runner.invoke(cli, ["lint", str(good)])
     assert res.exit_code == 0 and res.output.strip().endswith("clean")
@@ -206,3 +208,23 @@ def test_path_like_model(tmp_path):
     assert rep.source == str(path) and [f.check for f in rep.errors] == ["channels"]
     with pytest.raises(ModelError, match="missing.onnx: model file not found"):
         lint_model(tmp_path / "missing.onnx")
+
+
+def test_selection_and_lint_share_one_tensorrt_rule():
+    """--target tensorrt selection and lint ask the same function (onnxfp8/tensorrt.py): a grouped Conv with 8
+    channels per group is left FP32 by the rule with the very reason lint reports for it."""
+    import onnx_graphsurgeon as gs
+
+    from onnxfp8.rules import GraphInfo, TensorRTRule
+    from onnxfp8.tensorrt import weighted_problem
+
+    why = weighted_problem("Conv", {"group": 4}, (32, 8, 3, 3), [1, 32, 8, 8])
+    assert why.startswith("grouped Conv with 8 channels per group")
+    x = gs.Variable("x", np.float32, [1, 32, 8, 8])
+    y = gs.Variable("y", np.float32, [1, 32, 8, 8])
+    w = gs.Constant("w", np.ones((32, 8, 3, 3), np.float32))
+    node = gs.Node("Conv", "conv", attrs={"group": 4}, inputs=[x, w], outputs=[y])
+    d = TensorRTRule(("Conv",)).decide(node, GraphInfo(compute_order=["conv"]))
+    assert d is not None and not d.include and d.reason == f"{why} (--target tensorrt)"
+    rep = lint_model(conv_model(cin=32, group=4))
+    assert [f.message for f in rep.findings if f.check == "channels"] == [why]
