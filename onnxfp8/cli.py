@@ -180,7 +180,23 @@ def build_config(kw: Dict[str, Any]):
         if value is None:
             continue
         data[rename.get(key, key)] = value
-    return QuantConfig.from_dict(data, source=recipe or "options")
+    config = QuantConfig.from_dict(data, source=recipe or "options")
+    _check_option_use(kw, config)
+    return config
+
+
+def _check_option_use(kw: Dict[str, Any], config) -> None:
+    """Options that the configuration would silently ignore are errors naming the option."""
+    from onnxfp8.errors import ConfigError
+
+    if kw.get("percentile") is not None and config.calibration != "percentile" and not any(
+            o.get("calibration") == "percentile" for o in config.overrides.values()):
+        raise ConfigError(f"--percentile is only used with --calibration percentile (the calibration is "
+                          f"{config.calibration})")
+    if not config.bn_recalibrate:
+        for key in ("bn_calib", "bn_samples", "bn_mode", "bn_guard", "bn_ranges"):
+            if kw.get(key) is not None:
+                raise ConfigError(f"--{key.replace('_', '-')} is only used with --bn-recalibrate")
 
 
 _THRESHOLD_FLAGS = ("min_sqnr", "min_cosine", "max_rel_error", "min_top1_agreement", "max_accuracy_loss")
@@ -199,7 +215,7 @@ def check_options(fn):
         click.option("--min-layer-sqnr", type=float, help="Fail when a quantized layer's own SQNR (the error it adds alone, on FP32 inputs) is below this many dB; turns --layers on. Off by default: catches a layer a residual connection hides from the outputs."),
         click.option("--layers", "check_layers", is_flag=True, help="Also attribute the error to each quantized layer (cumulative and own SQNR, worst first)."),
         click.option("--reference", is_flag=True, help="Also run the quantized model in onnx.reference (a second runtime) on a few samples and report the largest difference; for small models."),
-        click.option("--reference-samples", type=int, default=4, show_default=True, help="Samples for --reference."),
+        click.option("--reference-samples", type=click.IntRange(min=1), default=4, show_default=True, help="Samples for --reference."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -249,12 +265,12 @@ def _run_check(fp32, quant, data, ck: Dict[str, Any], json_path: Optional[str], 
 @click.argument("fp32", type=click.Path())
 @click.argument("quant", type=click.Path())
 @click.option("--data", "-d", required=True, type=click.Path(), help="Validation data: a folder of .npz/.npy files or one file (as for --calib).")
-@click.option("--samples", type=int, help="Use at most N samples.")
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Samples per onnxruntime run.")
+@click.option("--samples", type=click.IntRange(min=1), help="Use at most N samples.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Samples per onnxruntime run.")
 @click.option("--json", "json_path", type=click.Path(), help="Write the whole report (JSON) here.")
-@click.option("--max-memory", "max_memory_mb", type=int, default=32, show_default=True, help="MB of tensors exposed per onnxruntime run by --layers (more: larger runs and fewer passes, faster).")
+@click.option("--max-memory", "max_memory_mb", type=click.IntRange(min=1), default=32, show_default=True, help="MB of tensors exposed per onnxruntime run by --layers (more: larger runs and fewer passes, faster).")
 @click.option("--providers", multiple=True, help="onnxruntime execution providers (comma separated).")
-@click.option("--threads", type=int, default=0, help="onnxruntime intra-op threads (default: all cores).")
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="onnxruntime intra-op threads (default: all cores).")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the failures.")
 @check_options
 @handle_errors

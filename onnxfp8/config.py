@@ -128,6 +128,17 @@ class QuantConfig:
             raise ConfigError(f"style: unknown style '{self.style}'; choose one of {', '.join(STYLES)}")
         if self.scheme not in SCHEMES:
             raise ConfigError(f"scheme: unknown scheme '{self.scheme}'; choose one of {', '.join(SCHEMES)}")
+        _check_types(self)
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0 (0: all cores), got {self.threads}")
+        if self.max_memory_mb < 1:
+            raise ConfigError(f"max_memory_mb must be >= 1, got {self.max_memory_mb}")
+        if self.dynamic and self.calibration != "max":
+            raise ConfigError(f"calibration {self.calibration}: dynamic quantization calibrates no activation "
+                              f"(scales are computed at run time); drop calibration or dynamic")
+        if self.dynamic_granularity != "tensor" and not self.dynamic:
+            raise ConfigError(f"dynamic_granularity {self.dynamic_granularity} applies to dynamic quantization only; "
+                              f"it needs dynamic (--dynamic)")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.calib_samples is not None and self.calib_samples < 1:
@@ -269,6 +280,10 @@ class QuantConfig:
             return cls(**data)
         except TypeError as e:
             raise ConfigError(f"{source}: {e}") from None
+        except ConfigError as e:  # name the recipe file a wrong value came from
+            if source in ("config", "options") or str(e).startswith(f"{source}:"):
+                raise
+            raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
     def from_file(cls, path: str, **overrides: Any) -> "QuantConfig":
@@ -276,6 +291,38 @@ class QuantConfig:
         from onnxfp8.recipes import recipe_config
 
         return recipe_config(path, **overrides)
+
+
+def _check_types(cfg: "QuantConfig") -> None:
+    """Each setting of the type its field declares (a recipe's ``batch_size = "16"`` is refused by name)."""
+    import typing
+
+    hints = typing.get_type_hints(QuantConfig)
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        t = hints[f.name]
+        opt = type(None) in typing.get_args(t)
+        if v is None:
+            if opt:
+                continue
+            raise ConfigError(f"{f.name}: a value is required, got none")
+        base = next((a for a in typing.get_args(t) if a is not type(None)), t) if opt else t
+        origin = typing.get_origin(base) or base
+        ok = True
+        if base is bool:
+            ok = isinstance(v, bool)
+        elif base is int:
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif base is float:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        elif base is str:
+            ok = isinstance(v, str)
+        elif origin is tuple:
+            ok = isinstance(v, (str, list, tuple)) and all(isinstance(x, str) for x in ([v] if isinstance(v, str) else v))
+        if not ok:
+            want = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+                base, "a list of strings" if origin is tuple else str(base))
+            raise ConfigError(f"{f.name} must be {want}, got {v!r} ({type(v).__name__})")
 
 
 def check_overrides(overrides: Any, source: str = "") -> None:

@@ -14,7 +14,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxfp8.errors import ConfigError, DataError
+from onnxfp8.errors import ConfigError
 from onnxfp8.formats import get_format
 from onnxfp8.pipeline import Pass, PassContext, PassResult
 from onnxfp8.plan import DynamicSpec, QuantSpec, tolist
@@ -222,25 +222,15 @@ def auto_note(errs: Dict[str, float], remark: str) -> str:
 
 
 def activation_histograms(graph: gs.Graph, ctx: PassContext, names: List[str]) -> Dict[str, object]:
-    """Histograms of |x| for the activations whose format is chosen from data. Reuses a histogram calibrator
-    the calibrate pass left in ``ctx.histograms`` when it holds every tensor, else runs one
-    histogram collection (an MSE calibrator, so that with --calibration mse each format gets its own range)."""
+    """Histograms of |x| for the activations whose format is chosen from data: the ones the calibrate pass
+    collected (``ctx.histograms``; with format auto it collects every activation's). assign_formats reads
+    statistics and never calibrates; a tensor never finite on the data has no histogram (a note says so)."""
     from onnxfp8.calibrators.histogram import HistogramCalibrator
 
     cal = ctx.histograms
-    if isinstance(cal, HistogramCalibrator) and set(names) <= set(cal.histograms()):
-        return {"hists": cal.histograms(), "calibrator": cal}
-    if ctx.calib is None:
-        raise DataError(f"{ctx.source}: format auto needs calibration data for {len(names)} activation(s): "
-                        f"pass --calib DIR")
-    from onnxfp8.calibrators.base import make_calibrator
-    from onnxfp8.calibrators.collector import collect
-    from onnxfp8.modelio import to_model
-
-    cfg = ctx.config
-    cal = make_calibrator("mse", format=cfg.activation_format)
-    collect(to_model(graph.copy()), names, ctx.calib, cal, providers=cfg.providers, threads=cfg.threads,
-            max_memory_mb=cfg.max_memory_mb, level="all")
+    if not isinstance(cal, HistogramCalibrator):
+        raise ValueError(f"format auto: no activation histograms for {len(names)} activation(s) (e.g. "
+                         f"'{names[0]}'): the calibrate pass collects them")
     return {"hists": cal.histograms(), "calibrator": cal}
 
 

@@ -101,7 +101,8 @@ class Calibrate(Pass):
             if ctx.calib is not None:
                 data_fp = data_fingerprint(ctx.calib)
                 stats.check_data(data_fp.hexdigest(), data_fp.samples)
-        hist_want = tensors if cfg.save_stats else hist_needed
+        # format auto chooses activation formats from histograms: collect them here, with the ranges
+        hist_want = tensors if (cfg.save_stats or cfg.activations_auto) else hist_needed
         todo_max = [t for t in tensors if stats is None or t not in stats.minmax]
         todo_hist = [t for t in hist_want if stats is None or t not in stats.histograms]
         hist_cal = _hist_calibrator(cfg, formats)
@@ -165,7 +166,7 @@ class Calibrate(Pass):
             lo, hi = minmax.get(t, (0.0, 0.0))
             ctx.stats[t] = {"amax": float(ranges.get(t, 0.0)), "min": float(lo), "max": float(hi),
                             "method": methods[t][0]}
-        if hists:
+        if hists or hist_want:
             ctx.histograms = hist_cal  # format auto reads these histograms instead of collecting again
 
         samples = res.samples if res is not None and (todo_max or todo_hist) else (stats.samples if stats else 0)

@@ -67,6 +67,13 @@ class Thresholds:
     # default, and setting it turns the per-layer attribution on. It catches a layer a residual path hides.
     min_layer_sqnr: Optional[float] = None
 
+    def __post_init__(self) -> None:
+        for metric in _METRICS:
+            check_threshold(metric, getattr(self, metric), metric)
+        for out, per in self.overrides.items():
+            for metric, v in per.items():
+                check_threshold(metric, v, f"{metric} for output '{out}'")
+
     def for_output(self, name: str) -> Dict[str, Optional[float]]:
         out = {k: getattr(self, k) for k in _METRICS}
         out.update(self.overrides.get(name, {}))
@@ -112,11 +119,33 @@ def _parse_value(text: str, flag: str, metric: str) -> Optional[float]:
         return None
     try:
         if t.endswith("%"):
-            return float(t[:-1]) / 100.0
-        return float(t)
+            value = float(t[:-1]) / 100.0
+            if metric in _PERCENT and not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{flag}: '{text}' is not a percentage between 0% and 100%")
+            return value
+        value = float(t)
     except ValueError:
         raise ConfigError(f"{flag}: '{text}' is not a number, a percentage or 'none' "
                           f"(use {flag} VALUE or {flag} OUTPUT=VALUE)") from None
+    if metric in _PERCENT and not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{flag}: '{text}' is a fraction over 1 (or below 0): write {text}% for a percentage "
+                          f"or a fraction like {value / 100:g}")
+    return value
+
+
+def check_threshold(metric: str, value: Optional[float], where: str) -> None:
+    """A threshold's range (ConfigError naming ``where``): fractions in [0, 1], cosine in [-1, 1], a relative
+    error >= 0, a finite SQNR."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if metric in _PERCENT and not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{where}: {value!r} is not a fraction in [0, 1] (80% is 0.8)")
+    if metric == "min_cosine" and not -1.0 <= value <= 1.0:
+        raise ConfigError(f"{where}: {value!r} is not a cosine in [-1, 1]")
+    if metric == "max_rel_error" and value < 0:
+        raise ConfigError(f"{where}: {value!r} is below 0")
 
 
 @dataclass
@@ -125,10 +154,13 @@ class Criterion:
     limit: float
     value: Optional[float]
     passed: bool
+    detail: Optional[Tuple[int, int]] = None  # "finite": (NaN/Inf in FP32, NaN/Inf in quantized only)
 
     def describe(self) -> str:
         if self.metric == "finite":
-            return f"{int(self.value or 0)} NaN/Inf value(s) where FP32 is finite"
+            ref, q = self.detail or (0, int(self.value or 0))
+            return (f"{int(self.value or 0)} element(s) NaN/Inf (FP32 model {ref}, quantized model {q}); the "
+                    f"metrics cover only the finite rest")
         key, op, label, unit = _METRICS.get(self.metric, (self.metric, "", self.metric, ""))
         shown = _fmt_value(self.metric, self.value) + unit
         limit = _fmt_value(self.metric, self.limit) + unit
@@ -188,8 +220,9 @@ class OutputResult:
 
     def judge(self, limits: Mapping[str, Optional[float]]) -> None:
         self.criteria = []
-        if self.error.q_nonfinite:
-            self.criteria.append(Criterion("finite", 0, float(self.error.q_nonfinite), False))
+        if self.error.nonfinite:  # NaN/Inf on either side fails: the metrics then cover only the finite rest
+            self.criteria.append(Criterion("finite", 0, float(self.error.nonfinite), False,
+                                           detail=(self.error.ref_nonfinite, self.error.q_nonfinite)))
         for metric, (key, op, _, _) in _METRICS.items():
             limit = limits.get(metric)
             if limit is None:
@@ -272,7 +305,7 @@ class CheckReport:
 
     def summary(self, max_layers: int = 10) -> str:
         """The compact table the CLI prints."""
-        head = ["output", "SQNR dB", "cosine", "rel L2", "max|err|", "mean|err|", "top-1", "top-5", "acc fp32>q",
+        head = ["output", "SQNR dB", "cosine", "rel L2", "NaN/Inf fp32/q", "max|err|", "mean|err|", "top-1", "top-5", "acc fp32>q",
                 "acc loss", ""]
         rows = []
         for o in self.outputs.values():
@@ -280,7 +313,10 @@ class CheckReport:
             acc = "-"
             if c is not None and c.labelled:
                 acc = f"{100 * c.accuracy_fp32:.1f}>{100 * c.accuracy_quant:.1f}%"
-            rows.append([o.name, _fmt_value("min_sqnr", o.sqnr_db), f"{o.cosine:.5f}", f"{o.rel_l2:.4g}",
+            bad = o.error.nonfinite > 0  # metrics of the finite rest would read as perfect: not shown
+            rows.append([o.name, "-" if bad else _fmt_value("min_sqnr", o.sqnr_db), "-" if bad else f"{o.cosine:.5f}",
+                         "-" if bad else f"{o.rel_l2:.4g}",
+                         f"{o.error.ref_nonfinite}/{o.error.q_nonfinite}" if bad else "0",
                          f"{o.max_abs:.4g}", f"{o.mean_abs:.4g}",
                          _pct(c.top1_agreement) if c else "-", _pct(c.top5_agreement) if c else "-", acc,
                          _pct(c.accuracy_loss) if c is not None and c.labelled else "-",
@@ -372,6 +408,10 @@ def check(fp32: ModelLike, quant: ModelLike, data: Any, thresholds: Optional[Thr
     model in onnx.reference on ``reference_samples`` samples and report the largest difference."""
     start = time.perf_counter()
     thresholds = _as_thresholds(thresholds)
+    for name, v, low in (("batch_size", batch_size, 1), ("samples", samples, 1), ("reference_samples", reference_samples, 1),
+                         ("threads", threads, 0)):  # max_memory_mb: verify/layers.py says "must be > 0 MB"
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+            raise ConfigError(f"{name} must be a number >= {low}, got {v!r}")
     fp32_name = os.fspath(fp32) if isinstance(fp32, (str, os.PathLike)) else "fp32 model"
     quant_name = os.fspath(quant) if isinstance(quant, (str, os.PathLike)) else "quantized model"
     fp32_model = load_model(fp32)

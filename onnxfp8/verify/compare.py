@@ -32,6 +32,7 @@ class ErrorStats:
     count: int = 0
     nonfinite: int = 0
     q_nonfinite: int = 0  # elements finite in the reference but NaN/Inf in the quantized tensor
+    ref_nonfinite: int = 0  # elements NaN/Inf in the reference (FP32) tensor
 
     BLOCK = 1 << 20
 
@@ -55,6 +56,7 @@ class ErrorStats:
             bad = ~(rf & xf)
             self.nonfinite += int(bad.sum())
             self.q_nonfinite += int((rf & ~xf).sum())
+            self.ref_nonfinite += int((~rf).sum())
             ref, q = ref[~bad], q[~bad]
             rr, qq = _dot(ref, ref), _dot(q, q)
         work = np.float32 if ref.dtype.kind == "f" and q.dtype.kind == "f" and max(ref.itemsize, q.itemsize) <= 4 \
@@ -70,7 +72,8 @@ class ErrorStats:
         self.count += int(ref.size)
 
     def merge(self, other: "ErrorStats") -> "ErrorStats":
-        for f in ("signal", "noise", "dot", "qq", "abs_sum", "count", "nonfinite", "q_nonfinite"):
+        for f in ("signal", "noise", "dot", "qq", "abs_sum", "count", "nonfinite", "q_nonfinite",
+                  "ref_nonfinite"):
             setattr(self, f, getattr(self, f) + getattr(other, f))
         self.max_abs = max(self.max_abs, other.max_abs)
         return self
@@ -104,7 +107,8 @@ class ErrorStats:
     def to_dict(self) -> Dict[str, Any]:
         return json_plain({"sqnr_db": self.sqnr_db, "cosine": self.cosine, "rel_l2": self.rel_l2,
                            "max_abs": self.max_abs, "mean_abs": self.mean_abs, "count": self.count,
-                           "nonfinite": self.nonfinite, "q_nonfinite": self.q_nonfinite})
+                           "nonfinite": self.nonfinite, "q_nonfinite": self.q_nonfinite,
+                           "ref_nonfinite": self.ref_nonfinite})
 
 
 def _dot(a: np.ndarray, b: np.ndarray) -> float:

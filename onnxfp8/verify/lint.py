@@ -28,6 +28,7 @@ rules.TensorRTRule for the channel and filter limits):
   constant;
 - ``emulated``: Cast-to-FP8 fake quantization (``--style emulate``) or an emulated format (E3M4 codes): not
   Q/DQ, so TensorRT builds no FP8 kernel from it;
+- ``nothing-quantized``: no Q/DQ node and no emulated quantization at all (an FP32 model, linted by mistake);
 - ``dq-relu`` (warning): Conv/Gemm -> Q -> DQ -> Relu -> layer: the Q sits on the layer's output before the Relu
   (onnxfp8 places it there by default for onnxruntime's sake; relu(dq(q(x))) == dq(q(relu(x))) for
   symmetric quantization). TensorRT's documented form is layer -> Relu -> Q -> DQ -> layer; whether its
@@ -198,12 +199,9 @@ def lint_model(model: Union[str, os.PathLike, onnx.ModelProto], target: str = "t
     if isinstance(model, (str, os.PathLike)):
         model = os.fspath(model)
         source = source or model
-        try:
-            model = onnx.load(model)
-        except FileNotFoundError:
-            raise ModelError(f"{model}: model file not found") from None
-        except Exception as e:
-            raise ModelError(f"{model}: cannot read the model ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        from onnxfp8.modelio import load_model
+
+        model = load_model(model)  # one line, exit 2: missing, a folder, not a model, no nodes
     source = source or "model"
     g = _Graph(model)
     rep = LintReport(source, target)
@@ -349,6 +347,9 @@ def lint_model(model: Union[str, os.PathLike, onnx.ModelProto], target: str = "t
     if codes:
         add(Finding("emulated", [_label(c) for c in codes[:4]], "emulated format (E3M4 codes decoded by a table): "
                     "not a TensorRT type"))
+    if not qdq and not any(f.check == "emulated" for f in rep.findings):
+        add(Finding("nothing-quantized", [source], "the model holds no QuantizeLinear / DequantizeLinear node: "
+                    "nothing in it is quantized (lint the model `onnxfp8 quantize` wrote)"))
     return rep
 
 

@@ -155,3 +155,41 @@ def test_control_flow_bodies_are_named_in_a_warning(runner, tmp_path):
     assert res.report.control_flow == [{"node": "body_mm", "op_type": "MatMul", "parent": "loop", "parent_op": "Loop",
                                         "body": "body"}]
     assert res.plan.nodes["mm"].quantized
+
+
+def test_check_counts_nonfinite_per_output_and_fails(runner, tmp_path):
+    """Only the quantized model is non-finite: the table shows the counts, not inf / 1.00000, and fails."""
+    fp32, c = corpus.write(tmp_path, corpus.mlp())
+    broken = corpus.mlp()
+    broken.graph.node[1].op_type = "Log"  # log of negative values: NaN in the 'quantized' model
+    qpath = tmp_path / "q.onnx"
+    qpath.write_bytes(broken.SerializeToString())
+    r = runner.invoke(cli, ["check", str(fp32), str(qpath), "-d", str(c)])
+    assert r.exit_code == 1, r.stderr
+    row = next(ln for ln in r.stdout.splitlines() if ln.startswith("y "))
+    assert "inf" not in row and "1.00000" not in row and "FAIL" in row
+    n = int(row.split()[4].split("/")[1])
+    assert n > 0 and row.split()[4] == f"0/{n}"
+    assert "NaN/Inf (FP32 model 0, quantized model" in r.stdout
+    r = runner.invoke(cli, ["check", str(fp32), str(fp32), "-d", str(c)])
+    assert r.exit_code == 0 and "PASS" in r.stdout
+
+
+@pytest.mark.parametrize("content,needle", [(b"", "the model has no nodes"), (b"not a model \x00\xff", "not a readable ONNX model")])
+def test_lint_of_a_file_that_is_not_a_model_is_exit_2(runner, tmp_path, content, needle):
+    p = tmp_path / "x.onnx"
+    p.write_bytes(content)
+    r = runner.invoke(cli, ["lint", str(p)])
+    assert r.exit_code == 2 and needle in r.stderr and "\n" not in r.stderr.strip(), r.stderr
+    r = runner.invoke(cli, ["lint", str(tmp_path)])
+    assert r.exit_code == 2 and "is a directory" in r.stderr
+
+
+def test_lint_of_an_fp32_model_is_exit_1_nothing_quantized(runner, tmp_path):
+    path, _ = corpus.write(tmp_path, corpus.mlp())
+    r = runner.invoke(cli, ["lint", str(path)])
+    assert r.exit_code == 1 and "[nothing-quantized]" in r.stdout, r.stdout
+    from onnxfp8.verify.lint import lint_model
+
+    q = onnxfp8.quantize(corpus.mlp(), corpus.calib()).model
+    assert not [f for f in lint_model(q).findings if f.check == "nothing-quantized"]

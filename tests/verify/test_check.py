@@ -139,7 +139,11 @@ def test_nonfinite_quantized_output_fails():
 
     o = OutputResult("y", [1, 3], s)
     o.judge(Thresholds().for_output("y"))
-    assert not o.passed and o.failures == ["y: 2 NaN/Inf value(s) where FP32 is finite"]
+    assert not o.passed and o.failures == ["y: 2 element(s) NaN/Inf (FP32 model 0, quantized model 2); the metrics "
+                                           "cover only the finite rest"]
+    both = OutputResult("y", [1, 3], ErrorStats().update(q, ref))  # NaN/Inf in the FP32 model fails too
+    both.judge(Thresholds().for_output("y"))
+    assert not both.passed and "(FP32 model 2, quantized model 0)" in both.failures[0]
 
 
 # -- thresholds ------------------------------------------------------------------------------------

@@ -192,11 +192,11 @@ def test_cli_exit_codes(tmp_path):
     res = runner.invoke(cli, ["lint", str(good)])
     assert res.exit_code == 0 and res.output.strip().endswith("clean")
     res = runner.invoke(cli, ["lint", str(tmp_path / "missing.onnx")])
-    assert res.exit_code == 2 and "missing.onnx: model file not found" in res.stderr
+    assert res.exit_code == 2 and "missing.onnx: no such file" in res.stderr
     with pytest.raises(ConfigError):
         lint_model(conv_model(), target="openvino")
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
-    with pytest.raises(ModelError, match="junk.onnx: cannot read"):
+    with pytest.raises(ModelError, match="junk.onnx: not a readable ONNX model"):
         lint_model(str(tmp_path / "junk.onnx"))
 
 
@@ -206,7 +206,7 @@ def test_path_like_model(tmp_path):
     onnx.save(conv_model(cin=3), path)
     rep = lint_model(path)
     assert rep.source == str(path) and [f.check for f in rep.errors] == ["channels"]
-    with pytest.raises(ModelError, match="missing.onnx: model file not found"):
+    with pytest.raises(ModelError, match="missing.onnx: no such file"):
         lint_model(tmp_path / "missing.onnx")
 
 
