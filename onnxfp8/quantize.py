@@ -119,6 +119,18 @@ def _why_empty(plan: QuantPlan, control_flow) -> str:
     return "; ".join(parts) or "the graph has no node"
 
 
+def unknown_op_types(config: QuantConfig) -> List[str]:
+    """Warnings for --op-types / --exclude-op entries that are no ONNX operator (a typo such as 'conv')."""
+    out = []
+    for flag, ops in (("--op-types", config.op_types or ()), ("--exclude-op", config.exclude_ops)):
+        for op in ops:
+            if not (onnx.defs.has(op) or onnx.defs.has(op, "ai.onnx.ml")):
+                near = [s.name for s in onnx.defs.get_all_schemas() if s.name.lower() == op.lower()]
+                out.append(f"{flag} '{op}' is no ONNX operator type" + (f" (did you mean {near[0]}?)" if near else "")
+                           + ": it matches nothing")
+    return out
+
+
 def control_flow_warning(nodes) -> str:
     shown = ", ".join(f"{d['op_type']} '{d['node']}' ({d['parent_op']} '{d['parent']}' {d['body']})" for d in nodes[:4])
     more = f" and {len(nodes) - 4} more" if len(nodes) > 4 else ""
@@ -244,6 +256,7 @@ def _finish(pipe: Pipeline, graph: gs.Graph, ctx: PassContext, prep: Prepared, c
     if control_flow:
         report.control_flow = control_flow
         report.warnings.append(control_flow_warning(control_flow))
+    report.warnings.extend(unknown_op_types(config))
     _measure(out_model, ctx, report, config)
     if report.outputs:
         report.check_defaults["try"] = what_to_try(config, has_batchnorm=any(

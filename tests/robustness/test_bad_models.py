@@ -193,3 +193,12 @@ def test_lint_of_an_fp32_model_is_exit_1_nothing_quantized(runner, tmp_path):
 
     q = onnxfp8.quantize(corpus.mlp(), corpus.calib()).model
     assert not [f for f in lint_model(q).findings if f.check == "nothing-quantized"]
+
+
+def test_unknown_op_type_in_exclude_op_is_a_warning(runner, tmp_path):
+    path, c = corpus.write(tmp_path, corpus.mlp())
+    r = runner.invoke(cli, ["quantize", str(path), "-c", str(c), "-o", str(tmp_path / "q.onnx"), "--exclude-op", "gemm"])
+    assert r.exit_code == 0, r.stderr
+    assert "warning: --exclude-op 'gemm' is no ONNX operator type (did you mean Gemm?): it matches nothing" in r.stdout
+    r = runner.invoke(cli, ["quantize", str(path), "-c", str(c), "-o", str(tmp_path / "q.onnx"), "--op-types", "conv"])
+    assert r.exit_code == 2 and "nothing to quantize" in r.stderr
