@@ -150,6 +150,9 @@ def config_options(fn):
         click.option("--augment", multiple=True, help="Augment the --bn-recalibrate data (NCHW images): flip,crop,jitter (comma separated)."),
         click.option("--augment-seed", type=int, help="Seed of --augment (default 0)."),
         click.option("--allow-empty", is_flag=True, default=None, help="Write the model even when no node gets quantized (without it that is an error, exit 2, naming the reasons)."),
+        click.option("--equalize/--no-equalize", default=None, help="Cross-layer equalization (Nagel et al. 2019) of Conv/Gemm/MatMul pairs through Relu-like ops before quantizing (same FP32 function), with bias absorption and, unless --no-bias-correction, bias correction from the calibration data (docs/transforms.md)."),
+        click.option("--bias-correction/--no-bias-correction", default=None, help="Correct the biases of quantized layers for the expected shift their weights' quantization causes (measured on the calibration data; default: on with --equalize)."),
+        click.option("--smoothquant", is_flag=False, flag_value="auto", default=None, metavar="[ALPHA]", help="SmoothQuant (Xiao et al. 2022): move per-channel activation outliers of MatMul/Gemm inputs into the weights, folded into the op before where possible. ALPHA in [0, 1], or alone: alpha per layer from the calibration data (a grid search on the layer's own error); 'off' turns a recipe's off."),
     ]
     for o in reversed(opts):
         fn = o(fn)

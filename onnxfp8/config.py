@@ -94,6 +94,11 @@ class QuantConfig:
     bn_mode: str = "shift"  # shift: old statistics + the shift quantization causes; replace: the quantized statistics
     bn_guard: bool = True  # keep the stored statistics when recalibration is worse on held-out samples
     allow_empty: bool = False  # a run that quantizes no node is an error (exit 2) unless this is set
+    # function-preserving FP32 rewrites before quantization (passes/equalize.py, passes/smoothquant.py)
+    equalize: bool = False  # cross-layer equalization (+ bias absorption with data) of Conv/Gemm/MatMul pairs
+    bias_correction: Optional[bool] = None  # correct biases for the weights' expected quantization error (None: with equalize)
+    # SmoothQuant of MatMul/Gemm inputs: None off, "auto" alpha per layer from the data, or alpha in [0, 1]
+    smoothquant: Optional[Any] = None
 
     def __post_init__(self) -> None:
         from onnxfp8.formats import get_format
@@ -191,10 +196,36 @@ class QuantConfig:
             if self.dynamic:
                 raise ConfigError("target tensorrt: dynamic scales are computed in the graph; TensorRT fuses Q/DQ "
                                   "only with constant scales")
+<<<<<<< HEAD
             if self.scheme == "extended":  # lint --target tensorrt would report [half-quantized] / [unfused-dq]
                 raise ConfigError("target tensorrt: scheme extended quantizes LayerNorm, Softmax, attention "
                                   "MatMuls... whose Q/DQ TensorRT does not fuse; use scheme standard (the "
                                   "target picks the inputs of Conv/Gemm/MatMul and residual Adds)")
+=======
+        if isinstance(self.smoothquant, bool) and self.smoothquant:
+            object.__setattr__(self, "smoothquant", AUTO)
+        elif self.smoothquant is False:
+            object.__setattr__(self, "smoothquant", None)
+        elif isinstance(self.smoothquant, str):
+            v = self.smoothquant.strip().lower()
+            if v == AUTO:
+                object.__setattr__(self, "smoothquant", AUTO)
+            elif v in ("off", "none", "false"):
+                object.__setattr__(self, "smoothquant", None)
+            else:
+                try:
+                    object.__setattr__(self, "smoothquant", float(v))
+                except ValueError:
+                    raise ConfigError(f"smoothquant: expected alpha in [0, 1] or 'auto', got '{self.smoothquant}'") from None
+        if self.smoothquant is not None and self.smoothquant != AUTO:
+            a = self.smoothquant
+            if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= float(a) <= 1.0:
+                raise ConfigError(f"smoothquant: alpha must be in [0, 1] (or 'auto'), got {a!r}")
+            object.__setattr__(self, "smoothquant", float(a))
+        if self.bias_correction and self.bn_recalibrate:
+            raise ConfigError("bias_correction: BatchNorm recalibration re-quantizes the folded weights after "
+                              "quantization, so their error is not known before; drop one of them")
+>>>>>>> main
         if self.opset < 19:
             raise ConfigError(f"opset must be >= 19 (FP8 QuantizeLinear needs it), got {self.opset}")
         for name in ("op_types", "exclude_ops", "include_nodes", "exclude_nodes", "providers"):

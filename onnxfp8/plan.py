@@ -90,7 +90,7 @@ class BatchNormStats:
 PLAN_VERSION = 2
 _SPEC_KEYS = {f.name for f in fields(QuantSpec)}
 _NODE_KEYS = {f.name for f in fields(NodeDecision)}
-_PLAN_KEYS = {"version", "software", "config", "nodes", "tensors", "batchnorm"}
+_PLAN_KEYS = {"version", "software", "config", "nodes", "tensors", "batchnorm", "transforms"}
 
 
 @dataclass
@@ -101,6 +101,11 @@ class QuantPlan:
     # (scheme, style, BatchNorm folding and recalibration) from them
     config: Dict[str, Any] = field(default_factory=dict)
     batchnorm: Dict[str, BatchNormStats] = field(default_factory=dict)  # BN node -> recalibrated statistics
+    # function-preserving FP32 rewrites done before quantization, in order, each a dict with "pass" and "kind"
+    # (passes/equalize.py: equalize.scale / equalize.absorb / bias_correction.bias; passes/smoothquant.py:
+    # smoothquant.smooth): which nodes and tensors were rescaled and by what, enough to redo them
+    # without data (equalize.replay, smoothquant.replay)
+    transforms: List[Dict[str, Any]] = field(default_factory=list)
 
     # -- queries ------------------------------------------------------------------------------------
     def quantized_nodes(self) -> List[NodeDecision]:
@@ -187,6 +192,7 @@ class QuantPlan:
             "tensors": [json_plain({f.name: (asdict(getattr(s, f.name)) if f.name == "dynamic" and s.dynamic
                                              else getattr(s, f.name)) for f in fields(s)})
                         for s in self.tensors.values()],
+            "transforms": [json_plain(t) for t in self.transforms],
             "batchnorm": {k: {"mean": v.mean, "var": v.var} for k, v in self.batchnorm.items()},
         }
 
@@ -215,6 +221,7 @@ class QuantPlan:
                 if s.get("dynamic") is not None:
                     s["dynamic"] = DynamicSpec(**s["dynamic"])
                 plan.tensors[s["tensor"]] = QuantSpec(**s)
+            plan.transforms = [dict(t) for t in data.get("transforms") or []]
             for name, st in (data.get("batchnorm") or {}).items():
                 plan.batchnorm[name] = BatchNormStats(list(st["mean"]), list(st["var"]))
         except (TypeError, KeyError, ValueError, AttributeError) as e:

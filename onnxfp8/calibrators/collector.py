@@ -428,3 +428,145 @@ def _groups_by_static_size(model: onnx.ModelProto, tensors: Sequence[str], data:
                     break
         sizes[t] = n if n is not None else budget_bytes // 4 + 1
     return _groups(tensors, sizes, budget_bytes)
+
+
+# -- per-channel statistics ----------------------------------------------------------------------------
+CHANNEL_KINDS = ("absmax", "min", "max", "mean")
+
+
+@dataclass
+class ChannelRequest:
+    """Per-channel statistics of one tensor along ``axis``: ``kinds`` from CHANNEL_KINDS, and ``rows`` > 0
+    keeps up to that many sampled rows of the tensor flattened to ``[-1, C]`` (``axis`` must be the last)."""
+
+    axis: int
+    kinds: tuple = ("absmax",)
+    rows: int = 0
+
+
+def _channel_nodes(t: str, rank: int, req: ChannelRequest, i: int, g: onnx.GraphProto) -> List[str]:
+    """Append to ``g`` the reductions of ``req`` for tensor ``t`` of rank ``rank``; return their output names in
+    the order (kinds..., shape, rows)."""
+    axis = req.axis % rank
+    others = [a for a in range(rank) if a != axis]
+    nodes: List[onnx.NodeProto] = []
+    outs: List[str] = []
+    spatial = rank >= 3 and axis == 1  # NCHW: reduce in onnxruntime's blocked layout first (see the max pass)
+
+    def axes_const(name: str, axes) -> str:
+        g.initializer.append(onnx.numpy_helper.from_array(np.asarray(axes, np.int64), name))
+        return name
+
+    ax = axes_const(f"{t}__onnxfp8_ch_axes", others)
+    pre = f"onnxfp8_ch_{i}"
+    for kind in req.kinds:
+        out = f"{t}__onnxfp8_ch_{kind}"
+        if kind in ("absmax", "max", "min"):
+            src = t
+            if kind == "absmax":
+                src = f"{t}__onnxfp8_ch_abs"
+                nodes.append(helper.make_node("Abs", [t], [src], name=f"{pre}_abs"))
+            elif kind == "min":
+                src = f"{t}__onnxfp8_ch_neg"
+                nodes.append(helper.make_node("Neg", [t], [src], name=f"{pre}_neg"))
+            if spatial:
+                gmp = f"{src}__gmp"
+                nodes.append(helper.make_node("GlobalMaxPool", [src], [gmp], name=f"{pre}_{kind}_gmp"))
+                src = gmp
+            red = out if kind != "min" else f"{t}__onnxfp8_ch_negmax"
+            nodes.append(helper.make_node("ReduceMax", [src, ax], [red], keepdims=0, name=f"{pre}_{kind}_reduce"))
+            if kind == "min":
+                nodes.append(helper.make_node("Neg", [red], [out], name=f"{pre}_min_neg"))
+        elif kind == "mean":  # a sum per channel (the count comes from the shape)
+            src = t
+            if spatial:
+                src = f"{t}__onnxfp8_ch_gap"
+                nodes.append(helper.make_node("GlobalAveragePool", [t], [src], name=f"{pre}_gap"))
+            nodes.append(helper.make_node("ReduceSum", [src, ax], [out], keepdims=0, name=f"{pre}_sum"))
+        else:
+            raise ValueError(f"unknown channel statistic '{kind}'; choose from {', '.join(CHANNEL_KINDS)}")
+        outs.append(out)
+    shape = f"{t}__onnxfp8_ch_shape"
+    nodes.append(helper.make_node("Shape", [t], [shape], name=f"{pre}_shape"))
+    outs.append(shape)
+    if req.rows > 0:
+        if axis != rank - 1:
+            raise ValueError(f"row samples of '{t}' need the channel axis last")
+        flat, rows = f"{t}__onnxfp8_ch_flat", f"{t}__onnxfp8_ch_rows"
+        nodes.append(helper.make_node("Flatten", [t], [flat], axis=rank - 1, name=f"{pre}_flat"))
+        # every 7th row (tokens of one sequence are alike), at most req.rows of them per batch
+        nodes.append(helper.make_node("Slice", [flat, axes_const(f"{t}__onnxfp8_ch_s0", [0]),
+                                                axes_const(f"{t}__onnxfp8_ch_s1", [7 * req.rows]),
+                                                axes_const(f"{t}__onnxfp8_ch_s2", [0]),
+                                                axes_const(f"{t}__onnxfp8_ch_s3", [7])], [rows], name=f"{pre}_rows"))
+        outs.append(rows)
+    g.node.extend(nodes)
+    for o in outs:
+        g.output.append(helper.make_tensor_value_info(o, onnx.TensorProto.INT64 if o == shape else
+                                                      onnx.TensorProto.FLOAT, None))
+    return outs
+
+
+def channel_stats(model: onnx.ModelProto, requests: Dict[str, ChannelRequest], data: CalibrationData, *,
+                  providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0, level: str = "all",
+                  arrays: Optional[Dict[str, Any]] = None, rank: Optional[Dict[str, int]] = None,
+                  ) -> Dict[str, Dict[str, np.ndarray]]:
+    """Per-channel statistics of float tensors over ``data`` in one pass, reduced inside onnxruntime to one
+    value per channel and batch (``GlobalMaxPool`` / ``GlobalAveragePool`` first for NCHW tensors, as the max
+    pass does): ``{tensor: {"absmax" | "min" | "max": [C], "mean": [C], "rows": [R, C], "samples": n}}``.
+    Means are exact over every element (sums and element counts). ``rank``: tensor ranks where the model's
+    shapes do not tell (a tensor of unknown rank is left out)."""
+    types = tensor_types(model)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.output[:]
+    slots = {}
+    for i, (t, req) in enumerate(requests.items()):
+        r = (rank or {}).get(t) or _rank(types.get(t))
+        if r is None or r < 1:
+            continue
+        slots[t] = (req, r, _channel_nodes(t, r, req, i, m.graph))
+    out: Dict[str, Dict[str, np.ndarray]] = {}
+    if not slots:
+        return out
+    acc: Dict[str, Dict[str, Any]] = {t: {"samples": 0} for t in slots}
+    fetch = [o for _, _, outs in slots.values() for o in outs]
+    sess = make_session(m, level=level, providers=providers, threads=threads, arrays=arrays)
+    for batch in data.batches():
+        values = dict(zip(fetch, sess.run(fetch, batch)))
+        n = batch_size(batch)
+        for t, (req, r, outs) in slots.items():
+            a = acc[t]
+            shape = values[outs[len(req.kinds)]]
+            c = int(shape[req.axis % r])
+            a["samples"] += n
+            for kind, o in zip(req.kinds, outs):
+                v = np.asarray(values[o], np.float64).reshape(-1)
+                if kind == "mean":
+                    if r >= 3 and req.axis % r == 1:  # GlobalAveragePool then a sum over the batch
+                        v = v * float(np.prod(shape[2:]))
+                    a["sum"] = a.get("sum", 0.0) + v
+                    a["count"] = a.get("count", 0) + int(np.prod(shape)) // max(c, 1)
+                elif kind == "min":
+                    a[kind] = np.minimum(a[kind], v) if kind in a else v
+                else:
+                    a[kind] = np.maximum(a[kind], v) if kind in a else v
+            if req.rows > 0:
+                rows = values[outs[-1]]
+                kept = a.setdefault("rows", [])
+                have = sum(x.shape[0] for x in kept)
+                if have < req.rows:
+                    kept.append(np.array(rows[:req.rows - have], np.float32))
+    del sess
+    for t, a in acc.items():
+        req = slots[t][0]
+        res: Dict[str, Any] = {"samples": a["samples"]}
+        for kind in req.kinds:
+            if kind == "mean":
+                res["mean"] = a["sum"] / max(a["count"], 1) if "sum" in a else None
+            else:
+                res[kind] = a.get(kind)
+        if req.rows > 0:
+            res["rows"] = np.concatenate(a["rows"]) if a.get("rows") else np.zeros((0, 0), np.float32)
+        out[t] = res
+    return out

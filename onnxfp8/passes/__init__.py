@@ -43,7 +43,29 @@ def pipeline_for(config: QuantConfig) -> Pipeline:
         from onnxfp8.passes.recalibrate_batchnorm import with_bn_recalibration
 
         pipe = with_bn_recalibration(pipe, config)
-    return with_target(pipe, config)
+    return with_transforms(with_target(pipe, config), config)
+
+
+def with_transforms(pipe: Pipeline, config: QuantConfig) -> Pipeline:
+    """The function-preserving FP32 rewrites the config asks for: ``equalize`` after BatchNorm folding (and
+    LayerNorm matching), ``smoothquant`` after ``select_ops`` (it smooths quantized MatMul/Gemm inputs only),
+    ``bias_correction`` after both (it corrects the final weights of quantized layers)."""
+    names = pipe.names()
+    if config.equalize and "equalize" not in names:
+        from onnxfp8.passes.equalize import Equalize
+
+        after = next(n for n in ("match_layernorm", "fold_batchnorm", "canonicalize") if n in names)
+        pipe.insert_after(after, Equalize())
+    if config.smoothquant is not None and "smoothquant" not in names and "select_ops" in names:
+        from onnxfp8.passes.smoothquant import SmoothQuant
+
+        pipe.insert_after("select_ops", SmoothQuant())
+    want_bc = config.bias_correction if config.bias_correction is not None else config.equalize
+    if want_bc and "bias_correction" not in names and "select_ops" in names:
+        from onnxfp8.passes.equalize import BiasCorrection
+
+        pipe.insert_after("smoothquant" if "smoothquant" in pipe.names() else "select_ops", BiasCorrection())
+    return pipe
 
 
 def with_target(pipe: Pipeline, config: QuantConfig) -> Pipeline:
@@ -82,4 +104,11 @@ def plan_pipeline(config: QuantConfig) -> Pipeline:
         pipe.replace("recalibrate_batchnorm", ApplyBatchNormStats())
     for name in DECIDING_PASSES:
         pipe.remove(name)
+    transforms = [n for n in ("equalize", "smoothquant", "bias_correction") if n in pipe.names()]
+    if transforms:  # their records in the plan are redone without data, before use_plan checks the graph
+        from onnxfp8.passes.equalize import ReplayTransforms
+
+        for name in transforms:
+            pipe.remove(name)
+        pipe.insert_before("use_plan", ReplayTransforms())
     return pipe

@@ -1,0 +1,192 @@
+"""What the function-preserving transforms do to each zoo model, format by format.
+
+    python benchmarks/bench_transforms.py --zoo ZOO [--only a,b] [--formats e4m3,e5m2,e3m4,int8]
+                                          [--transforms none,equalize,bias,smoothquant] [--calib-samples N]
+                                          [--val-samples N] [--out-json FILE]
+
+``ZOO`` is a folder built by ``python benchmarks/zoo.py build --out ZOO`` (``<name>/model.onnx``, ``calib/``,
+``val/``, optionally ``val_labels.npy``); without ``--only`` every model in it is measured. Per model, format
+and transform the model is quantized through the public API (``onnxfp8.quantize``, standard scheme, every
+selected layer quantized: no fallback) on ``calib/`` and checked against FP32 on ``val/`` (``onnxfp8.check``).
+Transforms:
+
+* ``none``: the defaults;
+* ``equalize``: ``--equalize`` (cross-layer equalization + bias absorption + bias correction);
+* ``bias``: ``--bias-correction`` alone;
+* ``smoothquant``: ``--smoothquant`` (alpha per layer from the data).
+
+Printed per cell: the worst output's SQNR (dB) and cosine, and whether the model meets the coverage criterion
+(cosine >= 0.995 vs FP32 for every output, or < 1 % relative accuracy loss with labels). A transform that
+changes nothing (no layer pair, nothing to smooth, or no alpha helps in that format) is marked ``n/a``; when
+the model has nothing to transform it is not run again for the other formats. Then the
+gain table (transform minus none, dB) and the coverage per format with and without the transforms (with: the
+best transform per model).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:
+    sys.path.insert(0, str(HERE.parent))
+
+import onnxfp8  # noqa: E402
+from onnxfp8 import QuantConfig, Thresholds  # noqa: E402
+
+FORMATS = ("e4m3", "e5m2", "e3m4", "int8")
+TRANSFORMS = {"none": {}, "equalize": {"equalize": True}, "bias": {"bias_correction": True},
+              "smoothquant": {"smoothquant": "auto"}}
+PASS_OF = {"equalize": "equalize", "bias": "bias_correction", "smoothquant": "smoothquant"}
+COSINE, ACC_LOSS = 0.995, 0.01
+NO_THRESHOLDS = Thresholds(min_sqnr=None, min_cosine=None, max_rel_error=None, min_top1_agreement=None,
+                           max_accuracy_loss=None)
+
+
+def run_cell(folder: Path, fmt: str, transform: str, calib_samples: Optional[int],
+             val_samples: Optional[int]) -> Dict[str, Any]:
+    cfg = QuantConfig(format=fmt, calib_samples=calib_samples, **TRANSFORMS[transform])
+    start = time.perf_counter()
+    cell: Dict[str, Any] = {"format": fmt, "transform": transform}
+    try:
+        result = onnxfp8.quantize(str(folder / "model.onnx"), str(folder / "calib"), config=cfg)
+        notes = {p.name: p for p in result.report.passes}
+        p = notes.get(PASS_OF.get(transform, ""))
+        cell["applied"] = transform == "none" or bool(p and p.modified)
+        cell["notes"] = p.notes[:1] if p else []
+        if not cell["applied"]:
+            cell["seconds"] = round(time.perf_counter() - start, 1)
+            return cell
+        labels = folder / "val_labels.npy"
+        rep = onnxfp8.check(str(folder / "model.onnx"), result.model, str(folder / "val"), NO_THRESHOLDS,
+                            labels=str(labels) if labels.exists() else None, samples=val_samples)
+        outs = [o for o in rep.outputs.values() if o.error.count]
+        cell["sqnr_db"] = min(o.sqnr_db for o in outs)
+        cell["cosine"] = min(o.cosine for o in outs)
+        labelled = [o for o in outs if o.classifier is not None and o.classifier.labelled]
+        if labelled:
+            cell["accuracy_loss"] = labelled[0].accuracy_loss
+            cell["meets"] = bool(labelled[0].accuracy_loss < ACC_LOSS)
+        else:
+            cell["meets"] = bool(cell["cosine"] >= COSINE)
+    except Exception as e:  # noqa: BLE001 - a failing cell is a result
+        cell["applied"] = True
+        cell["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+        cell["meets"] = False
+    cell["seconds"] = round(time.perf_counter() - start, 1)
+    return cell
+
+
+def _f(v, nd=2) -> str:
+    if v is None:
+        return "-"
+    return "inf" if isinstance(v, float) and math.isinf(v) else f"{v:.{nd}f}"
+
+
+def tables(cells: List[Dict[str, Any]], models: List[str], formats, transforms) -> str:
+    by = {(c["model"], c["format"], c["transform"]): c for c in cells}
+    lines = ["### Output SQNR (dB, worst output) per format and transform; n/a: the transform changes nothing", ""]
+    head = ["model", "format"] + list(transforms)
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in models:
+        for f in formats:
+            row = [m, f]
+            for t in transforms:
+                c = by.get((m, f, t))
+                if c is None:
+                    row.append("-")
+                elif "error" in c:
+                    row.append("error")
+                elif not c["applied"]:
+                    row.append("n/a")
+                else:
+                    row.append(_f(c.get("sqnr_db")) + (" *" if c.get("meets") else ""))
+            lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "`*`: meets the criterion (cosine >= 0.995, or < 1 % accuracy loss with labels).", ""]
+    lines += ["### Gain over none (dB) where the transform applies", ""]
+    head = ["transform", "format", "models", "mean", "min", "max"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t in transforms:
+        if t == "none":
+            continue
+        for f in formats:
+            g = []
+            for m in models:
+                a, b = by.get((m, f, t)), by.get((m, f, "none"))
+                if a and b and a.get("applied") and a.get("sqnr_db") is not None and b.get("sqnr_db") is not None \
+                        and math.isfinite(a["sqnr_db"]) and math.isfinite(b["sqnr_db"]):
+                    g.append(a["sqnr_db"] - b["sqnr_db"])
+            if g:
+                lines.append(f"| {t} | {f} | {len(g)} | {sum(g) / len(g):+.2f} | {min(g):+.2f} | {max(g):+.2f} |")
+    lines += ["", "### Coverage without fallback (models meeting the criterion)", ""]
+    head = ["format", "defaults", "with transforms (best per model)"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for f in formats:
+        base = sum(1 for m in models if by.get((m, f, "none"), {}).get("meets"))
+        best = sum(1 for m in models if any(by.get((m, f, t), {}).get("meets") for t in transforms))
+        n = len(models)
+        lines.append(f"| {f} | {base}/{n} ({100 * base / max(n, 1):.0f} %) | {best}/{n} ({100 * best / max(n, 1):.0f} %) |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--zoo", required=True, type=Path)
+    ap.add_argument("--only", default="")
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--transforms", default=",".join(TRANSFORMS))
+    ap.add_argument("--calib-samples", type=int, default=None)
+    ap.add_argument("--val-samples", type=int, default=None)
+    ap.add_argument("--out-json", type=Path)
+    a = ap.parse_args(argv)
+    formats = [f for f in a.formats.split(",") if f]
+    transforms = [t for t in a.transforms.split(",") if t]
+    bad = [t for t in transforms if t not in TRANSFORMS]
+    if bad:
+        print(f"error: unknown transform '{bad[0]}' (known: {', '.join(TRANSFORMS)})", file=sys.stderr)
+        return 2
+    if "none" not in transforms:
+        transforms.insert(0, "none")
+    if a.only:
+        models = [m.strip() for m in a.only.split(",") if m.strip()]
+    else:
+        models = sorted(p.name for p in a.zoo.iterdir() if (p / "model.onnx").exists()) if a.zoo.is_dir() else []
+    missing = [m for m in models if not (a.zoo / m / "model.onnx").exists()]
+    if missing or not models:
+        print(f"error: {a.zoo}: no built zoo model {missing[0] if missing else ''} (build it with "
+              f"benchmarks/zoo.py build --out {a.zoo})", file=sys.stderr)
+        return 2
+    cells = []
+    start = time.perf_counter()
+    for m in models:
+        skip = set()
+        for f in formats:
+            for t in transforms:
+                if t in skip:
+                    cells.append({"model": m, "format": f, "transform": t, "applied": False})
+                    continue
+                c = run_cell(a.zoo / m, f, t, a.calib_samples, a.val_samples)
+                c["model"] = m
+                cells.append(c)
+                if not c["applied"] and any(n.startswith("no ") for n in c.get("notes", [])):
+                    skip.add(t)  # nothing to transform in this model, whatever the format
+                print(f"{m:24} {f:5} {t:12} " + ("n/a" if not c["applied"] else c.get("error") or
+                      f"SQNR {_f(c.get('sqnr_db'))} dB cosine {_f(c.get('cosine'), 5)}"
+                      f"{' meets' if c.get('meets') else ''}") + f"  ({c['seconds']} s)", flush=True)
+    text = tables(cells, models, formats, transforms)
+    print()
+    print(f"Command: `python benchmarks/bench_transforms.py {' '.join(argv if argv is not None else sys.argv[1:])}`;"
+          f" {time.perf_counter() - start:.0f} s")
+    print(text)
+    if a.out_json:
+        a.out_json.write_text(json.dumps({"cells": cells, "models": models}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
