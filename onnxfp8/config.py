@@ -196,12 +196,10 @@ class QuantConfig:
             if self.dynamic:
                 raise ConfigError("target tensorrt: dynamic scales are computed in the graph; TensorRT fuses Q/DQ "
                                   "only with constant scales")
-<<<<<<< HEAD
             if self.scheme == "extended":  # lint --target tensorrt would report [half-quantized] / [unfused-dq]
                 raise ConfigError("target tensorrt: scheme extended quantizes LayerNorm, Softmax, attention "
                                   "MatMuls... whose Q/DQ TensorRT does not fuse; use scheme standard (the "
                                   "target picks the inputs of Conv/Gemm/MatMul and residual Adds)")
-=======
         if isinstance(self.smoothquant, bool) and self.smoothquant:
             object.__setattr__(self, "smoothquant", AUTO)
         elif self.smoothquant is False:
@@ -225,7 +223,6 @@ class QuantConfig:
         if self.bias_correction and self.bn_recalibrate:
             raise ConfigError("bias_correction: BatchNorm recalibration re-quantizes the folded weights after "
                               "quantization, so their error is not known before; drop one of them")
->>>>>>> main
         if self.opset < 19:
             raise ConfigError(f"opset must be >= 19 (FP8 QuantizeLinear needs it), got {self.opset}")
         for name in ("op_types", "exclude_ops", "include_nodes", "exclude_nodes", "providers"):
