@@ -274,6 +274,41 @@ def _write(path: str, text: str) -> None:
     os.replace(tmp, p)
 
 
+def combine(files: Sequence[str], out_json: Optional[str], out_md: Optional[str]) -> int:
+    """The tables of several runs' JSON files as one (models in file order; modes of the first file)."""
+    cells: List[Cell] = []
+    names: List[str] = []
+    metas = []
+    modes: List[str] = []
+    for f in files:
+        try:
+            data = json.loads(Path(f).read_text())
+            modes = modes or list(data["modes"])
+            metas.append(data["meta"])
+            for c in data["cells"]:
+                if c["model"] not in names:
+                    names.append(c["model"])
+                cells.append(Cell(**c))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"bench_coverage.py: {f}: not a bench_coverage JSON file ({e})", file=sys.stderr)
+            return 2
+    meta = dict(metas[0])
+    meta["command"] = "`; `".join(m["command"] for m in metas)
+    meta["date"] = ", ".join(dict.fromkeys(m["date"] for m in metas))
+    meta["seconds"] = sum(float(m["seconds"]) for m in metas)
+    md = markdown(cells, names, modes, meta)
+    print(md)
+    if out_json:
+        by = {(c.model, c.mode): c for c in cells}
+        dmp = {n: {f: default_minus_plain(by, n, f) for f in FORMATS} for n in names}
+        _write(out_json, json.dumps({"meta": meta, "modes": modes, "models": names,
+                                     "coverage": coverage(cells, names, modes), "default_minus_plain_db": dmp,
+                                     "cells": [asdict(c) for c in cells]}, indent=1, default=str) + "\n")
+    if out_md:
+        _write(out_md, md)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="bench_coverage.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--zoo", default="zoo", help="the zoo folder (built there when missing; default zoo/)")
@@ -285,7 +320,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="zoo build seed")
     ap.add_argument("--out-json")
     ap.add_argument("--out-md")
+    ap.add_argument("--from-json", help="comma-separated JSON files of earlier runs: print (and write) their "
+                    "tables together instead of running (e.g. families run separately)")
     args = ap.parse_args(argv)
+    if args.from_json:
+        return combine([s for s in args.from_json.split(",") if s], args.out_json, args.out_md)
     start = time.perf_counter()
     modes = [m.strip() for m in args.modes.split(",")] if args.modes else list(ALL_MODES)
     try:

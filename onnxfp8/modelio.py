@@ -390,9 +390,12 @@ def _ort_value(src: Any, placeholder: onnx.TensorProto, ort):
     """(buffer to keep alive, OrtValue over it) for a placeholder's value: a TensorProto with raw_data or a
     numpy array (float8 / bfloat16 as bytes tagged with their ONNX type)."""
     if isinstance(src, onnx.TensorProto):
+        if not src.HasField("raw_data"):  # values in the typed fields (int32_data holds BF16 / FP8 too)
+            src = onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(src), src.name)
         arr = np.frombuffer(src.raw_data, dtype=np.uint8)
-        if placeholder.data_type in _NUMPY_NATIVE:
-            arr = arr.view(onnx.helper.tensor_dtype_to_np_dtype(placeholder.data_type))
+        elem = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(placeholder.data_type))
+        # numpy types as themselves, bfloat16 / float8 as raw 2- / 1-byte codes tagged with their ONNX type
+        arr = arr.view(elem if placeholder.data_type in _NUMPY_NATIVE else np.dtype(f"u{elem.itemsize}"))
         arr = arr.reshape(tuple(placeholder.dims))
     else:
         arr = np.ascontiguousarray(src)
@@ -412,6 +415,18 @@ _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended"
 # on the example CNN it moves INT8 outputs by 0.10 (max abs) away from onnx.reference. Disabling it costs nothing
 # for FP32 models (see tests/test_runtime_levels.py).
 DISABLED_OPTIMIZERS = ("WeightBiasQuantization",)
+
+
+def consumed_names(graph: onnx.GraphProto) -> set:
+    """Names read by the nodes of ``graph`` and of its subgraphs (If / Loop / Scan bodies read outer names), and
+    its outputs."""
+    names = {o.name for o in graph.output}
+    for n in graph.node:
+        names.update(i for i in n.input if i)
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                names |= consumed_names(sub)
+    return names
 
 
 def make_session(model: Union[onnx.ModelProto, str], level: str = "basic",
@@ -442,6 +457,13 @@ def make_session(model: Union[onnx.ModelProto, str], level: str = "basic",
         if arrays:
             heavy.update(arrays)  # the values of a light model's placeholders (to_light_model), or fresher ones
         names, values, keep = [], [], []
+        used = consumed_names(light.graph)
+        unused = [t for t in light.graph.initializer if _is_placeholder(t) and t.name not in used]
+        if unused:  # onnxruntime drops initializers nothing reads, then cannot replace them: leave them out
+            drop = {t.name for t in unused}
+            kept = [t for t in light.graph.initializer if t.name not in drop]
+            del light.graph.initializer[:]
+            light.graph.initializer.extend(kept)
         for t in light.graph.initializer:
             if not _is_placeholder(t):
                 continue

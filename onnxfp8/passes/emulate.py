@@ -18,17 +18,49 @@ from __future__ import annotations
 
 import math
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from onnxfp8 import names
-from onnxfp8.formats import SCALE_MIN, Format
+from onnxfp8.formats import SCALE_MIN, Format, is_float_dtype, np_dtype
 from onnxfp8.plan import QuantSpec
 
 
-def _const(name: str, value) -> gs.Constant:
-    return gs.Constant(name, np.asarray(value))
+def _const(name: str, value, dtype=None) -> gs.Constant:
+    return gs.Constant(name, np.asarray(value) if dtype is None else np.asarray(value).astype(dtype))
+
+
+def float_type(t) -> np.dtype:
+    """The float type tensor ``t`` computes in (the model's own: float32, float16, bfloat16, float64); float32
+    when unknown or not a float."""
+    dt = getattr(t, "dtype", None)
+    if isinstance(t, gs.Constant):
+        dt = t.values.dtype
+    try:
+        return np_dtype(dt) if dt is not None and is_float_dtype(dt) else np.dtype(np.float32)
+    except TypeError:
+        return np.dtype(np.float32)
+
+
+def typed_scale(scale, dtype) -> np.ndarray:
+    """``scale`` in the float type ``dtype``, rounded up where the type cannot hold it exactly (so ``amax /
+    scale`` stays within the format's range) and at least the type's smallest normal (float16 cannot hold
+    2^-126): the scale a float16 / bfloat16 model's QuantizeLinear reads. float32 passes through unchanged."""
+    dtype = np.dtype(dtype)
+    s = np.asarray(scale, np.float32)
+    if dtype == np.float32:
+        return s
+    if dtype == np.float64:
+        return s.astype(np.float64)
+    tiny = ml_dtypes.finfo(dtype).tiny
+    s = np.maximum(s, np.float32(tiny))
+    t = s.astype(dtype)
+    low = t.astype(np.float32) < s
+    if np.any(low):
+        t = np.where(low, np.nextafter(t, np.asarray(np.inf, dtype)), t).astype(dtype)
+    return t
 
 
 def _broadcast_scale(scale: np.ndarray, axis, rank: int) -> np.ndarray:
@@ -56,17 +88,25 @@ class Emitter:
     def _node(self, op: str, name: str, inputs, outputs, **attrs) -> None:
         self.graph.nodes.append(gs.Node(op, name=name, attrs=attrs, inputs=list(inputs), outputs=list(outputs)))
 
-    def _var(self, name: str, like=None, dtype=np.float32) -> gs.Variable:
+    def _var(self, name: str, like=None, dtype=None) -> gs.Variable:
         shape = like.shape if like is not None and hasattr(like, "shape") else None
-        return gs.Variable(name, dtype=dtype, shape=shape)
+        if dtype is None:
+            dtype = float_type(like) if like is not None else np.float32
+        return gs.Variable(name, dtype=dtype, shape=list(shape) if shape is not None else None)
+
+    def _cast(self, x, to, name: str, like=None) -> gs.Variable:
+        """``Cast(x, to)`` (the emulation computes in float32 whatever the model's float type)."""
+        out = gs.Variable(name, dtype=np.dtype(to), shape=getattr(like if like is not None else x, "shape", None))
+        self._node("Cast", f"{name}/Cast", [x], [out], to=onnx.helper.np_dtype_to_tensor_dtype(np.dtype(to)))
+        return out
 
 
 class QDQEmitter(Emitter):
     style = "qdq"
 
     def weight(self, w: gs.Constant, spec: QuantSpec, fmt: Format, out_name: str) -> gs.Variable:
-        scale = spec.scale_array()
-        q = fmt.quantize(w.values, scale, spec.axis)
+        scale = _typed_spec_scale(spec, float_type(w))
+        q = fmt.quantize(np.asarray(w.values, np.float32), scale.astype(np.float32), spec.axis)
         zp = np.zeros(scale.shape, dtype=fmt.storage_dtype)
         out = self._var(out_name, w)
         attrs = {"axis": spec.axis} if spec.axis is not None and scale.ndim else {}
@@ -83,16 +123,17 @@ class QDQEmitter(Emitter):
         z = _const(names.zero_point(tag), zp)
         q = gs.Variable(f"{tag}.q", dtype=fmt.storage_dtype, shape=getattr(x, "shape", None))
         out = self._var(names.dq(tag), x)
+        ft = float_type(x)
         if isinstance(scale, DynamicScale) and scale.per_row:
-            v = gs.Variable(f"{tag}.scaled", dtype=np.float32)
+            v = gs.Variable(f"{tag}.scaled", dtype=ft)
             self._node("Div", f"{tag}/Div", [x, scale.tensor], [v])
-            one = _const(f"{tag}.unit_scale", np.float32(1.0))
-            r = gs.Variable(f"{tag}.rounded", dtype=np.float32)
+            one = _const(f"{tag}.unit_scale", 1.0, ft)
+            r = gs.Variable(f"{tag}.rounded", dtype=ft)
             self._node("QuantizeLinear", f"{tag}/QuantizeLinear", [v, one, z], [q])
             self._node("DequantizeLinear", f"{tag}/DequantizeLinear", [q, one, z], [r])
             self._node("Mul", f"{tag}/Mul", [r, scale.tensor], [out])
             return out
-        s = scale.tensor if isinstance(scale, DynamicScale) else _const(names.scale(tag), np.asarray(spec.scale, np.float32))
+        s = scale.tensor if isinstance(scale, DynamicScale) else _const(names.scale(tag), _typed_spec_scale(spec, ft))
         self._node("QuantizeLinear", f"{tag}/QuantizeLinear", [x, s, z], [q])
         self._node("DequantizeLinear", f"{tag}/DequantizeLinear", [q, s, z], [out])
         return out
@@ -102,8 +143,9 @@ class EmulateEmitter(Emitter):
     style = "emulate"
 
     def weight(self, w: gs.Constant, spec: QuantSpec, fmt: Format, out_name: str) -> gs.Variable:
-        scale = spec.scale_array()
-        q = fmt.quantize(w.values, scale, spec.axis)
+        ft = float_type(w)
+        scale = _typed_spec_scale(spec, ft).astype(np.float32)
+        q = fmt.quantize(np.asarray(w.values, np.float32), scale, spec.axis)
         s = _const(names.scale(w.name), _broadcast_scale(scale, spec.axis, w.values.ndim))
         stored = _const(names.quantized(w.name), q)
         decoded = gs.Variable(f"{w.name}.decoded", dtype=np.float32, shape=list(w.values.shape))
@@ -115,14 +157,24 @@ class EmulateEmitter(Emitter):
         else:
             self._node("Cast", f"{w.name}/Cast", [stored], [decoded], to=onnx.TensorProto.FLOAT)
         out = self._var(out_name, w)
-        self._node("Mul", f"{w.name}/Scale", [decoded, s], [out])
+        if ft == np.float32:
+            self._node("Mul", f"{w.name}/Scale", [decoded, s], [out])
+            return out
+        scaled = gs.Variable(f"{w.name}.scaled", dtype=np.float32, shape=list(w.values.shape))
+        self._node("Mul", f"{w.name}/Scale", [decoded, s], [scaled])
+        self._node("Cast", f"{w.name}/CastBack", [scaled], [out], to=onnx.helper.np_dtype_to_tensor_dtype(ft))
         return out
 
     def activation(self, x: gs.Variable, spec: QuantSpec, fmt: Format, tag: str, scale=None) -> gs.Variable:
+        """Computed in float32 whatever the model's float type (Cast in and out): float16 / bfloat16 values are
+        exact in float32, and the E3M4 rounding's Log/Floor/Pow have float32 kernels everywhere."""
+        ft = float_type(x)
+        x_in = x if ft == np.float32 else self._cast(x, np.float32, f"{tag}.x32", like=x)
         if isinstance(scale, DynamicScale):
-            s = scale.tensor
+            s = scale.tensor if ft == np.float32 else self._cast(scale.tensor, np.float32, f"{tag}.scale32")
         else:
-            s = _const(names.scale(tag), np.asarray(spec.scale, dtype=np.float32))
+            s = _const(names.scale(tag), _typed_spec_scale(spec, ft).astype(np.float32))
+        x = x_in
         v = gs.Variable(f"{tag}.scaled", dtype=np.float32)
         self._node("Div", f"{tag}/Div", [x, s], [v])
         r = gs.Variable(f"{tag}.rounded", dtype=np.float32)
@@ -137,9 +189,24 @@ class EmulateEmitter(Emitter):
             q = gs.Variable(f"{tag}.q", dtype=fmt.storage_dtype)
             self._node("Cast", f"{tag}/CastFP8", [v], [q], to=fmt.onnx_dtype, saturate=1)
             self._node("Cast", f"{tag}/CastFloat", [q], [r], to=onnx.TensorProto.FLOAT)
-        out = self._var(names.dq(tag), x)
-        self._node("Mul", f"{tag}/Mul", [r, s], [out])
+        if ft == np.float32:
+            out = self._var(names.dq(tag), x)
+            self._node("Mul", f"{tag}/Mul", [r, s], [out])
+            return out
+        y = self._var(f"{tag}.dq32", x, dtype=np.float32)
+        self._node("Mul", f"{tag}/Mul", [r, s], [y])
+        out = self._var(names.dq(tag), x, dtype=ft)
+        self._node("Cast", f"{tag}/CastBack", [y], [out], to=onnx.helper.np_dtype_to_tensor_dtype(ft))
         return out
+
+
+def _typed_spec_scale(spec: QuantSpec, dtype) -> np.ndarray:
+    """The spec's scale(s) in the tensor's float type (typed_scale); the plan records the value used."""
+    scale = typed_scale(spec.scale_array(), dtype)
+    if np.dtype(dtype) != np.float32:
+        vals = np.asarray(scale, np.float32)
+        spec.scale = vals.item() if vals.ndim == 0 else vals.astype(np.float64).tolist()
+    return scale
 
 
 def emit_e3m4_round(em: Emitter, v: gs.Variable, out: gs.Variable, tag: str, fmt: Format) -> None:
@@ -177,20 +244,22 @@ class DynamicScale:
 
     def __init__(self, em: Emitter, x: gs.Tensor, fmt: Format, tag: str, axis=None, signed: bool = False):
         self.per_row = axis is not None
+        ft = float_type(x)  # the scale is computed in the model's float type (QuantizeLinear's scale type)
         src = x
         if not signed:
-            src = gs.Variable(f"{tag}.dyn_abs", dtype=np.float32)  # not {tag}.abs: the E3M4 rounding uses it
+            src = gs.Variable(f"{tag}.dyn_abs", dtype=ft)  # not {tag}.abs: the E3M4 rounding uses it
             em._node("Abs", f"{tag}/DynAbs", [x], [src])
-        amax = gs.Variable(f"{tag}.amax", dtype=np.float32)
+        amax = gs.Variable(f"{tag}.amax", dtype=ft)
         if axis is None:
             em._node("ReduceMax", f"{tag}/DynReduceMax", [src], [amax], keepdims=0)
         else:
             em._node("ReduceMax", f"{tag}/DynReduceMax", [src, _const(f"{tag}.reduce_axes", np.asarray([axis], np.int64))],
                      [amax], keepdims=1)
-        ratio = gs.Variable(f"{tag}.ratio", dtype=np.float32)
-        em._node("Div", f"{tag}/DynDiv", [amax, _const(f"{tag}.fmt_max", np.float32(fmt.max))], [ratio])
-        self.tensor = gs.Variable(names.scale(tag), dtype=np.float32)
-        em._node("Max", f"{tag}/DynScale", [ratio, _const(f"{tag}.scale_floor", np.float32(SCALE_MIN))], [self.tensor])
+        ratio = gs.Variable(f"{tag}.ratio", dtype=ft)
+        em._node("Div", f"{tag}/DynDiv", [amax, _const(f"{tag}.fmt_max", fmt.max, ft)], [ratio])
+        self.tensor = gs.Variable(names.scale(tag), dtype=ft)
+        floor = SCALE_MIN if ft in (np.float32, np.float64) else float(ml_dtypes.finfo(ft).tiny)
+        em._node("Max", f"{tag}/DynScale", [ratio, _const(f"{tag}.scale_floor", floor, ft)], [self.tensor])
 
 
 def emitter_for(style: str, fmt: Format, graph: gs.Graph) -> Emitter:

@@ -21,6 +21,7 @@ from typing import List, Optional
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxfp8.passes.emulate import float_type
 from onnxfp8.pipeline import Pass, PassContext, PassResult
 
 
@@ -133,8 +134,9 @@ def match(node: gs.Node, graph_outputs) -> Optional[dict]:
     if norm_shape is None:
         return None
     try:
-        gamma = np.broadcast_to(np.asarray(1.0 if gamma is None else gamma, np.float32), norm_shape).copy()
-        beta = np.broadcast_to(np.asarray(0.0 if beta is None else beta, np.float32), norm_shape).copy()
+        ft = float_type(x)  # LayerNormalization's scale and bias have the type of its input (float16 models)
+        gamma = np.broadcast_to(np.asarray(1.0 if gamma is None else gamma).astype(ft), norm_shape).copy()
+        beta = np.broadcast_to(np.asarray(0.0 if beta is None else beta).astype(ft), norm_shape).copy()
     except ValueError:
         return None
     return {"x": x, "out": out, "nodes": nodes, "axis": axis, "epsilon": eps, "gamma": gamma, "beta": beta}

@@ -72,6 +72,7 @@ from onnx import helper, numpy_helper
 from onnxfp8.calibrators.data import CalibrationData, input_specs
 from onnxfp8.errors import DataError
 from onnxfp8.modelio import make_session, to_model
+from onnxfp8.passes.emulate import float_type
 from onnxfp8.pipeline import Pass, PassContext, PassResult, Pipeline
 from onnxfp8.plan import BatchNormStats
 from onnxfp8.state import BatchNormReport
@@ -130,6 +131,8 @@ def batchnorms(graph: gs.Graph) -> List[gs.Node]:
 def training_mode_model(graph: gs.Graph, names: List[str]) -> onnx.ModelProto:
     """Export a copy of ``graph`` with the named BatchNormalization nodes in training-mode form (explicit
     ops), each exposing ``<bn>__onnxfp8_bnrecal_{mean,var,size}`` as graph outputs."""
+    # the statistics in the BN input's own float type (float16 models: ReduceMean of float16 is float16)
+    ftype = {n.name: float_type(n.inputs[0]) for n in graph.nodes if n.op == "BatchNormalization"}
     model = to_model(graph.copy())
     g = model.graph
     wanted = set(names)
@@ -145,7 +148,7 @@ def training_mode_model(graph: gs.Graph, names: List[str]) -> onnx.ModelProto:
         eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
         p = node.name + SUFFIX
         g.initializer.extend([i64(f"{p}_zero", [0]), i64(f"{p}_two", 2), i64(f"{p}_one", 1),
-                              numpy_helper.from_array(np.asarray(eps, np.float32), f"{p}_eps")])
+                              numpy_helper.from_array(np.asarray(eps, ftype.get(node.name, np.float32)), f"{p}_eps")])
 
         def add(op, ins, outs, **attrs):
             g.node.append(helper.make_node(op, ins, outs, name=f"{p}/{op}_{len(g.node)}", **attrs))
@@ -167,8 +170,9 @@ def training_mode_model(graph: gs.Graph, names: List[str]) -> onnx.ModelProto:
         add("Mul", [f"{p}_xhat", f"{p}_gamma"], [f"{p}_scaled"])
         add("Add", [f"{p}_scaled", f"{p}_beta"], [y])
         add("Size", [x], [f"{p}_size"])
-        g.output.extend([helper.make_tensor_value_info(f"{p}_mean", onnx.TensorProto.FLOAT, None),
-                         helper.make_tensor_value_info(f"{p}_var", onnx.TensorProto.FLOAT, None),
+        et = helper.np_dtype_to_tensor_dtype(np.dtype(ftype.get(node.name, np.float32)))
+        g.output.extend([helper.make_tensor_value_info(f"{p}_mean", et, None),
+                         helper.make_tensor_value_info(f"{p}_var", et, None),
                          helper.make_tensor_value_info(f"{p}_size", onnx.TensorProto.INT64, [])])
     return model
 

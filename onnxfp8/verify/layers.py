@@ -296,7 +296,8 @@ def own_model(quant: onnx.ModelProto, layers: Sequence[Layer], input_types: Dict
     g = helper.make_graph(
         graph_nodes, "onnxfp8_own_layers",
         [helper.make_tensor_value_info(b, input_types.get(b, onnx.TensorProto.FLOAT), None) for b in boundaries],
-        [helper.make_tensor_value_info(LOCAL_PREFIX + l.output, onnx.TensorProto.FLOAT, None) for l in layers],
+        [helper.make_tensor_value_info(LOCAL_PREFIX + l.output, input_types.get(l.output, onnx.TensorProto.FLOAT), None)
+         for l in layers],  # the layer's output keeps the FP32 model's name and type (float16 models)
         [inits[c] for c in sorted(constants)])
     m = helper.make_model(g, opset_imports=list(quant.opset_import))
     m.ir_version = quant.ir_version
@@ -438,7 +439,7 @@ def compare_layers(fp32: onnx.ModelProto, quant: onnx.ModelProto, data, *, max_m
                                   + sum(nbytes.get(b, 0) for b in bounds))
         ref_fetch = list(dict.fromkeys(outs + [b for b in bounds if b not in fp32_inputs]))
         fp32_sess = make_session(expose(fp32, ref_fetch, types), level="basic", providers=providers, threads=threads)
-        q_sess = make_session(expose(quant, outs, {}), level="basic", providers=providers, threads=threads)
+        q_sess = make_session(expose(quant, outs, types), level="basic", providers=providers, threads=threads)
         own_sess = make_session(own_model(quant, group, types), level="basic", providers=providers, threads=threads)
         own_outs = [LOCAL_PREFIX + o for o in outs]
         for batch in micro_batches(data.batches(), m):
