@@ -264,6 +264,95 @@ def _run_check(fp32, quant, data, ck: Dict[str, Any], json_path: Optional[str], 
     return report.exit_code
 
 
+def tuning_options(fn):
+    """Tuning to a target (quantize --target-*): onnxfp8/tuning/tune.py."""
+    opts = [
+        click.option("--target-cosine", type=float, help="Tune to this output cosine vs FP32 on --val (the FP8 paper's criterion: 0.995): search formats per tensor, the calibration method, then leave the most sensitive layers in FP32 until it holds; exit 1 when it cannot within --max-fallback (the best model found is written)."),
+        click.option("--target-sqnr", type=float, help="Tune to this output SQNR (dB) vs FP32 on --val (as --target-cosine)."),
+        click.option("--max-fallback", help="With a target: at most N layers, or P% of the quantized layers, left in high precision (default 10%)."),
+        click.option("--tune-samples", type=int, help="With a target: use at most N validation samples."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _pop_tuning_kw(kw: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: kw.pop(k) for k in ("target_cosine", "target_sqnr", "max_fallback", "tune_samples")}
+
+
+def _tuning_target(tk: Dict[str, Any], ck: Dict[str, Any], do_check: bool, val):
+    """The tuning target the options give (None: no tuning). --max-accuracy-loss with --val and without
+    --check is a target (with labels); with --check it stays a check threshold."""
+    from onnxfp8.errors import ConfigError
+    from onnxfp8.tuning.evaluate import Target
+
+    targets = []
+    if tk["target_cosine"] is not None:
+        targets.append(Target("cosine", tk["target_cosine"]))
+    if tk["target_sqnr"] is not None:
+        targets.append(Target("sqnr", tk["target_sqnr"]))
+    if not do_check and val and "--max-accuracy-loss" in ck["given"]:
+        loss = ck["thresholds"].max_accuracy_loss
+        if loss is None or ck["thresholds"].overrides:
+            raise ConfigError("--max-accuracy-loss as a tuning target takes one VALUE (a fraction or a percentage)")
+        targets.append(Target("accuracy_loss", loss))
+    if len(targets) > 1:
+        raise ConfigError("give one tuning target: " + " or ".join(t.flag for t in targets))
+    if targets and not val:
+        raise ConfigError(f"{targets[0].flag} needs --val DIR: the target is judged on validation data, never on "
+                          f"the calibration data")
+    return targets[0] if targets else None
+
+
+def _run_tuning(model, calib, output, plan_path, report_path, quiet, do_check, val, check_json, target, tk, ck, kw):
+    """quantize --target-*: tune, write the chosen model, plan and report; exit 1 when the target is not met."""
+    import json
+
+    from onnxfp8.errors import ConfigError
+    from onnxfp8.outputs import Outputs
+    from onnxfp8.plan import json_plain
+    from onnxfp8.progress import progress_for
+    from onnxfp8.quantize import default_output
+    from onnxfp8.tuning.tune import tune
+
+    if not calib and not kw.get("load_stats"):
+        raise ConfigError("tuning needs --calib DIR (or --load-stats FILE): it calibrates once and then searches")
+    check_memory = kw.get("max_memory_mb") or 32
+    config = build_config(kw)
+    output = output or default_output(model, config)
+    code = 0
+    with Outputs() as outs:  # every file checked before any work, renamed into place together at the end
+        outs.protect(val, "the validation data (--val)")
+        outs.protect(ck["labels"], "--labels")
+        outs.add(plan_path, "--plan")
+        outs.add(report_path, "--report")
+        outs.add(check_json, "--check-json")
+        res = tune(model, calib, val, target, config, labels=ck["labels"], max_fallback=tk["max_fallback"],
+                   output=output, samples=tk["tune_samples"], progress=progress_for(sys.stderr, quiet),
+                   outputs=outs)
+        if plan_path:
+            outs.write_text(plan_path, res.plan.to_json())
+        if report_path:
+            data = res.report.to_dict()
+            data["tuning"] = res.tuning.to_dict()
+            outs.write_text(report_path, json.dumps(json_plain(data), indent=1, allow_nan=False))
+        if not quiet:
+            click.echo(res.report.summary())
+            click.echo(res.tuning.summary())
+        if do_check:
+            code = _run_check(model, res.model, val, ck, check_json, quiet, batch_size=config.batch_size,
+                              samples=None, max_memory_mb=check_memory, providers=config.providers,
+                              threads=config.threads, quant_name=str(output), outs=outs)
+        outs.commit()
+    if not quiet:
+        click.echo(f"wrote {output}")
+    if not res.met:
+        click.echo(f"error: {res.tuning.message}", err=True)
+        code = 1
+    sys.exit(code)
+
+
 @cli.command()
 @click.argument("fp32", type=click.Path())
 @click.argument("quant", type=click.Path())
@@ -306,6 +395,7 @@ def check(fp32, quant, data, samples, batch_size, json_path, max_memory_mb, prov
 @click.option("--check", "do_check", is_flag=True, help="Then check the quantized model against MODEL on --val data (exit 1 when a threshold fails).")
 @click.option("--val", type=click.Path(), help="Validation data for --check (same formats as --calib).")
 @click.option("--check-json", type=click.Path(), help="With --check: write the check report (JSON) here.")
+@tuning_options
 @click.option("--apply-plan", "apply_plan", type=click.Path(), help="Rebuild the quantized model from a plan written by --plan (possibly edited: formats, scales, nodes left FP32), without calibration data; the settings come from the plan (--style, --providers, --threads may change).")
 @check_options
 @config_options
@@ -315,7 +405,17 @@ def quantize(model, calib, output, plan_path, report_path, quiet, do_check, val,
     from onnxfp8.errors import ConfigError
     from onnxfp8.quantize import default_output, quantize as run
 
+    tk = _pop_tuning_kw(kw)
     ck = _pop_check_kw(kw)
+    target = _tuning_target(tk, ck, do_check, val)
+    if target is not None:
+        if apply_plan:
+            raise ConfigError(f"{target.flag} searches plans from calibration data; --apply-plan applies a given one")
+        return _run_tuning(model, calib, output, plan_path, report_path, quiet, do_check, val, check_json, target,
+                           tk, ck, kw)
+    if tk["max_fallback"] is not None or tk["tune_samples"] is not None:
+        raise ConfigError(f"{'--max-fallback' if tk['max_fallback'] is not None else '--tune-samples'} is only used "
+                          f"when tuning to a target (--target-cosine, --target-sqnr, --max-accuracy-loss with --val)")
     if do_check and not val:
         raise ConfigError("--check needs --val DIR (validation data)")
     if not do_check and (val or check_json or ck["given"]):
@@ -387,6 +487,130 @@ def _plan_config(path: str, calib, kw: Dict[str, Any]):
         if value not in (None, ()):
             data[key] = _split(value) if key == "providers" else value
     return QuantConfig.from_dict(data, source=f"{path} (config)"), plan
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option("--calib", "-c", type=click.Path(), help="Calibration data (calibrated once).")
+@click.option("--val", required=True, type=click.Path(), help="Validation data: every layer's error is measured on it.")
+@click.option("--labels", type=click.Path(), help="A .npy of class labels for --val (accuracy in the output-level figures).")
+@click.option("--samples", type=int, help="Use at most N validation samples.")
+@click.option("--top", type=int, default=5, show_default=True, help="Also measure the model outputs with only / all but each of the N most sensitive layers quantized (two whole-model runs each; 0: none).")
+@click.option("--json", "json_path", type=click.Path(), help="Write the ranking (JSON) here.")
+@click.option("--plot", "plot_path", type=click.Path(), help="Write a PNG bar chart of the per-layer, per-format own SQNR here (needs matplotlib: the plots extra).")
+@click.option("--limit", type=int, default=20, show_default=True, help="Rows of the printed table.")
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
+@config_options
+@handle_errors
+def sensitivity(model, calib, val, labels, samples, top, json_path, plot_path, limit, quiet, **kw):
+    """Per quantized layer: its error alone in each format (E4M3/E3M4/E5M2/INT8: which wins, by how much), ranked
+    worst first, from shared passes over --val; the model outputs with only it quantized / only it in FP32 for
+    the --top most sensitive layers."""
+    from onnxfp8.errors import ConfigError
+    from onnxfp8.progress import progress_for
+    from onnxfp8.verify.sensitivity import sensitivity as run
+
+    if not calib and not kw.get("load_stats"):
+        raise ConfigError("sensitivity needs --calib DIR (or --load-stats FILE)")
+    if top < 0:
+        raise ConfigError(f"--top must be >= 0, got {top}")
+    if plot_path:
+        from onnxfp8.report.plots import require
+
+        require()  # fail before the work, not after it
+    config = build_config(kw)
+    from onnxfp8.outputs import Outputs
+
+    with Outputs() as outs:
+        outs.protect_model(model, "the input model")
+        outs.protect(calib, "the calibration data")
+        outs.protect(val, "the validation data (--val)")
+        outs.protect(labels, "--labels")
+        outs.add(json_path, "--json")
+        outs.add(plot_path, "--plot")
+        outs.validate()
+        report = run(model, calib, val, config, formats=config.formats, labels=labels, top=top, samples=samples,
+                     progress=progress_for(sys.stderr, quiet))
+        if json_path:
+            outs.write_text(json_path, report.to_json())
+        if plot_path:
+            from onnxfp8.report.plots import sensitivity_png
+
+            with open(outs.temporary(plot_path), "wb") as f:
+                f.write(sensitivity_png(report))
+        outs.commit()
+    if not quiet:
+        click.echo(report.summary(limit=limit))
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option("--calib", "-c", required=True, type=click.Path(), help="Calibration data (calibrated once per scheme).")
+@click.option("--val", required=True, type=click.Path(), help="Validation data: every configuration is scored on it.")
+@click.option("--labels", type=click.Path(), help="A .npy of class labels for --val (accuracy; the criterion becomes < 1% relative accuracy loss).")
+@click.option("--out", "out_dir", type=click.Path(), help="Folder for sweep.md, sweep.json and sweep.html (default: <model>.sweep beside the model).")
+@click.option("--formats", "sweep_formats", default="e4m3,e3m4,e5m2,int8,auto", show_default=True, help="Formats to sweep (comma separated; auto: per tensor).")
+@click.option("--schemes", default="standard,extended", show_default=True, help="Schemes to sweep.")
+@click.option("--calibrations", default="max,percentile,mse,entropy", show_default=True, help="Calibration methods to sweep.")
+@click.option("--tune/--no-tune", "do_tune", default=True, show_default=True, help="Add the tuned result (quantize --target-* on the same statistics).")
+@click.option("--target-cosine", type=float, help="The table's criterion and the tuner's target (default: cosine >= 0.995, or < 1% accuracy loss with labels).")
+@click.option("--target-sqnr", type=float, help="Criterion and tuning target: output SQNR in dB.")
+@click.option("--max-accuracy-loss", help="Criterion and tuning target with --labels: relative accuracy loss (1% or 0.01).")
+@click.option("--max-fallback", help="Tuning: at most N or P% of the quantized layers in high precision (default 10%).")
+@click.option("--samples", type=int, help="Use at most N validation samples.")
+@click.option("--calib-samples", type=int, help="Use at most N calibration samples.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Samples per onnxruntime run.")
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
+@handle_errors
+def sweep(model, calib, val, labels, out_dir, sweep_formats, schemes, calibrations, do_tune, target_cosine, target_sqnr,
+          max_accuracy_loss, max_fallback, samples, calib_samples, batch_size, quiet):
+    """The paper's table for MODEL: formats x schemes x calibration methods, plus the tuned result (SQNR, cosine,
+    accuracy, size, layers in fallback), as markdown, JSON and one self-contained HTML report with plots."""
+    from onnxfp8.config import QuantConfig
+    from onnxfp8.errors import ConfigError
+    from onnxfp8.outputs import Outputs
+    from onnxfp8.progress import progress_for
+    from onnxfp8.report.html import render
+    from onnxfp8.tuning.evaluate import Target
+    from onnxfp8.tuning.sweep import sweep as run
+
+    targets = []
+    if target_cosine is not None:
+        targets.append(Target("cosine", target_cosine))
+    if target_sqnr is not None:
+        targets.append(Target("sqnr", target_sqnr))
+    if max_accuracy_loss is not None:
+        from onnxfp8.verify.check import Thresholds
+
+        targets.append(Target("accuracy_loss", Thresholds.from_options({"max_accuracy_loss": [max_accuracy_loss]})
+                              .max_accuracy_loss))
+    if len(targets) > 1:
+        raise ConfigError("give one criterion: " + " or ".join(t.flag for t in targets))
+    out_dir = out_dir or os.path.splitext(model)[0] + ".sweep"
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"{out_dir}: --out is not a folder")
+    config = QuantConfig(batch_size=batch_size, calib_samples=calib_samples)
+    paths = {k: os.path.join(out_dir, f"sweep.{k}") for k in ("md", "json", "html")}
+    os.makedirs(out_dir, exist_ok=True)
+    with Outputs() as outs:
+        outs.protect_model(model, "the input model")
+        outs.protect(calib, "the calibration data")
+        outs.protect(val, "the validation data (--val)")
+        outs.protect(labels, "--labels")
+        for k, p in paths.items():
+            outs.add(p, f"--out ({os.path.basename(p)})")
+        outs.validate()
+        report = run(model, calib, val, config, formats=_split((sweep_formats,)), schemes=_split((schemes,)),
+                     calibrations=_split((calibrations,)), labels=labels, target=targets[0] if targets else None,
+                     tune=do_tune, max_fallback=max_fallback, samples=samples,
+                     progress=progress_for(sys.stderr, quiet))
+        outs.write_text(paths["md"], report.to_markdown())
+        outs.write_text(paths["json"], report.to_json())
+        outs.write_text(paths["html"], render(report))
+        outs.commit()
+    if not quiet:
+        click.echo(report.to_markdown().rstrip())
+        click.echo("wrote " + ", ".join(paths.values()))
 
 
 @cli.command()

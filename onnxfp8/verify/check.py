@@ -395,6 +395,9 @@ def _load_labels(labels: Any) -> Tuple[Optional[np.ndarray], str]:
     return arr.astype(np.int64), where
 
 
+load_labels = _load_labels  # public: (labels array or None, where they came from); the tuner reads them too
+
+
 # -- the check -----------------------------------------------------------------------------------------
 def check(fp32: ModelLike, quant: ModelLike, data: Any, thresholds: Optional[Thresholds] = None,
           labels: Any = None, layers: bool = False, *, batch_size: int = 16, samples: Optional[int] = None,

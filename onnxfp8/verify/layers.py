@@ -388,15 +388,23 @@ def shrinking_run_options():
     return ro
 
 
-def compare_layers(fp32: onnx.ModelProto, quant: onnx.ModelProto, data, *, max_memory_mb: float = 32,
-                   providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
-                   progress: Optional[Callable[[str], None]] = None) -> LayerRun:
-    """Cumulative and own error of every quantized layer of ``quant`` against ``fp32`` over ``data`` (a
-    CalibrationData: re-iterable batches). Results are sorted worst own SQNR first."""
-    layers, skipped = find_layers(fp32, quant)
-    run = LayerRun([], skipped)
-    if not layers:
-        return run
+@dataclass
+class Layout:
+    """How the layer passes cut the data: value types, the micro-batch size and the exposed bytes per
+    tensor at that size, under the memory budget (bytes)."""
+
+    types: Dict[str, int]
+    micro_batch: int
+    nbytes: Dict[str, int]
+    budget: int
+
+
+def layout(fp32: onnx.ModelProto, quant: onnx.ModelProto, layers: Sequence[Layer], data, *,
+           max_memory_mb: float = 32, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
+           copies: float = 3) -> Layout:
+    """Sizes per sample of every compared and boundary tensor (from a pass over one sample that fetches only
+    ``Size`` scalars of ``quant``) and the micro-batch that lets as many layers as possible share one streamed
+    pass within ``max_memory_mb``: each layer output counts ``copies`` times (reference, quantized, own)."""
     fp32_inputs = {i.name for i in fp32.graph.input} - {t.name for t in fp32.graph.initializer}
     static = any(getattr(s, "static_batch", None) for s in getattr(data, "specs", {}).values())
     first = next(iter(data.batches()))
@@ -421,13 +429,28 @@ def compare_layers(fp32: onnx.ModelProto, quant: onnx.ModelProto, data, *, max_m
     # bytes per sample; the batches are cut into micro-batches of m samples so that as many layers as possible
     # fit one pass: one pass over the data at batch m costs far less than several at the full batch
     per_sample = {t: n * _itemsize(types.get(t, onnx.TensorProto.FLOAT)) / n0 for t, n in sizes.items()}
-    total = sum(3 * per_sample.get(l.output, 0) for l in layers) + sum(
+    total = sum(copies * per_sample.get(l.output, 0) for l in layers) + sum(
         per_sample.get(b, 0) for b in {b for l in layers for b in l.boundaries})
     full = max(n0, int(getattr(data, "batch_size", n0) or n0))
     m = n0 if static else max(1, min(full, int(budget // max(total, 1))))
-    run.micro_batch = m
     nbytes = {t: int(math.ceil(v * m)) for t, v in per_sample.items()}
-    groups = chunks(layers, nbytes, budget)
+    return Layout(types, m, nbytes, budget)
+
+
+def compare_layers(fp32: onnx.ModelProto, quant: onnx.ModelProto, data, *, max_memory_mb: float = 32,
+                   providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
+                   progress: Optional[Callable[[str], None]] = None) -> LayerRun:
+    """Cumulative and own error of every quantized layer of ``quant`` against ``fp32`` over ``data`` (a
+    CalibrationData: re-iterable batches). Results are sorted worst own SQNR first."""
+    layers, skipped = find_layers(fp32, quant)
+    run = LayerRun([], skipped)
+    if not layers:
+        return run
+    fp32_inputs = {i.name for i in fp32.graph.input} - {t.name for t in fp32.graph.initializer}
+    lay = layout(fp32, quant, layers, data, max_memory_mb=max_memory_mb, providers=providers, threads=threads)
+    types, m, nbytes = lay.types, lay.micro_batch, lay.nbytes
+    run.micro_batch = m
+    groups = chunks(layers, nbytes, lay.budget)
     run.chunks = len(groups)
     opts = shrinking_run_options()
     cum = {l.node: ErrorStats() for l in layers}
