@@ -19,17 +19,18 @@ from onnxfp8.verify.sensitivity import node_pattern, sensitivity
 @pytest.fixture(scope="module")
 def cnn_report(example_models):
     ex = example_models["cnn"]
-    return ex, sensitivity(ex["model"], ex["calib"], ex["val"], QuantConfig(), top=1)
+    return ex, sensitivity(ex["model"], ex["calib"], ex["val"], QuantConfig(), top=1,
+                           formats=("e4m3", "e3m4", "e5m2", "int8"))  # E3M4 too (not a default auto candidate)
 
 
 def test_own_sqnr_per_format_matches_check_layers(cnn_report):
     """The shared pass measures, per format, the own SQNR check --layers measures on that format's model."""
     ex, rep = cnn_report
-    assert rep.formats == ["e4m3", "e5m2", "int8"]  # format auto's default candidates (E3M4 opt-in)
+    assert rep.formats == ["e4m3", "e3m4", "e5m2", "int8"]
     from onnxfp8.calibrators.data import as_data
 
     fp32 = load_model(str(ex["model"]))
-    for f in ("int8", "e5m2"):
+    for f in ("int8", "e3m4"):
         q = quantize(ex["model"], ex["calib"], QuantConfig(format=f)).model
         run = compare_layers(fp32, q, as_data(ex["val"], fp32))
         for res in run.results:
