@@ -103,6 +103,13 @@ def _split(values) -> tuple:
     return tuple(out)
 
 
+def verbosity_options(fn):
+    """-q/--quiet and -v/--verbose, shared by every subcommand (each says what it prints more or less)."""
+    fn = click.option("--verbose", "-v", is_flag=True, help="Print more: every decision or finding in full.")(fn)
+    fn = click.option("--quiet", "-q", is_flag=True, help="Print only errors and failures.")(fn)
+    return fn
+
+
 def config_options(fn):
     """Options shared by every command that builds a QuantConfig."""
     opts = [
@@ -112,7 +119,7 @@ def config_options(fn):
         click.option("--format", "-f", "format_", help="Format of weights and activations: e4m3 (default), e5m2, e3m4, int8, or auto (per tensor, the candidate of --formats with the least error on the data)."),
         click.option("--weights-format", help="Format of weights (overrides --format; auto allowed)."),
         click.option("--activations-format", help="Format of activations (overrides --format; auto allowed)."),
-        click.option("--formats", multiple=True, help="Candidates for --format auto (comma separated, default e4m3,e3m4,e5m2,int8; the first is the fallback)."),
+        click.option("--formats", multiple=True, help="Candidates for --format auto (comma separated, default e4m3,e5m2,int8: formats a runtime executes; add e3m4, emulation-only, explicitly; the first is the fallback)."),
         click.option("--scheme", type=click.Choice(["standard", "extended"]), help="standard (default): Conv/Gemm/MatMul/embeddings; extended: also LayerNorm, BatchNorm, Add/Mul, MatMul between activations, Softmax, pooling, Resize, Concat."),
         click.option("--dynamic/--static", default=None, help="Activation scales computed in the graph at run time (no activation calibration) or calibrated (default)."),
         click.option("--dynamic-granularity", type=click.Choice(["tensor", "token"]), help="With --dynamic: one scale per tensor (default) or per row/token of MatMul/Gemm inputs."),
@@ -663,6 +670,58 @@ def lint(model, target, json_path, strict):
         outs.commit()
     click.echo(report.summary())
     sys.exit(report.exit_code(strict))
+
+
+@cli.command()
+@click.argument("names", nargs=-1, metavar="[NAME]...")
+@click.option("--out", "-o", default="examples", show_default=True, type=click.Path(),
+              help="Folder for NAME.onnx and data/NAME/{calib,val}/.")
+@click.option("--epochs", type=int, default=12, show_default=True, help="Training epochs of digits.")
+@click.option("--samples", type=int, default=64, show_default=True,
+              help="Calibration and validation samples of the seeded examples (cnn, mlp, transformer).")
+@verbosity_options
+@handle_errors
+def example(names, out, epochs, samples, quiet, verbose):
+    """Build bundled example models with their calibration and validation data (made in code, nothing
+    downloaded). NAME: digits (default: a BatchNorm CNN trained here in seconds on real handwritten digits,
+    validation data with labels), cnn, mlp, transformer (seeded weights, untrained)."""
+    import time
+
+    from onnxfp8.errors import ConfigError
+    from onnxfp8.examples import NAMES, write_example
+
+    names = names or ("digits",)
+    for name in names:
+        if name not in NAMES:
+            raise ConfigError(f"unknown example '{name}' (known: {', '.join(NAMES)})")
+    if epochs < 1 or samples < 1:
+        raise ConfigError(f"--{'epochs' if epochs < 1 else 'samples'} must be at least 1")
+    for name in names:
+        start = time.perf_counter()
+        info = write_example(name, out, epochs=epochs, calib=samples, val=samples)
+        if quiet:
+            continue
+        what = f"trained {epochs} epochs, FP32 accuracy {100 * info['accuracy']:.2f}% on the held-out images" \
+            if "accuracy" in info else "seeded weights"
+        click.echo(f"wrote {info['model']} ({what}; {time.perf_counter() - start:.1f} s)")
+        click.echo(f"  calibration data {info['calib']} ({info['calib_samples']} samples), validation data "
+                   f"{info['val']} ({info['val_samples']} samples{' with labels' if info['labels'] else ''})")
+        if verbose:
+            click.echo(f"  inputs: {', '.join(_describe_inputs(str(info['model'])))}")
+        click.echo(f"next: onnxfp8 quantize {info['model']} --calib {info['calib']} --check --val {info['val']}")
+
+
+def _describe_inputs(path: str):
+    import onnx
+
+    m = onnx.load(path, load_external_data=False)
+    inits = {t.name for t in m.graph.initializer}
+    for i in m.graph.input:
+        if i.name in inits:
+            continue
+        t = i.type.tensor_type
+        dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+        yield f"{i.name} {onnx.TensorProto.DataType.Name(t.elem_type).lower()} {dims}"
 
 
 def main() -> None:

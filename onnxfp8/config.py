@@ -23,7 +23,9 @@ EXTENDED_OPS = STANDARD_OPS + ("LayerNormalization", "BatchNormalization", "Inst
                                "Softmax", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "Resize",
                                "Relu", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Identity")
 AUTO = "auto"
-AUTO_CANDIDATES = ("e4m3", "e3m4", "e5m2", "int8")
+# format auto's default candidates: formats a runtime executes (onnxruntime runs E4M3, E5M2 and INT8 Q/DQ; TensorRT
+# E4M3 and INT8). E3M4 has no ONNX type (always emulated): opt-in with --formats e4m3,e3m4,...
+AUTO_CANDIDATES = ("e4m3", "e5m2", "int8")
 SUMMARY_MIN, SUMMARY_MAX = 8, 64  # the summary's sample count when summary_samples is None (auto)
 GRANULARITIES = ("tensor", "token")
 LEVELS = ("disable", "basic", "extended", "all")
@@ -194,6 +196,10 @@ class QuantConfig:
             if self.dynamic:
                 raise ConfigError("target tensorrt: dynamic scales are computed in the graph; TensorRT fuses Q/DQ "
                                   "only with constant scales")
+            if self.scheme == "extended":  # lint --target tensorrt would report [half-quantized] / [unfused-dq]
+                raise ConfigError("target tensorrt: scheme extended quantizes LayerNorm, Softmax, attention "
+                                  "MatMuls... whose Q/DQ TensorRT does not fuse; use scheme standard (the "
+                                  "target picks the inputs of Conv/Gemm/MatMul and residual Adds)")
         if isinstance(self.smoothquant, bool) and self.smoothquant:
             object.__setattr__(self, "smoothquant", AUTO)
         elif self.smoothquant is False:

@@ -90,7 +90,7 @@ class BatchNormStats:
 PLAN_VERSION = 2
 _SPEC_KEYS = {f.name for f in fields(QuantSpec)}
 _NODE_KEYS = {f.name for f in fields(NodeDecision)}
-_PLAN_KEYS = {"version", "config", "nodes", "tensors", "batchnorm", "transforms"}
+_PLAN_KEYS = {"version", "software", "config", "nodes", "tensors", "batchnorm", "transforms"}
 
 
 @dataclass
@@ -182,8 +182,10 @@ class QuantPlan:
 
     # -- JSON ---------------------------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
+        from onnxfp8.versions import software
+
         return {
-            "version": PLAN_VERSION,
+            "version": PLAN_VERSION, "software": software(),
             "config": json_plain(self.config),
             "nodes": [asdict(d) for d in self.nodes.values()],
             # not asdict: it deep-copies every per-channel scale list before json_plain copies it again

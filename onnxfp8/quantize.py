@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
+
+import numpy as np
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -20,7 +22,8 @@ from onnxfp8.validate import control_flow_nodes, validate_model
 from onnxfp8.passes import pipeline_for
 from onnxfp8.pipeline import PassContext, Pipeline
 from onnxfp8.plan import QuantPlan
-from onnxfp8.verify.compare import ErrorStats
+from onnxfp8.verify.check import OutputResult, Thresholds
+from onnxfp8.verify.compare import ClassifierStats, ErrorStats, is_classifier
 from onnxfp8.verify.report import RUN_EXACTLY, QuantReport
 
 
@@ -255,6 +258,9 @@ def _finish(pipe: Pipeline, graph: gs.Graph, ctx: PassContext, prep: Prepared, c
         report.warnings.append(control_flow_warning(control_flow))
     report.warnings.extend(unknown_op_types(config))
     _measure(out_model, ctx, report, config)
+    if report.outputs:
+        report.check_defaults["try"] = what_to_try(config, has_batchnorm=any(
+            n.op_type == "BatchNormalization" for n in prep.proto.graph.node))
     if output:
         ctx.outputs.write_model(output, out_model)
     report.seconds = time.perf_counter() - start
@@ -272,6 +278,10 @@ def _measure(model: onnx.ModelProto, ctx: PassContext, report: QuantReport, conf
     sess = make_session(model, level="basic", providers=config.providers, threads=config.threads)
     names = [o.name for o in sess.get_outputs()]
     stats = {n: ErrorStats() for n in names}
+    classifiers: Dict[str, ClassifierStats] = {}
+    bar = ctx.progress
+    if bar is not None and hasattr(bar, "begin"):
+        bar.begin("measuring the quantized model", want)
     axes = getattr(ctx.calib, "axes", {})  # each input's batch axis: a fixed batch cannot run a short batch
     static = {i.name: i.shape[axes.get(i.name, 0)] for i in sess.get_inputs()
               if axes.get(i.name, 0) is not None and len(i.shape) > axes.get(i.name, 0)
@@ -291,8 +301,44 @@ def _measure(model: onnx.ModelProto, ctx: PassContext, report: QuantReport, conf
         for name, v in zip(names, got):
             if name in ref:
                 stats[name].update(ref[name], v)
+                r = np.asarray(ref[name])
+                if r.dtype.kind == "f" and is_classifier(r.shape) and r.shape == np.shape(v):
+                    classifiers.setdefault(name, ClassifierStats()).update(r, v)
         count += n
+        if bar is not None:
+            bar(count)
         if count >= want:
             break
-    report.outputs = {n: s.to_dict() for n, s in stats.items()}
+    if bar is not None and hasattr(bar, "close"):
+        bar.close()
+    report.outputs = {n: {**s.to_dict(), **(classifiers[n].to_dict() if n in classifiers else {})}
+                      for n, s in stats.items()}
     report.summary_samples = count
+    # would `onnxfp8 check` pass with its defaults? (on these calibration samples: a hint, not the held-out gate)
+    defaults = Thresholds()
+    failures = []
+    for n, s in stats.items():
+        res = OutputResult(n, [], s, classifiers.get(n))
+        res.judge(defaults.for_output(n))
+        failures += res.failures
+    report.check_defaults = {"passed": not failures, "failures": failures, "samples": count,
+                             "thresholds": {k: v for k, v in defaults.to_dict().items()
+                                            if k in ("min_sqnr", "min_cosine", "max_rel_error", "min_top1_agreement")}}
+
+
+def what_to_try(config: QuantConfig, has_batchnorm: bool) -> List[str]:
+    """Options that commonly lift a result that misses the check's defaults, for this configuration."""
+    out = []
+    if config.format != "auto" and not (config.weights_format or config.activations_format):
+        out.append("-f auto (per tensor the candidate with the least error: " + ",".join(config.formats) + ")")
+        if config.format != "int8":
+            out.append("-f int8")
+    if config.calibration == "max":
+        out.append("--calibration mse or percentile (one outlier stretches a max scale)")
+    if has_batchnorm and not config.bn_recalibrate:
+        out.append("--bn-recalibrate")
+    if config.scheme == "extended":
+        out.append("--scheme standard")
+    out.append("`onnxfp8 check MODEL QUANT --data VAL --layers` ranks the layers by the error they add: keep the "
+               "worst FP32 with --exclude-node NAME (or --keep-first-last)")
+    return out

@@ -78,7 +78,7 @@ def three_inputs(n, seed):
 def test_auto_picks_per_tensor_and_says_why():
     model = three_input_model()
     calib = [three_inputs(256, s) for s in range(4)]
-    res = onnxfp8.quantize(model, calib, config=QuantConfig(format="auto"))
+    res = onnxfp8.quantize(model, calib, config=QuantConfig(format="auto", formats=("e4m3", "e3m4", "e5m2", "int8")))
     t = res.plan.tensors
     assert t["xo"].format == "e4m3" and "outliers" in t["xo"].notes[-1] and "E4M3 beats" in t["xo"].notes[-1]
     assert t["xu"].format == "int8" and "INT8 wins this tensor" in t["xu"].notes[-1]
@@ -111,6 +111,23 @@ def test_auto_picks_per_tensor_and_says_why():
     assert auto >= max(singles.values()) - 0.5, (auto, singles)
     np.testing.assert_allclose(ReferenceEvaluator(res.model).run(None, val)[0],
                                make_session(res.model, level="basic").run(None, val)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_auto_default_candidates_are_runtime_formats():
+    """-f auto's default candidates are formats a runtime executes: E3M4 (emulated, no ONNX type) is opt-in, and
+    a result that uses E3M4 says it is emulation-only."""
+    assert QuantConfig().formats == ("e4m3", "e5m2", "int8")
+    model = three_input_model()
+    calib = [three_inputs(256, s) for s in range(2)]
+    res = onnxfp8.quantize(model, calib, config=QuantConfig(format="auto"))
+    assert {f for s in res.plan.tensors.values() for f in s.candidates} == {"e4m3", "e5m2", "int8"}
+    assert "emulation-only" not in res.report.summary()
+    res = onnxfp8.quantize(model, calib, config=QuantConfig(format="auto", formats=("e4m3", "e3m4", "int8")))
+    n = sum(s.format == "e3m4" for s in res.plan.tensors.values())
+    assert n >= 1  # xg, heavy-tailed, goes to E3M4 when allowed
+    assert f"emulation-only: {n} tensor(s) in E3M4" in res.report.summary()
+    res = onnxfp8.quantize(model, calib, config=QuantConfig(format="e3m4"))
+    assert f"emulation-only: {len(res.plan.tensors)} tensor(s) in E3M4" in res.report.summary()
 
 
 def test_auto_candidates_and_mse_ranges():
@@ -177,6 +194,6 @@ def test_auto_is_never_worse_than_the_best_single_format_on_the_transformer(exam
         q = onnxfp8.quantize(model, str(ex["calib"]), config=QuantConfig(scheme=scheme, **cfg), check_model=False).model
         return sqnr_db(ref, make_session(q, level="basic").run(["logits"], val)[0])
 
-    singles = {f: sq(format=f) for f in ("e4m3", "e3m4", "e5m2", "int8")}
+    singles = {f: sq(format=f) for f in QuantConfig().formats}  # auto's default candidates
     auto = sq(format="auto")
     assert auto >= max(singles.values()) - 0.5, (auto, singles)

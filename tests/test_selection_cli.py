@@ -107,8 +107,11 @@ def test_target_tensorrt_flag(example_models, tmp_path):
 
 @pytest.mark.parametrize("args, msg", [
     (["-f", "e5m2"], "target tensorrt: weights format e5m2 is not a TensorRT quantized type (FLOAT8E4M3FN or INT8)"),
-    (["-f", "auto"], "target tensorrt: weights format e3m4 is not a TensorRT quantized type (FLOAT8E4M3FN or INT8); "
+    (["-f", "auto"], "target tensorrt: weights format e5m2 is not a TensorRT quantized type (FLOAT8E4M3FN or INT8); "
                      "with format auto give --formats e4m3,int8"),
+    (["--scheme", "extended"], "target tensorrt: scheme extended quantizes LayerNorm, Softmax, attention MatMuls... "
+                               "whose Q/DQ TensorRT does not fuse; use scheme standard (the target picks the inputs "
+                               "of Conv/Gemm/MatMul and residual Adds)"),
     (["--activations-format", "e3m4"], "target tensorrt: activations format e3m4 is not a TensorRT quantized type "
                                        "(FLOAT8E4M3FN or INT8)"),
     (["--style", "emulate"], "target tensorrt: style emulate is not Q/DQ; TensorRT needs style qdq"),

@@ -211,7 +211,10 @@ class CalibrationStats:
 
     # -- files
     def to_dict(self) -> Dict[str, Any]:
-        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model_sha256": self.model_sha256,
+        from onnxfp8.versions import software
+
+        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "software": software(),
+                "model_sha256": self.model_sha256,
                 "data_sha256": self.data_sha256, "samples": self.samples, "source": self.source,
                 "num_bins": self.num_bins,
                 "tensors": {t: {"min": lo, "max": hi, **({"histogram": self.histograms[t]}

@@ -174,6 +174,64 @@ def take_outputs(outputs: Mapping[str, np.ndarray], n: int, take: int,
 Sample = Dict[str, np.ndarray]
 
 
+class _Replay:
+    """A one-shot iterator (a generator) made re-iterable: items are cached as the first pass draws them and
+    replayed by later passes (calibration reads the data more than once). A pass that starts before an earlier
+    one finished draws the rest from the iterator too."""
+
+    def __init__(self, it: Iterator):
+        self._it = it
+        self._cache: List[Any] = []
+        self._done = False
+
+    def __iter__(self):
+        i = 0
+        while True:
+            if i < len(self._cache):
+                yield self._cache[i]
+            elif self._done:
+                return
+            else:
+                try:
+                    item = next(self._it)
+                except StopIteration:
+                    self._done = True
+                    return
+                self._cache.append(item)
+                yield item
+            i += 1
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader convention: ``get_next()`` returns a dict until ``None``; a pass
+    starts with ``rewind()`` when the reader has one, else the first pass is cached and replayed."""
+
+    def __init__(self, reader: Any):
+        self.reader = reader
+        rewind = getattr(reader, "rewind", None)
+        self._rewind = rewind if callable(rewind) else None
+        self._replay = None if self._rewind else _Replay(iter(reader.get_next, None))
+
+    def __iter__(self):
+        if self._replay is not None:
+            return iter(self._replay)
+        self._rewind()
+        return iter(self.reader.get_next, None)
+
+
+def reiterable(source: Any) -> Any:
+    """Data sources the Python API takes besides folders, files and lists, made re-iterable: onnxruntime
+    ``CalibrationDataReader``-style objects (``get_next`` / ``rewind``) and one-shot iterators (generators),
+    which are streamed once and cached for the passes after the first."""
+    if isinstance(source, (str, os.PathLike, Mapping)):
+        return source
+    if callable(getattr(source, "get_next", None)):
+        return _Reader(source)
+    if isinstance(source, Iterator):
+        return _Replay(source)
+    return source
+
+
 class CalibrationData:
     """Re-iterable stream of validated batches ``{input_name: array}`` for one model.
 
@@ -194,8 +252,8 @@ class CalibrationData:
         if self.specs and all(ax is None for ax in self.axes.values()):
             self.batch_size = 1  # no shared batch axis: every file is fed whole, as one sample
         self._files = self._list_files(source) if isinstance(source, (str, os.PathLike)) else None
-        if self._files is None and isinstance(source, Iterator):
-            raise DataError(f"{what}: pass a list or a folder, not a one-shot iterator (the data is read more than once)")
+        if self._files is None:
+            self.source = source = reiterable(source)
 
     # -- sources ------------------------------------------------------------------------------------
     def _list_files(self, source: Union[str, os.PathLike]) -> List[str]:

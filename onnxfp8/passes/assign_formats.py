@@ -148,7 +148,9 @@ class AssignFormats(Pass):
                 spec.method = stats["method"]
             tensor = tensors.get(name)
             producer = tensor.inputs[0] if tensor is not None and len(tensor.inputs) == 1 else None
-            if producer is not None and producer.op == "Relu" and name not in graph_outputs:
+            # (not for TensorRT, whose documented form is layer -> Relu -> Q -> DQ: lint's [dq-relu])
+            if producer is not None and producer.op == "Relu" and name not in graph_outputs \
+                    and cfg.target != "tensorrt":
                 spec.placement = f"before:{producer.name}"
                 spec.notes.append("quantized on the Relu input (relu(q(x)) == q(relu(x)))")
             if spec.scale is not None and (amax == 0.0 or not np.isfinite(amax)):

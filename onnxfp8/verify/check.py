@@ -280,7 +280,10 @@ class CheckReport:
         return 0 if self.passed else 1
 
     def to_dict(self) -> Dict[str, Any]:
+        from onnxfp8.versions import software
+
         d: Dict[str, Any] = {
+            "software": software(),
             "passed": self.passed, "failures": self.failures, "fp32": self.fp32, "quant": self.quant,
             "samples": self.samples, "batches": self.batches, "labels": self.labelled,
             "thresholds": self.thresholds.to_dict(), "runtime": self.runtime,

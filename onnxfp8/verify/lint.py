@@ -88,7 +88,9 @@ class LintReport:
         return 1 if self.errors or (strict and self.warnings) else 0
 
     def to_dict(self) -> Dict:
-        return {"source": self.source, "target": self.target, "qdq_nodes": self.qdq_nodes,
+        from onnxfp8.versions import software
+
+        return {"software": software(), "source": self.source, "target": self.target, "qdq_nodes": self.qdq_nodes,
                 "errors": len(self.errors), "warnings": len(self.warnings),
                 "findings": [asdict(f) for f in self.findings]}
 

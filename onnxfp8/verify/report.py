@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from onnxfp8.pipeline import PassRecord
+from onnxfp8.versions import software
 from onnxfp8.plan import QuantPlan, json_plain
 from onnxfp8.state import BatchNormReport, CalibrationInfo, PatternMatch
 
@@ -36,10 +37,12 @@ class QuantReport:
     patterns: List[PatternMatch] = field(default_factory=list)  # what each node-name pattern matched
     warnings: List[str] = field(default_factory=list)  # one line each, printed as "warning: ..." (control flow)
     control_flow: List[Dict[str, str]] = field(default_factory=list)  # nodes in If/Loop/Scan bodies left FP32
+    # would `onnxfp8 check`'s default thresholds hold on the summary samples: passed, failures, what to try
+    check_defaults: Dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
         return {
-            "source": self.source, "output": self.output, "config": self.config,
+            "software": software(), "source": self.source, "output": self.output, "config": self.config,
             "passes": [p.to_dict() for p in self.passes],
             "quantized_by_op": self.plan.counts_by_op(),
             "skipped": [{"node": d.node, "op_type": d.op_type, "reason": d.reason} for d in self.plan.skipped_nodes()],
@@ -51,6 +54,7 @@ class QuantReport:
             "batchnorm": json_plain(self.batchnorm.to_dict()) if self.batchnorm else {},
             "patterns": [m.to_dict() for m in self.patterns],
             "warnings": self.warnings, "control_flow": self.control_flow,
+            "check_defaults": json_plain(self.check_defaults),
         }
 
     def to_json(self, indent: int = 1) -> str:
@@ -66,6 +70,11 @@ class QuantReport:
         af = self.config.get("activations_format") or fmt
         lines.append(f"quantized {total} node(s): " + (", ".join(f"{k} {v}" for k, v in by_op.items()) or "none")
                      + f"  [weights {wf}, activations {af}, {self.config.get('style')} style]")
+        e3m4 = sum(1 for t in self.plan.tensors.values() if t.format == "e3m4")
+        if e3m4:
+            lines.append(f"emulation-only: {e3m4} tensor(s) in E3M4, which has no ONNX type: they are emulated in "
+                         f"float ops (weights as 8-bit codes and a lookup table), which no runtime runs as 8-bit "
+                         f"kernels; deploy E4M3 or INT8 (format auto leaves E3M4 out unless --formats names it)")
         skipped = self.plan.skipped_nodes()
         reasons: Dict[str, List[str]] = {}
         for d in skipped:
@@ -89,7 +98,9 @@ class QuantReport:
             for name, m in self.outputs.items():
                 s = m["sqnr_db"]
                 s = f"{s:.2f} dB" if isinstance(s, float) and math.isfinite(s) else str(s)
-                lines.append(f"  {name}: SQNR {s}, cosine {m['cosine']:.6f}, max |err| {m['max_abs']:.4g}")
+                top1 = f", top-1 agreement {100 * m['top1_agreement']:.1f}%" if "top1_agreement" in m else ""
+                lines.append(f"  {name}: SQNR {s}, cosine {m['cosine']:.6f}, max |err| {m['max_abs']:.4g}{top1}")
+            lines.extend(check_defaults_lines(self.check_defaults, self.source, self.output))
         if self.batchnorm:
             lines.extend(batchnorm_lines(self.batchnorm))
         if self.how_to_run:
@@ -97,6 +108,28 @@ class QuantReport:
         lines.extend(auto_summary(self.plan) + dynamic_summary(self.plan))  # auto: what won where; dynamic
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
+
+
+def check_defaults_lines(cd: Dict[str, Any], source: str = "MODEL", output: Optional[str] = None) -> List[str]:
+    """Whether `onnxfp8 check`'s defaults hold on the summary samples, and what to try when they do not."""
+    if not cd:
+        return []
+    t = cd.get("thresholds", {})
+    crit = ", ".join(x for x in (
+        f"SQNR >= {t['min_sqnr']:g} dB" if t.get("min_sqnr") is not None else "",
+        f"cosine >= {t['min_cosine']:g}" if t.get("min_cosine") is not None else "",
+        f"rel L2 <= {t['max_rel_error']:g}" if t.get("max_rel_error") is not None else "",
+        f"top-1 agreement >= {100 * t['min_top1_agreement']:g}%" if t.get("min_top1_agreement") is not None else "",
+    ) if x)
+    n = cd.get("samples", 0)
+    if cd.get("passed"):
+        return [f"check defaults ({crit}): hold on these {n} calibration sample(s); gate on held-out data with "
+                f"--check --val DIR (or onnxfp8 check)"]
+    lines = [f"check defaults ({crit}): NOT met on these {n} calibration sample(s): " + "; ".join(cd.get("failures", []))]
+    if cd.get("try"):
+        tips = [t.replace("MODEL QUANT", f"{source} {output or 'QUANT'}") for t in cd["try"]]
+        lines.append("  to try: " + "; ".join(tips))
+    return lines
 
 
 def _mb(n: int) -> str:

@@ -91,8 +91,73 @@ def test_iterable_and_dict_sources():
     assert [b["x"].shape[0] for b in got] == [4, 1]
     got = _batches(ONE, {"x": _x(3)}, batch_size=4)
     assert got[0]["x"].shape == (3, 4)
-    with pytest.raises(DataError, match="one-shot iterator"):
-        as_data(iter(items), ONE)
+
+
+
+def test_generator_is_streamed_once_and_replayed():
+    items = [{"x": _x(2)}, {"x": _x(3)}]
+    pulled = []
+
+    def gen():
+        for it in items:
+            pulled.append(1)
+            yield it
+
+    data = as_data(gen(), ONE, batch_size=4)
+    first, second = list(data.batches()), list(data.batches())
+    assert len(pulled) == 2  # the generator ran once
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a["x"], b["x"])
+    np.testing.assert_array_equal(first[0]["x"], np.concatenate([items[0]["x"], items[1]["x"][:2]]))
+    # a pass that stops early (a sample limit) and a later full pass see the same data
+    data = as_data((it for it in items), ONE, batch_size=2, limit=2)
+    assert data.count() == 2 and as_data(data.source, ONE, batch_size=2).count() == 5
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader shape (get_next until None), with or without rewind()."""
+
+    def __init__(self, items, rewind=True):
+        self.items, self.i, self.calls = items, 0, 0
+        if rewind:
+            self.rewind = self._rewind
+
+    def get_next(self):
+        self.calls += 1
+        if self.i >= len(self.items):
+            return None
+        self.i += 1
+        return self.items[self.i - 1]
+
+    def _rewind(self):
+        self.i = 0
+
+
+@pytest.mark.parametrize("rewind", [True, False])
+def test_calibration_data_reader(rewind):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    items = [{"x": _x(2)}, {"x": _x(3)}, {"x": _x(1)}]
+    reader = _Reader(items, rewind)
+    assert isinstance(reader, CalibrationDataReader)  # the duck type onnxruntime checks
+    data = as_data(reader, ONE, batch_size=6)
+    (a,), (b,) = list(data.batches()), list(data.batches())
+    np.testing.assert_array_equal(a["x"], np.concatenate([it["x"] for it in items]))
+    np.testing.assert_array_equal(a["x"], b["x"])
+    assert reader.calls == (8 if rewind else 4)  # rewound and read again, or read once and replayed
+
+
+def test_quantize_takes_a_reader_and_a_generator(example_models, load_feeds):
+    import onnxfp8
+
+    ex = example_models["mlp"]
+    feeds = load_feeds(ex["calib"])
+    batches = [{k: v[i:i + 8] for k, v in feeds.items()} for i in range(0, 32, 8)]
+    ref = onnxfp8.quantize(str(ex["model"]), batches)
+    for src in (_Reader(batches), _Reader(batches, rewind=False), (b for b in batches)):
+        got = onnxfp8.quantize(str(ex["model"]), src)
+        assert got.model.SerializeToString() == ref.model.SerializeToString()
+        assert got.report.outputs == ref.report.outputs
 
 
 def test_labels_collected(tmp_path):

@@ -98,10 +98,12 @@ def test_quantize_drives_the_bar(example_models):
     onnxfp8.quantize(str(ex["model"]), str(ex["calib"]), config=onnxfp8.QuantConfig(batch_size=8,
                                                                                       calibration="mse"),
                      progress=bar)
-    # one max pass and one histogram pass over 32 samples in batches of 8
-    assert bar.calls == [(8, 1), (16, 1), (24, 1), (32, 1), (8, 2), (16, 2), (24, 2), (32, 2)]
-    last = out.getvalue().rstrip("\n").split("\r")[-1]
-    assert last.startswith("calibrating  [########################]  32/32 samples  pass 2/2  32.0 samples/s  ETA 0:00")
+    # one max pass and one histogram pass over 32 samples in batches of 8, then the summary phase (the quantized
+    # model on the first 8 calibration samples) on its own bar
+    assert bar.calls == [(8, 1), (16, 1), (24, 1), (32, 1), (8, 2), (16, 2), (24, 2), (32, 2), (8, 1)]
+    lines = [seg.split("\r")[-1] for seg in out.getvalue().rstrip("\n").split("\n")]
+    assert lines[0].startswith("calibrating  [########################]  32/32 samples  pass 2/2  32.0 samples/s  ETA 0:00")
+    assert lines[-1].startswith("measuring the quantized model  [########################]  8/8 samples")
     assert out.getvalue().endswith("\n")
 
 
