@@ -103,7 +103,9 @@ def test_tune_falls_back_until_the_target_holds(example_models, tmp_path):
     # every layer says why: fallen-back ones left FP32 by tuning, quantized ones their format from tuning
     for node in rep.fallback:
         d = res.plan.nodes[node]
-        assert not d.quantized and d.reason.startswith("tuning: left in FP32")
+        prec = rep.fallback_precision[node]
+        assert not d.quantized and d.fallback == prec and d.reason.startswith(f"tuning: left in {prec.upper()}")
+        assert ("FP16-safe on the calibration data" in d.reason) == (prec == "fp16")
     for d in res.plan.quantized_nodes():
         assert "tuning: " in d.reason
     # the fallback chosen is the smallest count that met the target among those tried
@@ -169,6 +171,7 @@ def test_cli_target_not_met_exits_1_and_writes_best(example_models, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--target-cosine", "0.99"], "needs --val"),
     (["--max-fallback", "2"], "only used when tuning"),
+    (["--fallback-precision", "fp32"], "--fallback-precision is only used when tuning"),
     (["--target-cosine", "0.99", "--target-sqnr", "20"], "one tuning target"),
 ])
 def test_cli_tuning_option_errors(example_models, args, message):
