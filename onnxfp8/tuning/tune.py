@@ -41,6 +41,8 @@ from onnxfp8.verify.sensitivity import SensitivityReport, analyse, layer_tensors
 
 DEFAULT_MAX_FALLBACK = "10%"
 FALLBACK_PRECISIONS = ("auto", "fp32")
+SCREEN_SAMPLES = 16  # candidates are scored on this many validation samples first ...
+SCREEN_MARGIN_DB = 1.0  # ... and on the whole set only when within this of an SQNR target
 # function-preserving rewrites the "transforms" work adds as config keys; tried as a search step when present
 TRANSFORM_KEYS = ("smoothquant", "equalize")
 
@@ -74,10 +76,13 @@ class Step:
     evaluation: Dict[str, Any]
     seconds: float
     kept: bool = False  # the best plan so far after this step
+    samples: int = 0  # validation samples the metric is on (the screening subset, or all)
+    screened: Optional[float] = None  # the metric on the screening subset (when screening)
 
     def to_dict(self) -> Dict[str, Any]:
         return json_plain({"step": self.name, "tried": self.tried, "metric": self.metric, "met": self.met,
                            "fallback": self.fallback, "kept": self.kept, "seconds": round(self.seconds, 3),
+                           "samples": self.samples, "screened": self.screened,
                            **self.evaluation})
 
 
@@ -133,7 +138,8 @@ class TuneReport:
         for i, s in enumerate(self.steps):
             mark = "*" if i == self.best_step else " "
             lines.append(f" {mark} {i + 1:2d}. {s.name:11s} {s.tried}: {self.target.fmt(s.metric)}"
-                         + (" (met)" if s.met else ""))
+                         + (" (met)" if s.met else "")
+                         + (f" (screened on {s.samples} samples)" if s.samples and s.samples < self.val_samples else ""))
         lines.append(self.message)
         return "\n".join(lines)
 
@@ -161,6 +167,36 @@ class _Candidate:
     precision: Dict[str, str] = field(default_factory=dict)  # fallen-back node -> fp16 / fp32
     why: str = ""  # the step that made this plan
     per_layer: Dict[str, str] = field(default_factory=dict)  # node -> format, when formats come per layer
+    screened: Optional[Evaluation] = None  # on the screening subset (every candidate, when screening)
+    full: bool = True  # ``evaluation`` is on the whole validation set
+    step: int = 0
+
+
+@dataclass
+class _Lazy:
+    """A candidate's result without its model (memory: one model kept, the best); ``plan`` rebuilds it."""
+
+    plan: Any
+    model: Any = None
+
+
+def _screen(ev: Evaluator, target: Target, samples: Optional[int]) -> Optional[Evaluator]:
+    """The screening evaluator: the first ``samples`` validation samples, when the set is at least twice that
+    and the metric is not an accuracy (one sample moves it in steps too coarse to screen on)."""
+    if not samples or target.metric == "accuracy_loss" or ev.samples < 2 * samples:
+        return None
+    sub = ev.subset(samples)
+    return sub if sub.samples < ev.samples else None
+
+
+def _promising(target: Target, v: Optional[float]) -> bool:
+    """Whether a screening figure leaves the target within reach on the whole set (cosine: within half the
+    gap to 1; SQNR: within 1 dB)."""
+    if v is None or math.isnan(v):
+        return False
+    if target.metric == "cosine":
+        return v >= target.value - max(0.5 * (1.0 - target.value), 1e-4)
+    return v >= target.value - SCREEN_MARGIN_DB
 
 
 def tune(model, calib: Any, val: Any, target: Target, config: Optional[QuantConfig] = None, *,
@@ -168,11 +204,13 @@ def tune(model, calib: Any, val: Any, target: Target, config: Optional[QuantConf
          formats: Optional[Sequence[str]] = None, methods: Optional[Sequence[str]] = None,
          samples: Optional[int] = None, sensitivity_samples: Optional[int] = 16, max_memory_mb: float = 64,
          progress=None, workspace: Optional[Workspace] = None, evaluator: Optional[Evaluator] = None,
-         outputs=None, fallback_precision: str = "auto") -> TuneResult:
+         outputs=None, fallback_precision: str = "auto", screen_samples: Optional[int] = SCREEN_SAMPLES
+         ) -> TuneResult:
     """Search plans for ``model`` until ``target`` holds on ``val``; see the module docstring. ``formats``:
     candidate formats (default config.formats); ``methods``: calibration methods tried (default every other
     one); ``samples``: at most this many validation samples; ``fallback_precision``: "auto" (FP16 where the layer
-    is FP16-safe, else FP32) or "fp32". Writes the chosen model to ``output`` when given
+    is FP16-safe, else FP32) or "fp32"; ``screen_samples``: candidates are scored on this many validation samples
+    first and on the whole set only when the target is within reach (None / 0: every candidate on the whole set). Writes the chosen model to ``output`` when given
     (``outputs``: an outputs.Outputs the caller commits, as quantize() takes; else written before returning)."""
     from onnxfp8.outputs import Outputs
 
@@ -199,7 +237,7 @@ def tune(model, calib: Any, val: Any, target: Target, config: Optional[QuantConf
     try:
         result = _tune(model, calib, val, target, config, labels, max_fallback, formats, methods, samples,
                        sensitivity_samples, max_memory_mb, progress, workspace, evaluator, timings,
-                       fallback_precision)
+                       fallback_precision, screen_samples)
         if output:
             outs.write_model(output, result.model)
             result.output = output
@@ -214,7 +252,8 @@ def tune(model, calib: Any, val: Any, target: Target, config: Optional[QuantConf
 
 
 def _tune(model, calib, val, target, config, labels, max_fallback, formats, methods, samples, sensitivity_samples,
-          max_memory_mb, progress, workspace, evaluator, timings, fallback_precision="auto") -> TuneResult:
+          max_memory_mb, progress, workspace, evaluator, timings, fallback_precision="auto",
+          screen_samples=SCREEN_SAMPLES) -> TuneResult:
     own_ws = workspace is None
     t = time.perf_counter()
     ws = workspace or Workspace(model, calib, config, progress=progress)
@@ -228,7 +267,7 @@ def _tune(model, calib, val, target, config, labels, max_fallback, formats, meth
             raise ConfigError(f"{target.flag} needs labels: pass --labels FILE (or a 'label' key in the validation "
                               f"files)")
         result = _search(ws, ev, target, config, max_fallback, formats, methods, max_memory_mb, progress, timings,
-                         sensitivity_samples, fallback_precision)
+                         sensitivity_samples, fallback_precision, screen_samples)
     finally:
         if own_ws:
             ws.close()
@@ -237,28 +276,55 @@ def _tune(model, calib, val, target, config, labels, max_fallback, formats, meth
 
 def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, max_fallback, formats, methods,
             max_memory_mb: float, bar, timings: Dict[str, float], sensitivity_samples: Optional[int] = 16,
-            fallback_precision: str = "auto") -> TuneResult:
+            fallback_precision: str = "auto", screen_samples: Optional[int] = SCREEN_SAMPLES) -> TuneResult:
     steps: List[Step] = []
     best: Optional[_Candidate] = None
     best_index = 0
+
+    screen = _screen(ev, target, screen_samples)
+    counts = {"screen": 0, "full": 0}
+
+    def met(c: Optional[_Candidate]) -> bool:
+        return c is not None and c.full and target.met(c.evaluation.value(target.metric))
+
+    def better(c: _Candidate, b: Optional[_Candidate]) -> bool:
+        if b is None or (met(c) and not met(b)):
+            return True
+        if met(b) and not met(c):
+            return False
+        if met(c) and met(b) or screen is None:
+            return c.evaluation.key(target) > b.evaluation.key(target)
+        return c.screened.key(target) > b.screened.key(target)  # the same samples for every candidate
 
     def attempt(name: str, tried: str, cfg: QuantConfig, result=None, fallback=(), per_layer=None,
                 precision=None) -> _Candidate:
         nonlocal best, best_index
         t = time.perf_counter()
         result = result if result is not None else ws.realize(cfg)
-        e = ev.evaluate(result.model, bar, f"tuning: {name}")
-        cand = _Candidate(cfg, result, e, tuple(fallback), dict(precision or {}), tried, dict(per_layer or {}))
+        es = None
+        if screen is not None:  # a quarter of the cost: the whole validation set only for a plan that may meet
+            es = screen.evaluate(result.model, bar, f"tuning: {name} (screening)")
+            counts["screen"] += 1
+        full = es is None or _promising(target, es.value(target.metric))
+        e = ev.evaluate(result.model, bar, f"tuning: {name}") if full else es
+        counts["full"] += int(full)
+        cand = _Candidate(cfg, result, e, tuple(fallback), dict(precision or {}), tried, dict(per_layer or {}),
+                          screened=es, full=full)
         v = e.value(target.metric)
-        step = Step(name, tried, v, target.met(v), len(fallback), e.metrics(), time.perf_counter() - t)
+        step = Step(name, tried, v, full and target.met(v), len(fallback), e.metrics(), time.perf_counter() - t,
+                    samples=e.samples, screened=es.value(target.metric) if es is not None else None)
         steps.append(step)
-        if best is None or e.key(target) > best.evaluation.key(target) or (
-                target.met(v) and not target.met(best.evaluation.value(target.metric))):
+        cand.step = len(steps) - 1
+        if better(cand, best):
+            if best is not None:
+                best.result = _Lazy(best.result.plan)  # only the best plan keeps its model in memory
             best, best_index = cand, len(steps) - 1
+        else:
+            cand.result = _Lazy(cand.result.plan)
         return cand
 
     def done() -> bool:
-        return best is not None and target.met(best.evaluation.value(target.metric))
+        return met(best)
 
     t = time.perf_counter()
     base = attempt("baseline", _describe(config), config, result=ws.first)
@@ -280,7 +346,10 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
     if not done():
         t = time.perf_counter()
         sub = ev.subset(sensitivity_samples) if sensitivity_samples else ev
-        sens = analyse(ws, sub, cands, config, top=0, max_memory_mb=max_memory_mb, bar=bar)
+        made = {}  # the baseline's realisation serves its format (no second graph build)
+        if config.format != "auto" and not config.weights_format and not config.activations_format:
+            made[config.format] = ws.first
+        sens = analyse(ws, sub, cands, config, top=0, max_memory_mb=max_memory_mb, bar=bar, results=made)
         timings["sensitivity"] = time.perf_counter() - t
     if not done() and len(cands) > 1:
         t = time.perf_counter()
@@ -337,24 +406,39 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
         ks.append(min(budget, len(order)))
         lo = 0
         for k in ks:
-            if target.met(fall(k).evaluation.value(target.metric)):
+            if met(fall(k)):
                 hi = k
                 while hi - lo > 1:  # the smallest count that meets the target
                     mid = (lo + hi) // 2
-                    if target.met(fall(mid).evaluation.value(target.metric)):
+                    if met(fall(mid)):
                         hi = mid
                     else:
                         lo = mid
-                best = tried[hi]
-                best_index = next(i for i, s in enumerate(steps) if s.fallback == hi and s.name == "fallback")
+                if tried[hi] is not best:
+                    if not isinstance(best.result, _Lazy):
+                        best.result = _Lazy(best.result.plan)
+                    best, best_index = tried[hi], tried[hi].step
                 break
             lo = k
         if not done() and best.fallback and any(p == "fp16" for p in best.precision.values()):
             # the FP16 islands' own rounding may be what is missing: the same layers once in FP32
             realise(best.fallback, {n: "fp32" for n in best.fallback}, extra=" (FP16 islands missed the target)")
         timings["fallback"] = time.perf_counter() - t
+    if isinstance(best.result, _Lazy):  # rebuilt from its plan (byte for byte the model it was scored as)
+        best.result = ws.apply(best.result.plan)
+    if not best.full:  # the reported figure is always on the whole validation set
+        t = time.perf_counter()
+        e = ev.evaluate(best.result.model, bar, "tuning: the best plan on the whole validation set")
+        counts["full"] += 1
+        best.evaluation, best.full = e, True
+        st = steps[best_index]
+        st.metric, st.met, st.evaluation, st.samples = (e.value(target.metric), target.met(e.value(target.metric)),
+                                                        e.metrics(), e.samples)
+        st.seconds += time.perf_counter() - t
     steps[best_index].kept = True
     met = target.met(best.evaluation.value(target.metric))
+    timings["evaluations_screening"] = float(counts["screen"])
+    timings["evaluations_full"] = float(counts["full"])
     _annotate(best, base, sens, target, quantized, verdicts)
     report = TuneReport(target, met, best.evaluation.value(target.metric), steps, best_index, len(quantized),
                         list(best.fallback), budget, best.config.to_dict(), sens, timings=timings,
@@ -457,7 +541,8 @@ def _annotate(best: _Candidate, base: _Candidate, sens: Optional[SensitivityRepo
     plan = best.result.plan
     by_node = {l.node: l for l in sens.layers} if sens else {}
     reached = target.fmt(best.evaluation.value(target.metric))
-    before = target.fmt(base.evaluation.value(target.metric))
+    before = target.fmt(base.evaluation.value(target.metric)) + ("" if base.full else
+                                                                  f" (on {base.evaluation.samples} samples)")
     for i, node in enumerate(best.fallback):
         d = plan.nodes.get(node)
         if d is None:

@@ -119,8 +119,19 @@ def test_tune_not_met_returns_the_best(example_models):
                methods=["mse"])
     rep = res.tuning
     assert not rep.met and "not met" in rep.message and "--target-sqnr" in rep.message
-    best = max(s.metric for s in rep.steps)
-    assert rep.reached == best and rep.steps[rep.best_step].kept
+    # screening: every candidate scored on 16 of the 32 samples (none within reach of 200 dB), the best of them
+    # then on all 32: that is the figure reached
+    kept = rep.steps[rep.best_step]
+    assert kept.kept and kept.samples == rep.val_samples == 32 and rep.reached == kept.metric
+    assert all(s.screened is not None for s in rep.steps)
+    assert kept.screened == max(s.screened for s in rep.steps)
+    assert [s.samples for i, s in enumerate(rep.steps) if i != rep.best_step] == [16] * (len(rep.steps) - 1)
+    assert rep.timings["evaluations_full"] == 1
+    # without screening every candidate is on the whole set and the best of them is reached
+    res = tune(ex["model"], ex["calib"], ex["val"], Target("sqnr", 200.0), QuantConfig(), max_fallback=0,
+               methods=["mse"], screen_samples=None)
+    rep = res.tuning
+    assert rep.reached == max(s.metric for s in rep.steps) and all(s.samples == 32 for s in rep.steps)
 
 
 def test_accuracy_target_needs_labels(example_models):
