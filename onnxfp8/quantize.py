@@ -10,7 +10,7 @@ from typing import Any, List, Optional, Union
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxfp8.calibrators.data import as_data, batch_size, input_specs, output_batch_axes
+from onnxfp8.calibrators.data import Samples, as_data, batch_size, input_specs, output_batch_axes
 from onnxfp8.config import QuantConfig
 from onnxfp8.errors import ModelError
 from onnxfp8 import modelio
@@ -277,7 +277,7 @@ def _measure(model: onnx.ModelProto, ctx: PassContext, report: QuantReport, conf
     from onnxfp8.verify.measure import measure_outputs
 
     with stage(ctx.progress, "measuring the quantized model", want) as bar:
-        m = measure_outputs(model, inputs, refs, samples=want, axes=getattr(ctx.calib, "axes", {}),
+        m = measure_outputs(model, Samples(inputs, what="captured calibration samples"), refs, samples=want, axes=getattr(ctx.calib, "axes", {}),
                             out_axes=output_batch_axes(model, ctx.calib), providers=config.providers,
                             threads=config.threads, progress=bar)
     stats, classifiers, count = m.outputs, m.classifiers, m.samples

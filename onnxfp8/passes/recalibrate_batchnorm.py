@@ -66,7 +66,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxfp8.calibrators.calibration import Calibration
-from onnxfp8.calibrators.data import first_labels, holds_at_least, recalibration_stream
+from onnxfp8.calibrators.data import Samples, first_labels, holds_at_least, recalibration_stream
 from onnxfp8.calibrators.moments import FreedBatchFailed, free_batch, training_mode_model
 from onnxfp8.errors import DataError
 from onnxfp8.modelio import to_model
@@ -101,7 +101,8 @@ def evaluate(graph: gs.Graph, ctx: PassContext, inputs, refs, labels) -> Dict[st
     the measurement quantize's summary makes too)."""
     from onnxfp8.verify.measure import measure_outputs
 
-    m = measure_outputs(to_model(graph.copy()), inputs, refs, labels=labels, axes=getattr(ctx.calib, "axes", {}),
+    m = measure_outputs(to_model(graph.copy()), Samples(inputs, labels, what="evaluation samples"), refs,
+                        axes=getattr(ctx.calib, "axes", {}),
                         providers=ctx.config.providers, threads=ctx.config.threads)
     return {"sqnr": m.sqnr(), "top1_agreement": m.top1_agreement(), "accuracy": m.accuracy()}
 

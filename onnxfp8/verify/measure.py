@@ -16,7 +16,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
-from onnxfp8.calibrators.data import batch_size, take_outputs, take_samples
+from onnxfp8.calibrators.data import Samples, batch_size, take_outputs, take_samples
 from onnxfp8.modelio import make_session
 from onnxfp8.verify.compare import ClassifierStats, ErrorStats, is_classifier
 
@@ -45,30 +45,34 @@ class OutputMeasurement:
                 for n, s in self.outputs.items()}
 
 
-def measure_outputs(model: Any, inputs: Sequence[Mapping[str, np.ndarray]], refs: Sequence[Mapping[str, np.ndarray]],
+def measure_outputs(model: Any, inputs: Any, refs: Sequence[Mapping[str, np.ndarray]],
                     *, labels: Optional[np.ndarray] = None, samples: Optional[int] = None,
                     axes: Optional[Mapping[str, Optional[int]]] = None,
                     out_axes: Optional[Mapping[str, Optional[int]]] = None,
                     providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
                     progress: Any = None) -> OutputMeasurement:
-    """Run ``model`` (an ONNX model or path) on the batches ``inputs`` and compare its outputs with ``refs`` (the
-    FP32 outputs of the same batches). ``labels``: one per sample of ``inputs``, in order. ``samples``: at most
+    """Run ``model`` (an ONNX model or path) on ``inputs`` (a calibrators.data.DataSource, e.g. data.Samples of
+    the captured batches, or a list of batches) and compare its outputs with ``refs`` (the FP32 outputs of the
+    same batches, in order). Labels: the source's (``batches(with_labels=True)``), or ``labels``, one per
+    sample in order. ``samples``: at most
     that many (default all). ``axes`` / ``out_axes``: each input's / output's batch axis (data.Batch.axes,
     data.output_batch_axes; None: the last batch is not cut). ``progress(samples_done)`` after every batch."""
+    if not hasattr(inputs, "batches"):
+        inputs = Samples(list(inputs), labels)
+    elif labels is not None:
+        inputs = Samples(list(inputs.batches()), labels)
     sess = make_session(model, level="basic", providers=providers, threads=threads)
     names = [o.name for o in sess.get_outputs()]
     out = OutputMeasurement({n: ErrorStats() for n in names})
     axes = dict(axes or {})
-    want = samples if samples is not None else sum(batch_size(f) for f in inputs)
+    want = samples if samples is not None else float("inf")
     # each input's batch axis: a fixed batch cannot run a short batch
     static = {i.name: i.shape[axes.get(i.name, 0)] for i in sess.get_inputs()
               if axes.get(i.name, 0) is not None and len(i.shape) > axes.get(i.name, 0)
               and isinstance(i.shape[axes.get(i.name, 0)], int)}
-    count = start = 0
-    for feed, ref in zip(inputs, refs):
+    count = 0
+    for (feed, lab), ref in zip(inputs.batches(with_labels=True), refs):
         n = batch_size(feed)
-        lab = labels[start:start + n] if labels is not None else None
-        start += n
         if count + n > want and not static and out_axes is not None:  # cut the last batch
             take = want - count
             feed = take_samples(feed, take)

@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 
 import onnxfp8
-from onnxfp8.calibrators.data import as_data, output_batch_axes
+from onnxfp8.calibrators.data import Samples, as_data, output_batch_axes
 from onnxfp8.modelio import make_session
 from onnxfp8.verify.compare import sqnr_db
 from onnxfp8.verify.measure import measure_outputs
@@ -32,3 +32,6 @@ def test_measure_outputs_matches_numpy_and_the_summary(example_models):
     lab = measure_outputs(res.model, inputs, refs, labels=labels)
     assert lab.samples == 32 and lab.accuracy()[name] == lab.top1_agreement()[name]
     assert lab.classifiers[name].accuracy_fp32 == 1.0
+    # a DataSource with labels is the same input as the batches and the labels apart
+    src = Samples(inputs, labels)
+    assert measure_outputs(res.model, src, refs).to_dict() == lab.to_dict()
