@@ -16,7 +16,7 @@ from typing import List
 import onnx_graphsurgeon as gs
 
 from onnxfp8.calibrators.cache import StatsStore
-from onnxfp8.calibrators.calibration import Calibration, tensor_method  # noqa: F401  (tensor_method: API)
+from onnxfp8.calibrators.calibration import Calibration
 from onnxfp8.pipeline import Pass, PassContext, PassResult
 
 
