@@ -153,6 +153,7 @@ def config_options(fn):
         click.option("--equalize/--no-equalize", default=None, help="Cross-layer equalization (Nagel et al. 2019) of Conv/Gemm/MatMul pairs through Relu-like ops before quantizing (same FP32 function), with bias absorption and, unless --no-bias-correction, bias correction from the calibration data (docs/transforms.md)."),
         click.option("--bias-correction/--no-bias-correction", default=None, help="Correct the biases of quantized layers for the expected shift their weights' quantization causes (measured on the calibration data; default: on with --equalize)."),
         click.option("--smoothquant", is_flag=False, flag_value="auto", default=None, metavar="[ALPHA]", help="SmoothQuant (Xiao et al. 2022): move per-channel activation outliers of MatMul/Gemm inputs into the weights, folded into the op before where possible. ALPHA in [0, 1], or alone: alpha per layer from the calibration data (a grid search on the layer's own error); 'off' turns a recipe's off."),
+        click.option("--transform-guard/--no-transform-guard", default=None, help="With --equalize / --smoothquant / --bias-correction: quantize without them first, then add them one at a time and keep each only when it raises the worst output's SQNR vs FP32 on the captured calibration samples (default on; costs one quantization per transform; the decisions are in the plan and the summary)."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -196,6 +197,9 @@ def _check_option_use(kw: Dict[str, Any], config) -> None:
             o.get("calibration") == "percentile" for o in config.overrides.values()):
         raise ConfigError(f"--percentile is only used with --calibration percentile (the calibration is "
                           f"{config.calibration})")
+    if kw.get("transform_guard") is not None and not (config.equalize or config.smoothquant is not None
+                                                      or config.bias_correction):
+        raise ConfigError("--transform-guard is only used with --equalize, --smoothquant or --bias-correction")
     if not config.bn_recalibrate:
         for key in ("bn_calib", "bn_samples", "bn_mode", "bn_guard", "bn_ranges"):
             if kw.get(key) is not None:

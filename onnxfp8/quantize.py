@@ -2,10 +2,11 @@
 check, measure, and (optionally) save atomically."""
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -187,14 +188,128 @@ def quantize(model: Union[ModelLike, Prepared], calib: Any = None, config: Optio
     start = time.perf_counter()
 
     def work(prep: Prepared, graph: gs.Graph, outs: Outputs) -> QuantResult:
+        data = None
+        if calib is not None:
+            data = as_data(calib, prep.proto, batch_size=config.batch_size, limit=config.calib_samples)
+        if pipeline is None and guarded(config, data):
+            return _guarded_quantize(prep, data, config, output, outs, progress, check_model, start)
         ctx = PassContext(config=config, source=prep.source, progress=progress, outputs=outs)
         ctx.plan.config = config.to_dict()
-        if calib is not None:
-            ctx.calib = as_data(calib, prep.proto, batch_size=config.batch_size, limit=config.calib_samples)
+        ctx.calib = data
         pipe = pipeline or pipeline_for(config)
         return _finish(pipe, graph, ctx, prep, config, output, check_model, start, require_some=True)
 
     return _run(model, calib, config, output, outputs, work)
+# -- the transform guard ------------------------------------------------------------------------------------
+GUARD_MIN_GAIN_DB = 0.05  # a transform is kept when it lifts the worst output's SQNR by at least this much
+
+
+def guarded(config: QuantConfig, data: Any) -> bool:
+    """True when quantize() guards the transforms ``config`` asks for by measurement (config.transform_guard,
+    calibration data, captured samples to measure on)."""
+    from onnxfp8.passes import requested_transforms
+
+    return bool(config.transform_guard and requested_transforms(config) and data is not None
+                and config.capture_samples > 0)
+
+
+def _worst_sqnr(model: onnx.ModelProto, reference, config: QuantConfig, data: Any) -> Tuple[float, int]:
+    """The worst float output's SQNR (dB) of ``model`` vs ``reference`` (the untransformed model's captured
+    FP32 outputs), on every captured sample, and the sample count."""
+    want = sum(batch_size(f) for f in reference.inputs)
+    stats, _, count = output_errors(model, reference, config, want, data)
+    values = [s.sqnr_db for s in stats.values() if s.count]
+    return (min(values) if values else math.inf), count
+
+
+def _guarded_quantize(prep: Prepared, data: Any, config: QuantConfig, output: Optional[str], outs: Outputs,
+                      progress, check_model: bool, start: float) -> QuantResult:
+    """quantize() with a measured guard on the transforms (config.transform_guard). The model is quantized
+    without any transform first; its captured FP32 outputs (the original function) are the reference. Then the
+    requested transforms are added one at a time in pipeline order (equalize, smoothquant, bias_correction),
+    each on top of those kept so far, and a transform is kept only when the worst output's SQNR vs the
+    reference on the captured calibration samples rises by at least GUARD_MIN_GAIN_DB; otherwise it is
+    reverted (the run without it stands). Cost: one quantization per requested transform more. Every decision
+    is a ``transform_guard`` record in ``plan.transforms`` (the SQNR with and without, the samples, the layers
+    the transform changed, kept or reverted and why); the result is the run of the kept set, so its plan
+    rebuilds it with ``apply_plan``."""
+    from onnxfp8.passes import config_with_transforms, requested_transforms
+
+    wanted = requested_transforms(config)
+
+    def trial(names, reference=None) -> Tuple[QuantResult, PassContext]:
+        cfg = config_with_transforms(config, names)
+        ctx = PassContext(config=cfg, source=prep.source, progress=progress, outputs=outs)
+        ctx.plan.config = cfg.to_dict()
+        ctx.calib = data
+        res = _finish(pipeline_for(cfg), prep.working_graph(), ctx, prep, cfg, None, check_model, start,
+                      require_some=True, reference=reference)
+        return res, ctx
+
+    best, base_ctx = trial([])
+    reference = base_ctx.captured
+    if not reference:
+        best.report.warnings.append("transform guard: no FP32 outputs captured to measure on; transforms not tried")
+        return _deliver(best, output, outs, start)
+    best_db, samples = _worst_sqnr(best.model, reference, config, data)
+    kept: List[str] = []
+    decisions: List[Dict[str, Any]] = []
+    notes: List[str] = []
+    for t in wanted:
+        res, _ = trial(kept + [t], reference)
+        changed = [r for r in res.plan.transforms if r.get("pass") == t and r.get("kind") != "left_alone"]
+        layers = sorted({name for r in changed for name in _record_layers(r)})
+        rec: Dict[str, Any] = {"pass": "transform_guard", "kind": "decision", "transform": t,
+                               "on_top_of": list(kept), "samples": samples, "without_db": _db(best_db),
+                               "layers": layers}
+        if not changed:
+            rec.update(kept=False, with_db=None, reason="changed nothing")
+            notes.append(f"{t}: changed nothing")
+        else:
+            db, _ = _worst_sqnr(res.model, reference, config, data)
+            rec["with_db"] = _db(db)
+            gain = db - best_db if math.isfinite(db) and math.isfinite(best_db) else (math.inf if db > best_db else 0.0)
+            if gain >= GUARD_MIN_GAIN_DB:
+                rec.update(kept=True, reason=f"worst output SQNR {best_db:.2f} -> {db:.2f} dB")
+                kept.append(t)
+                best, best_db = res, db
+            else:
+                rec.update(kept=False, reason=f"worst output SQNR {best_db:.2f} -> {db:.2f} dB "
+                                              f"(needs +{GUARD_MIN_GAIN_DB} dB)")
+            notes.append(f"{t}: {'kept' if rec['kept'] else 'reverted'}, {rec['reason']} ({len(layers)} layer(s))")
+        decisions.append(rec)
+    best.plan.transforms.extend(decisions)
+    from onnxfp8.pipeline import PassRecord
+
+    best.report.passes.append(PassRecord("transform_guard", time.perf_counter() - start, bool(kept),
+                                         [f"transforms measured on {samples} captured calibration sample(s) vs the "
+                                          f"untransformed FP32 outputs: kept {', '.join(kept) or 'none'}"] + notes))
+    return _deliver(best, output, outs, start)
+
+
+def _record_layers(rec: Dict[str, Any]) -> List[str]:
+    """The layers (node names) a transform record changed."""
+    out = []
+    for key in ("first", "node"):
+        if isinstance(rec.get(key), str):
+            out.append(rec[key])
+    for key in ("second", "readers"):
+        out.extend(rec.get(key) or [])
+    return out
+
+
+def _db(v: float) -> Optional[float]:
+    return round(float(v), 3) if math.isfinite(v) else (None if math.isnan(v) else float(v))
+
+
+def _deliver(result: QuantResult, output: Optional[str], outs: Outputs, start: float) -> QuantResult:
+    if output:
+        outs.write_model(output, result.model)
+        result.output = result.report.output = output
+    result.report.seconds = time.perf_counter() - start
+    return result
+
+
 def apply_plan(model: Union[ModelLike, Prepared], plan: Union[QuantPlan, str, os.PathLike],
                config: Optional[QuantConfig] = None, output: Optional[str] = None,
                check_model: bool = True, outputs: Optional[Outputs] = None) -> QuantResult:
@@ -233,9 +348,12 @@ def apply_plan(model: Union[ModelLike, Prepared], plan: Union[QuantPlan, str, os
 
 
 def _finish(pipe: Pipeline, graph: gs.Graph, ctx: PassContext, prep: Prepared, config: QuantConfig,
-            output: Optional[str], check_model: bool, start: float, require_some: bool = False) -> QuantResult:
+            output: Optional[str], check_model: bool, start: float, require_some: bool = False,
+            reference=None) -> QuantResult:
     """Run the pipeline, export, check, measure, save: the common end of quantize and apply_plan.
-    ``require_some``: a run that quantizes no node is an error unless ``config.allow_empty``."""
+    ``require_some``: a run that quantizes no node is an error unless ``config.allow_empty``. ``reference``:
+    the captured FP32 outputs the summary compares with (the transform guard's: the untransformed model's,
+    since bias correction changes the FP32 function); default those this run captured."""
     source = ctx.source
     pipe.run(graph, ctx)
     wanted = set(config.selected_op_types) - set(config.exclude_ops)
@@ -257,6 +375,8 @@ def _finish(pipe: Pipeline, graph: gs.Graph, ctx: PassContext, prep: Prepared, c
         report.control_flow = control_flow
         report.warnings.append(control_flow_warning(control_flow))
     report.warnings.extend(unknown_op_types(config))
+    if reference is not None:
+        ctx.captured = reference
     _measure(out_model, ctx, report, config)
     if report.outputs:
         report.check_defaults["try"] = what_to_try(config, has_batchnorm=any(
@@ -267,26 +387,24 @@ def _finish(pipe: Pipeline, graph: gs.Graph, ctx: PassContext, prep: Prepared, c
     return QuantResult(out_model, ctx.plan, report, output)
 
 
-def _measure(model: onnx.ModelProto, ctx: PassContext, report: QuantReport, config: QuantConfig) -> None:
-    """Output SQNR of the quantized model vs the FP32 outputs captured during calibration, on the first
-    ``config.summary_count(calibration samples)`` captured samples."""
-    inputs, refs = ctx.captured.inputs, ctx.captured.outputs
-    captured = sum(batch_size(f) for f in inputs)
-    want = min(captured, config.summary_count((ctx.calibration.samples if ctx.calibration else 0) or captured))
-    if not inputs or want <= 0:
-        return
+def output_errors(model: onnx.ModelProto, captured, config: QuantConfig, want: int, calib: Any = None,
+                  progress=None):
+    """Run ``model`` (quantized, at onnxruntime's exact level) on the first ``want`` samples of ``captured``
+    (a state.Captured: inputs and the FP32 outputs to compare with); returns (ErrorStats per output,
+    ClassifierStats per classifier output, samples run)."""
+    inputs, refs = captured.inputs, captured.outputs
     sess = make_session(model, level="basic", providers=config.providers, threads=config.threads)
     names = [o.name for o in sess.get_outputs()]
     stats = {n: ErrorStats() for n in names}
     classifiers: Dict[str, ClassifierStats] = {}
-    bar = ctx.progress
+    bar = progress
     if bar is not None and hasattr(bar, "begin"):
         bar.begin("measuring the quantized model", want)
-    axes = getattr(ctx.calib, "axes", {})  # each input's batch axis: a fixed batch cannot run a short batch
+    axes = getattr(calib, "axes", {})  # each input's batch axis: a fixed batch cannot run a short batch
     static = {i.name: i.shape[axes.get(i.name, 0)] for i in sess.get_inputs()
               if axes.get(i.name, 0) is not None and len(i.shape) > axes.get(i.name, 0)
               and isinstance(i.shape[axes.get(i.name, 0)], int)}
-    out_axes = output_batch_axes(model, ctx.calib)
+    out_axes = output_batch_axes(model, calib)
     count = 0
     for feed, ref in zip(inputs, refs):
         n = batch_size(feed)
@@ -311,6 +429,17 @@ def _measure(model: onnx.ModelProto, ctx: PassContext, report: QuantReport, conf
             break
     if bar is not None and hasattr(bar, "close"):
         bar.close()
+    return stats, classifiers, count
+
+
+def _measure(model: onnx.ModelProto, ctx: PassContext, report: QuantReport, config: QuantConfig) -> None:
+    """Output SQNR of the quantized model vs the FP32 outputs captured during calibration, on the first
+    ``config.summary_count(calibration samples)`` captured samples."""
+    captured = sum(batch_size(f) for f in ctx.captured.inputs)
+    want = min(captured, config.summary_count((ctx.calibration.samples if ctx.calibration else 0) or captured))
+    if not ctx.captured or want <= 0:
+        return
+    stats, classifiers, count = output_errors(model, ctx.captured, config, want, ctx.calib, ctx.progress)
     report.outputs = {n: {**s.to_dict(), **(classifiers[n].to_dict() if n in classifiers else {})}
                       for n, s in stats.items()}
     report.summary_samples = count
