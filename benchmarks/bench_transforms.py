@@ -82,6 +82,86 @@ def run_cell(folder: Path, fmt: str, transform: str, calib_samples: Optional[int
     return cell
 
 
+# --check-function: the transformed FP32 graph (no quantization) against the original
+FUNCTION_TRANSFORMS = {"equalize": {"equalize": True, "bias_correction": False}, "smoothquant": {"smoothquant": 0.5}}
+
+
+def check_function(folder: Path, transform: str, calib_samples: Optional[int], val_samples: Optional[int]
+                   ) -> Dict[str, Any]:
+    """Max |difference| and max |difference| / max |output| (per output, the worst) between the original
+    model and the model after ``transform`` alone (equalize: CLE + bias absorption; smoothquant: alpha 0.5, so
+    every candidate is smoothed) without quantization, on the validation samples and on the calibration samples
+    (bias absorption is exact on the calibration data's range only), onnxruntime without optimizations."""
+    import numpy as np
+
+    from onnxfp8.calibrators.data import as_data
+    from onnxfp8.modelio import load_model, make_session
+    from onnxfp8.quantize import transformed
+
+    start = time.perf_counter()
+    cfg = QuantConfig(calib_samples=calib_samples, **FUNCTION_TRANSFORMS[transform])
+    cell: Dict[str, Any] = {"transform": transform}
+    try:
+        original = load_model(str(folder / "model.onnx"))
+        model, plan = transformed(original, str(folder / "calib"), cfg)
+        recs = [r for r in plan.transforms if r.get("pass") == transform and r.get("kind") != "left_alone"]
+        cell["records"] = len(recs)
+        if not recs:
+            cell["applied"] = False
+            return cell
+        cell["applied"] = True
+        ref_s = make_session(original, level="disable")
+        got_s = make_session(model, level="disable")
+        names = [o.name for o in ref_s.get_outputs()]
+        for where, limit in (("val", val_samples), ("calib", calib_samples)):
+            data = as_data(str(folder / where), original, batch_size=16, limit=limit)
+            diff = {n: 0.0 for n in names}
+            top = {n: 0.0 for n in names}
+            count = 0
+            for feed in data.batches():
+                feed = dict(feed)
+                a = ref_s.run(names, feed)
+                b = got_s.run(names, feed)
+                for n, x, y in zip(names, a, b):
+                    x, y = np.asarray(x), np.asarray(y)
+                    if x.dtype.kind != "f":
+                        continue
+                    fin = np.isfinite(x) & np.isfinite(y)
+                    if fin.any():
+                        diff[n] = max(diff[n], float(np.max(np.abs(x[fin].astype(np.float64) - y[fin]))))
+                        top[n] = max(top[n], float(np.max(np.abs(x[fin]))))
+                    if (np.isfinite(x) != np.isfinite(y)).any():
+                        diff[n] = math.inf
+                count += len(next(iter(feed.values())))
+            rel = {n: diff[n] / top[n] if top[n] > 0 else (0.0 if diff[n] == 0 else math.inf) for n in names if top[n] or diff[n]}
+            worst = max(rel, key=rel.get) if rel else None
+            cell[where] = {"samples": count, "max_abs": max(diff.values()) if diff else 0.0,
+                           "max_rel": rel[worst] if worst else 0.0, "output": worst}
+    except Exception as e:  # noqa: BLE001 - a failing cell is a result
+        cell["applied"] = True
+        cell["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+    finally:
+        cell["seconds"] = round(time.perf_counter() - start, 1)
+    return cell
+
+
+def function_table(cells: List[Dict[str, Any]]) -> str:
+    lines = ["### FP32 function after the transform, unquantized, vs the original (onnxruntime, no optimizations)",
+             "", "max |diff| and max |diff| / max |output| of the worst output; n/a: nothing to transform", "",
+             "| model | transform | records | val: max abs | val: max rel | calib: max abs | calib: max rel |",
+             "|---|---|---|---|---|---|---|"]
+    for c in cells:
+        if "error" in c:
+            lines.append(f"| {c['model']} | {c['transform']} | error: {c['error']} | | | | |")
+        elif not c.get("applied"):
+            lines.append(f"| {c['model']} | {c['transform']} | n/a | | | | |")
+        else:
+            v, k = c["val"], c["calib"]
+            lines.append(f"| {c['model']} | {c['transform']} | {c['records']} | {v['max_abs']:.3g} | {v['max_rel']:.3g} "
+                         f"| {k['max_abs']:.3g} | {k['max_rel']:.3g} |")
+    return "\n".join(lines)
+
+
 def _f(v, nd=2) -> str:
     if v is None:
         return "-"
@@ -143,6 +223,9 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-samples", type=int, default=None)
     ap.add_argument("--val-samples", type=int, default=None)
     ap.add_argument("--out-json", type=Path)
+    ap.add_argument("--check-function", action="store_true",
+                    help="only check that each transform keeps the FP32 function (no quantization): max abs/rel "
+                         "error per model vs the original")
     a = ap.parse_args(argv)
     formats = [f for f in a.formats.split(",") if f]
     transforms = [t for t in a.transforms.split(",") if t]
@@ -163,6 +246,23 @@ def main(argv=None) -> int:
         return 2
     cells = []
     start = time.perf_counter()
+    if a.check_function:
+        for m in models:
+            for t in [t for t in transforms if t in FUNCTION_TRANSFORMS] or list(FUNCTION_TRANSFORMS):
+                c = check_function(a.zoo / m, t, a.calib_samples, a.val_samples)
+                c["model"] = m
+                cells.append(c)
+                got = "n/a" if not c.get("applied") else c.get("error") or \
+                    f"val max abs {c['val']['max_abs']:.3g} rel {c['val']['max_rel']:.3g}, calib max abs " \
+                    f"{c['calib']['max_abs']:.3g} rel {c['calib']['max_rel']:.3g} ({c['records']} record(s))"
+                print(f"{m:24} {t:12} {got}  ({c['seconds']} s)", flush=True)
+        print()
+        print(f"Command: `python benchmarks/bench_transforms.py {' '.join(argv if argv is not None else sys.argv[1:])}`;"
+              f" {time.perf_counter() - start:.0f} s")
+        print(function_table(cells))
+        if a.out_json:
+            a.out_json.write_text(json.dumps({"function": cells, "models": models}, indent=1, default=str))
+        return 0
     for m in models:
         skip = set()
         for f in formats:

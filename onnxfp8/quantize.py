@@ -200,6 +200,35 @@ def quantize(model: Union[ModelLike, Prepared], calib: Any = None, config: Optio
         return _finish(pipe, graph, ctx, prep, config, output, check_model, start, require_some=True)
 
     return _run(model, calib, config, output, outputs, work)
+# the passes that shape the FP32 graph before quantization: what transformed() runs
+FP32_PASSES = ("canonicalize", "fold_batchnorm", "match_layernorm", "equalize", "select_ops", "smoothquant",
+               "bias_correction", "cleanup")
+
+
+def transformed(model: Union[ModelLike, Prepared], calib: Any = None, config: Optional[QuantConfig] = None
+                ) -> Tuple[onnx.ModelProto, QuantPlan]:
+    """The FP32 model the quantizer would quantize, after the transforms ``config`` asks for (equalize,
+    smoothquant, bias_correction: with calibration data ``calib``) and before any Q/DQ: the pipeline of
+    ``config`` cut to FP32_PASSES, unguarded. Equalization and smoothing keep the FP32 function (bias
+    absorption: on the calibration data's range); bias correction changes it by design. Returns the model and
+    the plan (its ``transforms`` records)."""
+    config = config or QuantConfig()
+
+    def work(prep: Prepared, graph: gs.Graph, outs: Outputs):
+        ctx = PassContext(config=config, source=prep.source, outputs=outs)
+        ctx.plan.config = config.to_dict()
+        if calib is not None:
+            ctx.calib = as_data(calib, prep.proto, batch_size=config.batch_size, limit=config.calib_samples)
+        pipe = pipeline_for(config)
+        for name in pipe.names():
+            if name not in FP32_PASSES:
+                pipe.remove(name)
+        pipe.run(graph, ctx)
+        return to_model(graph, like=prep.proto), ctx.plan
+
+    return _run(model, calib, config, None, None, work)
+
+
 # -- the transform guard ------------------------------------------------------------------------------------
 GUARD_MIN_GAIN_DB = 0.05  # a transform is kept when it lifts the worst output's SQNR by at least this much
 

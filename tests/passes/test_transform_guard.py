@@ -134,3 +134,49 @@ def test_cli_guard_flag(tmp_path):
     assert "transforms, measured on 32 calibration sample(s): equalize" in res.output
     plan = json.loads((tmp_path / "p.json").read_text())
     assert {t["transform"] for t in plan["transforms"] if t["pass"] == "transform_guard"} == {"equalize", "bias_correction"}
+
+
+# -- the FP32 function after the transforms, on the zoo's patterns (quantize.transformed) ----------------------
+def _max_rel(a, b):
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(a)))
+
+
+@pytest.mark.parametrize("build,shape,expect", [
+    # the SE's reduce -> Relu -> expand (relu0 feeds the residual too, relu1 the SE and its Mul: no pair)
+    ("se_cnn", (3, 16, 16), {"equalize": {"se_reduce"}}),
+    ("cnn", (3, 16, 16), {"equalize": {"conv1", "dw2", "gconv4", "conv6"}}),  # depthwise, grouped, residual, head
+    ("bert", (8, 32), {"smoothquant": {"l0_ln1", "l0_ln2", "l1_ln1", "l1_ln2"}}),  # LayerNorm -> Q/K/V, FC1
+    ("mlp", (12,), {"equalize": {"fc1", "fc2", "fc3"}, "smoothquant": set()}),
+])
+def test_transforms_keep_the_fp32_function_on_the_zoo_patterns(build, shape, expect):
+    import transform_models
+    from onnxfp8.quantize import transformed
+
+    model = getattr(transform_models, build)(**({"layers": 2} if build == "bert" else {}))
+    calib = image_batches(shape=shape)
+    feeds = image_batches(seed=5, shape=shape, n=32, batch=32)[0]
+    ref = make_session(model, level="disable").run(None, feeds)[0]
+    out, plan = transformed(model, calib, QuantConfig(equalize=True, bias_correction=False, smoothquant=0.5))
+    firsts = {r["first"] for r in plan.transforms if r["pass"] == "equalize" and r["kind"] == "scale"}
+    smoothed = [r for r in plan.transforms if r["pass"] == "smoothquant"]
+    if "equalize" in expect:
+        assert expect["equalize"] <= firsts
+    if expect.get("smoothquant"):
+        folds = {r["fold"].split(":")[1] for r in smoothed}
+        assert expect["smoothquant"] <= folds
+    assert firsts or smoothed
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in out.graph.node)
+    assert _max_rel(ref, make_session(out, level="disable").run(None, feeds)[0]) < 2e-5
+
+
+def test_bias_correction_changes_the_fp32_function_by_the_expected_error_only():
+    from transform_models import se_cnn
+    from onnxfp8.quantize import transformed
+
+    model = se_cnn()
+    feeds = image_batches(seed=5, n=32, batch=32)[0]
+    ref = make_session(model, level="disable").run(None, feeds)[0]
+    out, plan = transformed(model, image_batches(), QuantConfig(format="e4m3", bias_correction=True))
+    assert any(r["pass"] == "bias_correction" for r in plan.transforms)
+    rel = _max_rel(ref, make_session(out, level="disable").run(None, feeds)[0])
+    assert 1e-5 < rel < 0.1
