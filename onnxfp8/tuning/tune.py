@@ -8,12 +8,16 @@ never on the calibration data. The search, in order, stopping at the first plan 
    per-layer formats from the sensitivity analysis (verify/sensitivity.py: one shared pass measures every
    layer's own SQNR in every candidate format; each layer gets the format that wins it), the best of these kept;
 3. **calibration**: the best plan so far with each other calibration method (mse, percentile, entropy...);
-4. **fallback**: the most sensitive layers (lowest own SQNR in their format) left in high precision, 1, 2, 4...
+4. **transforms**: SmoothQuant (alpha per layer), cross-layer equalization (with bias correction) and bias
+   correction alone (docs/transforms.md), each on top of the best plan so far; a transform rewrites the graph,
+   so each is calibrated in a Workspace of its own (one more pass over the calibration data each; skipped
+   when it changes nothing or with --load-stats only); unguarded: the validation data judges it;
+5. **fallback**: the most sensitive layers (lowest own SQNR in their format) left in high precision, 1, 2, 4...
    of them up to ``max_fallback``, then the smallest count that meets the target between the last two tried;
    each is the best plan so far edited (QuantPlan.keep_fp32) and rebuilt by onnxfp8.apply_plan.
 
-Every step is a plan realised from the one set of statistics (no calibration data read again) and one
-onnxruntime pass over the validation data. When no plan meets the target the best one found is returned with
+Every step but the transforms is a plan realised from the one set of statistics (no calibration data read
+again) and one onnxruntime pass over the validation data. When no plan meets the target the best one found is returned with
 ``met = False``. The returned plan says for every quantized or fallen-back layer why (NodeDecision.reason,
 QuantSpec.notes), and the report lists every step: what was tried and the metric it reached.
 
@@ -35,8 +39,10 @@ from onnxfp8.tuning.evaluate import Evaluation, Evaluator, Target, Workspace
 from onnxfp8.verify.sensitivity import SensitivityReport, analyse, layer_tensors, node_pattern
 
 DEFAULT_MAX_FALLBACK = "10%"
-# function-preserving rewrites the "transforms" work adds as config keys; tried as a search step when present
-TRANSFORM_KEYS = ("smoothquant", "equalize")
+# the transforms (passes/equalize.py, passes/smoothquant.py) tried as search steps, each with the value it is
+# tried at, in this order, each on top of the best plan so far (docs/transforms.md)
+TRANSFORM_KEYS = ("smoothquant", "equalize", "bias_correction")
+TRANSFORM_VALUES = {"smoothquant": "auto", "equalize": True, "bias_correction": True}
 
 
 def parse_max_fallback(value: Union[str, int, float, None], layers: int) -> int:
@@ -144,6 +150,7 @@ class _Candidate:
     fallback: Tuple[str, ...] = ()
     why: str = ""  # the step that made this plan
     per_layer: Dict[str, str] = field(default_factory=dict)  # node -> format, when formats come per layer
+    workspace: Any = None  # the Workspace the plan belongs to, when not the search's (a transform step's)
 
 
 def tune(model, calib: Any, val: Any, target: Target, config: Optional[QuantConfig] = None, *,
@@ -151,10 +158,11 @@ def tune(model, calib: Any, val: Any, target: Target, config: Optional[QuantConf
          formats: Optional[Sequence[str]] = None, methods: Optional[Sequence[str]] = None,
          samples: Optional[int] = None, sensitivity_samples: Optional[int] = 16, max_memory_mb: float = 64,
          progress=None, workspace: Optional[Workspace] = None, evaluator: Optional[Evaluator] = None,
-         outputs=None) -> TuneResult:
+         outputs=None, transforms: Optional[Sequence[str]] = None) -> TuneResult:
     """Search plans for ``model`` until ``target`` holds on ``val``; see the module docstring. ``formats``:
     candidate formats (default config.formats); ``methods``: calibration methods tried (default every other
-    one); ``samples``: at most this many validation samples. Writes the chosen model to ``output`` when given
+    one); ``samples``: at most this many validation samples; ``transforms``: the transform steps tried (default
+    TRANSFORM_KEYS; ``()`` none). Writes the chosen model to ``output`` when given
     (``outputs``: an outputs.Outputs the caller commits, as quantize() takes; else written before returning)."""
     from onnxfp8.outputs import Outputs
 
@@ -176,8 +184,12 @@ def tune(model, calib: Any, val: Any, target: Target, config: Optional[QuantConf
     outs.add(output, "the output model (-o)", model=True)
     outs.validate()  # before any work
     try:
+        keys = TRANSFORM_KEYS if transforms is None else tuple(transforms)
+        bad = [k for k in keys if k not in TRANSFORM_KEYS]
+        if bad:
+            raise ConfigError(f"transforms: unknown transform '{bad[0]}' (known: {', '.join(TRANSFORM_KEYS)})")
         result = _tune(model, calib, val, target, config, labels, max_fallback, formats, methods, samples,
-                       sensitivity_samples, max_memory_mb, progress, workspace, evaluator, timings)
+                       sensitivity_samples, max_memory_mb, progress, workspace, evaluator, timings, keys)
         if output:
             outs.write_model(output, result.model)
             result.output = output
@@ -192,8 +204,9 @@ def tune(model, calib: Any, val: Any, target: Target, config: Optional[QuantConf
 
 
 def _tune(model, calib, val, target, config, labels, max_fallback, formats, methods, samples, sensitivity_samples,
-          max_memory_mb, progress, workspace, evaluator, timings) -> TuneResult:
+          max_memory_mb, progress, workspace, evaluator, timings, transforms=TRANSFORM_KEYS) -> TuneResult:
     own_ws = workspace is None
+    extra: List[Workspace] = []  # the transform steps' workspaces
     t = time.perf_counter()
     ws = workspace or Workspace(model, calib, config, progress=progress)
     timings["calibration"] = time.perf_counter() - t
@@ -206,26 +219,31 @@ def _tune(model, calib, val, target, config, labels, max_fallback, formats, meth
             raise ConfigError(f"{target.flag} needs labels: pass --labels FILE (or a 'label' key in the validation "
                               f"files)")
         result = _search(ws, ev, target, config, max_fallback, formats, methods, max_memory_mb, progress, timings,
-                         sensitivity_samples)
+                         sensitivity_samples, calib=calib, extra_workspaces=extra, transforms=transforms)
     finally:
+        for w in extra:
+            w.close()
         if own_ws:
             ws.close()
     return result
 
 
 def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, max_fallback, formats, methods,
-            max_memory_mb: float, bar, timings: Dict[str, float], sensitivity_samples: Optional[int] = 16
-            ) -> TuneResult:
+            max_memory_mb: float, bar, timings: Dict[str, float], sensitivity_samples: Optional[int] = 16,
+            calib: Any = None, extra_workspaces: Optional[List[Workspace]] = None,
+            transforms: Sequence[str] = ()) -> TuneResult:
+    extra_workspaces = extra_workspaces if extra_workspaces is not None else []
     steps: List[Step] = []
     best: Optional[_Candidate] = None
     best_index = 0
 
-    def attempt(name: str, tried: str, cfg: QuantConfig, result=None, fallback=(), per_layer=None) -> _Candidate:
+    def attempt(name: str, tried: str, cfg: QuantConfig, result=None, fallback=(), per_layer=None,
+                workspace=None) -> _Candidate:
         nonlocal best, best_index
         t = time.perf_counter()
         result = result if result is not None else ws.realize(cfg)
         e = ev.evaluate(result.model, bar, f"tuning: {name}")
-        cand = _Candidate(cfg, result, e, tuple(fallback), tried, dict(per_layer or {}))
+        cand = _Candidate(cfg, result, e, tuple(fallback), tried, dict(per_layer or {}), workspace)
         v = e.value(target.metric)
         step = Step(name, tried, v, target.met(v), len(fallback), e.metrics(), time.perf_counter() - t)
         steps.append(step)
@@ -278,9 +296,15 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
             if done():
                 break
         timings["calibration_methods"] = time.perf_counter() - t
-    for key in TRANSFORM_KEYS:  # hook: a transform the config knows (a key of QuantConfig) is a step of its own
-        if not done() and key in QuantConfig.__dataclass_fields__ and not getattr(best.config, key, None):
-            pass  # a transform rewrites the graph, so it needs its own calibration (a new Workspace): not wired yet
+    for key in transforms:  # each transform on top of the best plan so far; it rewrites the graph, so it
+        if done() or calib is None or getattr(best.config, key, None):  # calibrates a Workspace of its own
+            continue
+        t = time.perf_counter()
+        cand = _transform_step(key, best, ws, calib, bar, extra_workspaces)
+        if cand is not None:
+            cfg, tws, tried = cand
+            attempt("transforms", tried, cfg, result=tws.first, per_layer=best.per_layer, workspace=tws)
+        timings["transforms"] = timings.get("transforms", 0.0) + time.perf_counter() - t
     if not done() and budget > 0:
         t = time.perf_counter()
         anchor = best
@@ -293,9 +317,10 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
                 plan = anchor.result.plan.copy()
                 for i, n in enumerate(nodes):
                     plan.keep_fp32(n, f"tuning: left in FP32 (fallback {i + 1} of {k})")
+                home = anchor.workspace or ws
                 tried[k] = attempt("fallback", f"{k} most sensitive layer(s) in FP32 ({', '.join(nodes)})",
-                                   _without(anchor.config, nodes, anchor.result.plan), result=ws.apply(plan),
-                                   fallback=nodes, per_layer=anchor.per_layer)
+                                   _without(anchor.config, nodes, anchor.result.plan), result=home.apply(plan),
+                                   fallback=nodes, per_layer=anchor.per_layer, workspace=anchor.workspace)
             return tried[k]
 
         ks, k = [], 1
@@ -326,6 +351,26 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
                         val_samples=ev.samples)
     best.result.report.plan = best.result.plan
     return TuneResult(best.result.model, best.result.plan, best.result.report, report, best.config)
+
+
+def _transform_step(key: str, best: _Candidate, ws: Workspace, calib: Any, bar, extra: List[Workspace]):
+    """The best plan's configuration with transform ``key`` on (unguarded: the tuner judges on the validation
+    data), calibrated in a Workspace of its own; (config, workspace, what was tried), or None when the
+    transform changes nothing or cannot apply to this configuration."""
+    from onnxfp8.errors import OnnxFp8Error
+
+    value = TRANSFORM_VALUES[key]
+    cfg = best.config.replace(**{key: value}, transform_guard=False, load_stats=None, save_stats=None)
+    try:
+        tws = Workspace(ws.prepared, calib, cfg, progress=bar)
+    except OnnxFp8Error:  # e.g. per-tensor overrides naming a tensor the transform renamed: the step is skipped
+        return None
+    extra.append(tws)
+    if not any(r.get("pass") == key and r.get("kind") != "left_alone" for r in tws.first.plan.transforms):
+        return None
+    label = best.why.split(" (")[0] if best.why else _describe(best.config)
+    shown = f"{key} {value}" if not isinstance(value, bool) else key
+    return cfg, tws, f"{label} + {shown}"
 
 
 def _describe(cfg: QuantConfig) -> str:
