@@ -556,6 +556,7 @@ def sensitivity(model, calib, val, labels, samples, top, json_path, plot_path, l
 @click.option("--formats", "sweep_formats", default="e4m3,e3m4,e5m2,int8,auto", show_default=True, help="Formats to sweep (comma separated; auto: per tensor).")
 @click.option("--schemes", default="standard,extended", show_default=True, help="Schemes to sweep.")
 @click.option("--calibrations", default="max,percentile,mse,entropy", show_default=True, help="Calibration methods to sweep.")
+@click.option("--transforms", "sweep_transforms", default="", help="Also each format with each of these transforms on (equalize, smoothquant, bias_correction, or all; comma separated): a format x transform table, and the tuner tries them. Each row calibrates anew (a transform rewrites the graph).")
 @click.option("--tune/--no-tune", "do_tune", default=True, show_default=True, help="Add the tuned result (quantize --target-* on the same statistics).")
 @click.option("--target-cosine", type=float, help="The table's criterion and the tuner's target (default: cosine >= 0.995, or < 1% accuracy loss with labels).")
 @click.option("--target-sqnr", type=float, help="Criterion and tuning target: output SQNR in dB.")
@@ -566,8 +567,8 @@ def sensitivity(model, calib, val, labels, samples, top, json_path, plot_path, l
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Samples per onnxruntime run.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
 @handle_errors
-def sweep(model, calib, val, labels, out_dir, sweep_formats, schemes, calibrations, do_tune, target_cosine, target_sqnr,
-          max_accuracy_loss, max_fallback, samples, calib_samples, batch_size, quiet):
+def sweep(model, calib, val, labels, out_dir, sweep_formats, schemes, calibrations, sweep_transforms, do_tune,
+          target_cosine, target_sqnr, max_accuracy_loss, max_fallback, samples, calib_samples, batch_size, quiet):
     """The paper's table for MODEL: formats x schemes x calibration methods, plus the tuned result (SQNR, cosine,
     accuracy, size, layers in fallback), as markdown, JSON and one self-contained HTML report with plots."""
     from onnxfp8.config import QuantConfig
@@ -594,6 +595,14 @@ def sweep(model, calib, val, labels, out_dir, sweep_formats, schemes, calibratio
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConfigError(f"{out_dir}: --out is not a folder")
     config = QuantConfig(batch_size=batch_size, calib_samples=calib_samples)
+    from onnxfp8.tuning.sweep import TRANSFORM_ON
+
+    transforms = _split((sweep_transforms,))
+    if transforms == ("all",):
+        transforms = list(TRANSFORM_ON)
+    for t in transforms:
+        if t not in TRANSFORM_ON:
+            raise ConfigError(f"--transforms: unknown transform '{t}'; choose from {', '.join(TRANSFORM_ON)} or all")
     paths = {k: os.path.join(out_dir, f"sweep.{k}") for k in ("md", "json", "html")}
     os.makedirs(out_dir, exist_ok=True)
     with Outputs() as outs:
@@ -607,7 +616,7 @@ def sweep(model, calib, val, labels, out_dir, sweep_formats, schemes, calibratio
         report = run(model, calib, val, config, formats=_split((sweep_formats,)), schemes=_split((schemes,)),
                      calibrations=_split((calibrations,)), labels=labels, target=targets[0] if targets else None,
                      tune=do_tune, max_fallback=max_fallback, samples=samples,
-                     progress=progress_for(sys.stderr, quiet))
+                     progress=progress_for(sys.stderr, quiet), transforms=transforms)
         outs.write_text(paths["md"], report.to_markdown())
         outs.write_text(paths["json"], report.to_json())
         outs.write_text(paths["html"], render(report))
