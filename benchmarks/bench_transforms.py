@@ -1,8 +1,9 @@
 """What the function-preserving transforms do to each zoo model, format by format.
 
     python benchmarks/bench_transforms.py --zoo ZOO [--only a,b] [--formats e4m3,e5m2,e3m4,int8]
-                                          [--transforms none,equalize,bias,smoothquant] [--calib-samples N]
-                                          [--val-samples N] [--out-json FILE]
+                                          [--transforms none,equalize,bias,smoothquant,guarded]
+                                          [--calib-samples N] [--val-samples N] [--out-json FILE]
+                                          [--check-function]
 
 ``ZOO`` is a folder built by ``python benchmarks/zoo.py build --out ZOO`` (``<name>/model.onnx``, ``calib/``,
 ``val/``, optionally ``val_labels.npy``); without ``--only`` every model in it is measured. Per model, format
@@ -11,9 +12,16 @@ selected layer quantized: no fallback) on ``calib/`` and checked against FP32 on
 Transforms:
 
 * ``none``: the defaults;
-* ``equalize``: ``--equalize`` (cross-layer equalization + bias absorption + bias correction);
-* ``bias``: ``--bias-correction`` alone;
-* ``smoothquant``: ``--smoothquant`` (alpha per layer from the data).
+* ``equalize``: ``--equalize --no-transform-guard`` (cross-layer equalization + bias absorption + bias
+  correction, unmeasured);
+* ``bias``: ``--bias-correction --no-transform-guard`` alone;
+* ``smoothquant``: ``--smoothquant --no-transform-guard`` (alpha per layer from the data);
+* ``guarded``: ``--equalize --smoothquant --bias-correction`` with the transform guard (quantize's default):
+  each kept only when it raises the output SQNR on the captured calibration samples; its decisions are kept
+  in the cell.
+
+``--check-function`` instead measures, per model, the FP32 function of the transformed but unquantized graph
+against the original (max abs / rel difference on val and calib samples).
 
 Printed per cell: the worst output's SQNR (dB) and cosine, and whether the model meets the coverage criterion
 (cosine >= 0.995 vs FP32 for every output, or < 1 % relative accuracy loss with labels). A transform that
@@ -40,9 +48,12 @@ import onnxfp8  # noqa: E402
 from onnxfp8 import QuantConfig, Thresholds  # noqa: E402
 
 FORMATS = ("e4m3", "e5m2", "e3m4", "int8")
-TRANSFORMS = {"none": {}, "equalize": {"equalize": True}, "bias": {"bias_correction": True},
-              "smoothquant": {"smoothquant": "auto"}}
-PASS_OF = {"equalize": "equalize", "bias": "bias_correction", "smoothquant": "smoothquant"}
+RAW = {"transform_guard": False}
+TRANSFORMS = {"none": {}, "equalize": {"equalize": True, **RAW}, "bias": {"bias_correction": True, **RAW},
+              "smoothquant": {"smoothquant": "auto", **RAW},
+              "guarded": {"equalize": True, "smoothquant": "auto", "bias_correction": True}}
+PASS_OF = {"equalize": "equalize", "bias": "bias_correction", "smoothquant": "smoothquant",
+           "guarded": "transform_guard"}
 COSINE, ACC_LOSS = 0.995, 0.01
 NO_THRESHOLDS = Thresholds(min_sqnr=None, min_cosine=None, max_rel_error=None, min_top1_agreement=None,
                            max_accuracy_loss=None)
@@ -59,6 +70,12 @@ def run_cell(folder: Path, fmt: str, transform: str, calib_samples: Optional[int
         p = notes.get(PASS_OF.get(transform, ""))
         cell["applied"] = transform == "none" or bool(p and p.modified)
         cell["notes"] = p.notes[:1] if p else []
+        if transform == "guarded":
+            decisions = [r for r in result.plan.transforms if r.get("pass") == "transform_guard"]
+            cell["guard"] = [{k: r.get(k) for k in ("transform", "kept", "without_db", "with_db", "reason")}
+                             for r in decisions]
+            cell["kept"] = [r["transform"] for r in decisions if r.get("kept")]
+            cell["applied"] = any(r.get("with_db") is not None for r in decisions)
         if not cell["applied"]:
             cell["seconds"] = round(time.perf_counter() - start, 1)
             return cell
@@ -203,14 +220,46 @@ def tables(cells: List[Dict[str, Any]], models: List[str], formats, transforms) 
                     g.append(a["sqnr_db"] - b["sqnr_db"])
             if g:
                 lines.append(f"| {t} | {f} | {len(g)} | {sum(g) / len(g):+.2f} | {min(g):+.2f} | {max(g):+.2f} |")
+    if "guarded" in transforms:
+        lines += ["", "### Guarded (quantize's default with the transforms asked for): never worse?", ""]
+        head = ["format", "models", "kept something", "worse by > 0.2 dB", "worst gain", "best gain", "mean gain"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for f in formats:
+            g, kept, worse = [], 0, []
+            for m in models:
+                a, b = by.get((m, f, "guarded")), by.get((m, f, "none"))
+                if not (a and b and a.get("sqnr_db") is not None and b.get("sqnr_db") is not None):
+                    continue
+                if not (math.isfinite(a["sqnr_db"]) and math.isfinite(b["sqnr_db"])):
+                    continue
+                d = a["sqnr_db"] - b["sqnr_db"]
+                g.append(d)
+                kept += bool(a.get("kept"))
+                if d < -0.2:
+                    worse.append(f"{m} {d:+.2f}")
+            if g:
+                lines.append(f"| {f} | {len(g)} | {kept} | {len(worse)}{' (' + ', '.join(worse) + ')' if worse else ''} "
+                             f"| {min(g):+.2f} | {max(g):+.2f} | {sum(g) / len(g):+.2f} |")
+        lines += ["", "Kept per model (the guard's decisions, SQNR on the calibration samples without -> with):", ""]
+        for m in models:
+            for f in formats:
+                c = by.get((m, f, "guarded"))
+                if c and c.get("guard"):
+                    parts = [f"{d['transform']} {'kept' if d['kept'] else 'reverted'} ({_f(d['without_db'])} -> "
+                             f"{_f(d['with_db'])})" for d in c["guard"] if d.get("with_db") is not None]
+                    if parts:
+                        lines.append(f"- {m} {f}: " + "; ".join(parts))
     lines += ["", "### Coverage without fallback (models meeting the criterion)", ""]
-    head = ["format", "defaults", "with transforms (best per model)"]
+    head = ["format", "defaults", "guarded transforms", "best of any cell (raw or guarded)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for f in formats:
-        base = sum(1 for m in models if by.get((m, f, "none"), {}).get("meets"))
-        best = sum(1 for m in models if any(by.get((m, f, t), {}).get("meets") for t in transforms))
         n = len(models)
-        lines.append(f"| {f} | {base}/{n} ({100 * base / max(n, 1):.0f} %) | {best}/{n} ({100 * best / max(n, 1):.0f} %) |")
+        base = sum(1 for m in models if by.get((m, f, "none"), {}).get("meets"))
+        guard = sum(1 for m in models if (by.get((m, f, "guarded"), {}).get("meets") if by.get((m, f, "guarded"), {})
+                                          .get("applied") else by.get((m, f, "none"), {}).get("meets")))
+        best = sum(1 for m in models if any(by.get((m, f, t), {}).get("meets") for t in transforms))
+        pct = lambda k: f"{k}/{n} ({100 * k / max(n, 1):.0f} %)"  # noqa: E731
+        lines.append(f"| {f} | {pct(base)} | {pct(guard)} | {pct(best)} |")
     return "\n".join(lines)
 
 
