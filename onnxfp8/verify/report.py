@@ -120,7 +120,8 @@ def transform_lines(plan) -> List[str]:
         for r in guard:
             verdict = "kept" if r.get("kept") else ("no change" if r.get("with_db") is None else "reverted")
             parts.append(f"{r['transform']} {verdict}" + (f" ({r['reason']})" if r.get("with_db") is not None else ""))
-        return [f"transforms, measured on {guard[0].get('samples', 0)} calibration sample(s): " + "; ".join(parts)]
+        where = "held-out calibration" if guard[0].get("held_out") else "calibration"
+        return [f"transforms, measured on {guard[0].get('samples', 0)} {where} sample(s): " + "; ".join(parts)]
     done = sorted({r.get("pass") for r in plan.transforms if r.get("kind") != "left_alone"})
     return [f"transforms (unguarded): {', '.join(done)}"] if done else []
 
