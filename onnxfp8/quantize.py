@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxfp8.calibrators.data import as_data, batch_size, output_batch_axes, take_outputs, take_samples
+from onnxfp8.calibrators.data import as_data, batch_size, input_specs, output_batch_axes, take_outputs, take_samples
 from onnxfp8.config import QuantConfig
 from onnxfp8.errors import ModelError
 from onnxfp8 import modelio
@@ -188,6 +188,7 @@ def quantize(model: Union[ModelLike, Prepared], calib: Any = None, config: Optio
     start = time.perf_counter()
 
     def work(prep: Prepared, graph: gs.Graph, outs: Outputs) -> QuantResult:
+        config.check_inputs(input_specs(prep.proto), prep.source)  # before any work (--augment: image inputs)
         data = None
         if calib is not None:
             data = as_data(calib, prep.proto, batch_size=config.batch_size, limit=config.calib_samples)
@@ -200,6 +201,8 @@ def quantize(model: Union[ModelLike, Prepared], calib: Any = None, config: Optio
         return _finish(pipe, graph, ctx, prep, config, output, check_model, start, require_some=True)
 
     return _run(model, calib, config, output, outputs, work)
+
+
 # the passes that shape the FP32 graph before quantization: what transformed() runs
 FP32_PASSES = ("canonicalize", "fold_batchnorm", "match_layernorm", "equalize", "select_ops", "smoothquant",
                "bias_correction", "cleanup")
