@@ -103,16 +103,50 @@ def run_cell(folder: Path, fmt: str, transform: str, calib_samples: Optional[int
 FUNCTION_TRANSFORMS = {"equalize": {"equalize": True, "bias_correction": False}, "smoothquant": {"smoothquant": 0.5}}
 
 
+def _max_diff(original, model, folder: Path, where: str, limit: Optional[int], level: str = "disable"
+              ) -> Dict[str, Any]:
+    """Max |a - b| and max |a - b| / max |a| (the worst output) of two FP32 models on a data folder (``b`` run at
+    onnxruntime level ``level``)."""
+    import numpy as np
+
+    from onnxfp8.calibrators.data import as_data
+    from onnxfp8.modelio import make_session
+
+    ref_s = make_session(original, level="disable")
+    got_s = make_session(model, level=level)
+    names = [o.name for o in ref_s.get_outputs()]
+    data = as_data(str(folder / where), original, batch_size=16, limit=limit)
+    diff = {n: 0.0 for n in names}
+    top = {n: 0.0 for n in names}
+    count = 0
+    for feed in data.batches():
+        feed = dict(feed)
+        for n, x, y in zip(names, ref_s.run(names, feed), got_s.run(names, feed)):
+            x, y = np.asarray(x), np.asarray(y)
+            if x.dtype.kind != "f":
+                continue
+            fin = np.isfinite(x) & np.isfinite(y)
+            if fin.any():
+                diff[n] = max(diff[n], float(np.max(np.abs(x[fin].astype(np.float64) - y[fin]))))
+                top[n] = max(top[n], float(np.max(np.abs(x[fin].astype(np.float64)))))
+            if (np.isfinite(x) != np.isfinite(y)).any():
+                diff[n] = math.inf
+        count += len(next(iter(feed.values())))
+    rel = {n: diff[n] / top[n] if top[n] > 0 else (0.0 if diff[n] == 0 else math.inf) for n in names
+           if top[n] or diff[n]}
+    worst = max(rel, key=rel.get) if rel else None
+    return {"samples": count, "max_abs": max(diff.values()) if diff else 0.0,
+            "max_rel": rel[worst] if worst else 0.0, "output": worst}
+
+
 def check_function(folder: Path, transform: str, calib_samples: Optional[int], val_samples: Optional[int]
                    ) -> Dict[str, Any]:
     """Max |difference| and max |difference| / max |output| (per output, the worst) between the original
     model and the model after ``transform`` alone (equalize: CLE + bias absorption; smoothquant: alpha 0.5, so
-    every candidate is smoothed) without quantization, on the validation samples and on the calibration samples
-    (bias absorption is exact on the calibration data's range only), onnxruntime without optimizations."""
-    import numpy as np
-
-    from onnxfp8.calibrators.data import as_data
-    from onnxfp8.modelio import load_model, make_session
+    every candidate is smoothed) without quantization, on the validation samples and on the calibration
+    samples, onnxruntime without optimizations; and the floor: the same pipeline without the transform
+    (BatchNorm folding, canonicalization) against the original, on the validation samples."""
+    from onnxfp8.modelio import load_model
     from onnxfp8.quantize import transformed
 
     start = time.perf_counter()
@@ -127,33 +161,13 @@ def check_function(folder: Path, transform: str, calib_samples: Optional[int], v
             cell["applied"] = False
             return cell
         cell["applied"] = True
-        ref_s = make_session(original, level="disable")
-        got_s = make_session(model, level="disable")
-        names = [o.name for o in ref_s.get_outputs()]
-        for where, limit in (("val", val_samples), ("calib", calib_samples)):
-            data = as_data(str(folder / where), original, batch_size=16, limit=limit)
-            diff = {n: 0.0 for n in names}
-            top = {n: 0.0 for n in names}
-            count = 0
-            for feed in data.batches():
-                feed = dict(feed)
-                a = ref_s.run(names, feed)
-                b = got_s.run(names, feed)
-                for n, x, y in zip(names, a, b):
-                    x, y = np.asarray(x), np.asarray(y)
-                    if x.dtype.kind != "f":
-                        continue
-                    fin = np.isfinite(x) & np.isfinite(y)
-                    if fin.any():
-                        diff[n] = max(diff[n], float(np.max(np.abs(x[fin].astype(np.float64) - y[fin]))))
-                        top[n] = max(top[n], float(np.max(np.abs(x[fin]))))
-                    if (np.isfinite(x) != np.isfinite(y)).any():
-                        diff[n] = math.inf
-                count += len(next(iter(feed.values())))
-            rel = {n: diff[n] / top[n] if top[n] > 0 else (0.0 if diff[n] == 0 else math.inf) for n in names if top[n] or diff[n]}
-            worst = max(rel, key=rel.get) if rel else None
-            cell[where] = {"samples": count, "max_abs": max(diff.values()) if diff else 0.0,
-                           "max_rel": rel[worst] if worst else 0.0, "output": worst}
+        base, _ = transformed(original, None, QuantConfig(calib_samples=calib_samples))
+        cell["val"] = _max_diff(original, model, folder, "val", val_samples)
+        cell["calib"] = _max_diff(original, model, folder, "calib", calib_samples)
+        cell["floor"] = _max_diff(original, base, folder, "val", val_samples)
+        cell["vs_floor"] = _max_diff(base, model, folder, "val", val_samples)
+        # the model's own sensitivity to float rounding: onnxruntime's ENABLE_ALL rewrites vs none, original model
+        cell["ort_all"] = _max_diff(original, original, folder, "val", val_samples, level="all")
     except Exception as e:  # noqa: BLE001 - a failing cell is a result
         cell["applied"] = True
         cell["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
@@ -164,18 +178,21 @@ def check_function(folder: Path, transform: str, calib_samples: Optional[int], v
 
 def function_table(cells: List[Dict[str, Any]]) -> str:
     lines = ["### FP32 function after the transform, unquantized, vs the original (onnxruntime, no optimizations)",
-             "", "max |diff| and max |diff| / max |output| of the worst output; n/a: nothing to transform", "",
-             "| model | transform | records | val: max abs | val: max rel | calib: max abs | calib: max rel |",
-             "|---|---|---|---|---|---|---|"]
+             "", "max |diff| / max |output| of the worst output (max |diff| in brackets); floor: the pipeline "
+             "without the transform (BatchNorm folding) vs the original; transform alone: transformed vs that "
+             "pipeline; ORT levels: the original at onnxruntime ENABLE_ALL vs no optimization (the model's own "
+             "sensitivity to float rounding); n/a: nothing to transform", "",
+             "| model | transform | records | val | calib | floor (val) | transform alone (val) | ORT levels (val) |",
+             "|---|---|---|---|---|---|---|---|"]
     for c in cells:
         if "error" in c:
-            lines.append(f"| {c['model']} | {c['transform']} | error: {c['error']} | | | | |")
+            lines.append(f"| {c['model']} | {c['transform']} | error: {c['error']} | | | | | |")
         elif not c.get("applied"):
-            lines.append(f"| {c['model']} | {c['transform']} | n/a | | | | |")
+            lines.append(f"| {c['model']} | {c['transform']} | n/a | | | | | |")
         else:
-            v, k = c["val"], c["calib"]
-            lines.append(f"| {c['model']} | {c['transform']} | {c['records']} | {v['max_abs']:.3g} | {v['max_rel']:.3g} "
-                         f"| {k['max_abs']:.3g} | {k['max_rel']:.3g} |")
+            cols = [f"{c[k]['max_rel']:.2g} ({c[k]['max_abs']:.2g})" for k in ("val", "calib", "floor", "vs_floor",
+                                                                                "ort_all")]
+            lines.append(f"| {c['model']} | {c['transform']} | {c['records']} | " + " | ".join(cols) + " |")
     return "\n".join(lines)
 
 
@@ -302,8 +319,10 @@ def main(argv=None) -> int:
                 c["model"] = m
                 cells.append(c)
                 got = "n/a" if not c.get("applied") else c.get("error") or \
-                    f"val max abs {c['val']['max_abs']:.3g} rel {c['val']['max_rel']:.3g}, calib max abs " \
-                    f"{c['calib']['max_abs']:.3g} rel {c['calib']['max_rel']:.3g} ({c['records']} record(s))"
+                    f"val max rel {c['val']['max_rel']:.3g}, calib {c['calib']['max_rel']:.3g}, floor " \
+                    f"{c['floor']['max_rel']:.3g}, transform alone {c['vs_floor']['max_rel']:.3g}, ORT levels " \
+                    f"{c['ort_all']['max_rel']:.3g} " \
+                    f"({c['records']} record(s))"
                 print(f"{m:24} {t:12} {got}  ({c['seconds']} s)", flush=True)
         print()
         print(f"Command: `python benchmarks/bench_transforms.py {' '.join(argv if argv is not None else sys.argv[1:])}`;"

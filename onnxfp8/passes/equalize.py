@@ -683,8 +683,9 @@ def weight_error(w: np.ndarray, layer: Layer, ctx: PassContext) -> np.ndarray:
 def _error_node(layer: Layer, dw: np.ndarray, i: int) -> Tuple[List[gs.Node], gs.Variable]:
     """A copy of the layer computing ``dW x`` (no bias)."""
     n = layer.node
-    out = gs.Variable(f"{layer.name}__onnxfp8_dw_out", dtype=np.float32)
-    const = gs.Constant(f"{layer.name}__onnxfp8_dw", dw.astype(np.float32))
+    dtype = layer.weight.values.dtype  # an FP16 model's layer takes FP16 weights (channel_stats casts the output)
+    out = gs.Variable(f"{layer.name}__onnxfp8_dw_out", dtype=dtype)
+    const = gs.Constant(f"{layer.name}__onnxfp8_dw", dw.astype(dtype))
     attrs = dict(n.attrs)
     if n.op == "Gemm":
         attrs["beta"] = 1.0

@@ -195,3 +195,37 @@ def test_bias_correction_changes_the_fp32_function_by_the_expected_error_only():
     assert any(r["pass"] == "bias_correction" for r in plan.transforms)
     rel = _max_rel(ref, make_session(out, level="disable").run(None, feeds)[0])
     assert 1e-5 < rel < 0.1
+
+
+def _half(model):
+    """``model`` in float16: every float initializer, input and output (as an export with model.half())."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for i, t in enumerate(m.graph.initializer):
+        if t.data_type == onnx.TensorProto.FLOAT:
+            from onnx import numpy_helper
+
+            m.graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    for v in list(m.graph.input) + list(m.graph.output):
+        v.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def test_transforms_on_a_float16_model():
+    """The per-channel statistics of FP16 tensors are cast to float in the graph (before: onnxruntime refused
+    the float-typed reduction outputs of FP16 tensors, zoo resnet18-fp16 / distilbert-fp16), bias correction's
+    error layers take FP16 weights."""
+    from onnxfp8.quantize import transformed
+
+    model = _half(cnn(spread=1.0))
+    calib = [{"x": b["x"].astype(np.float16)} for b in image_batches()]
+    feeds = {"x": image_batches(seed=5, n=32, batch=32)[0]["x"].astype(np.float16)}
+    ref = make_session(model, level="disable").run(None, feeds)[0].astype(np.float32)
+    out, plan = transformed(model, calib, QuantConfig(equalize=True, bias_correction=False, smoothquant=0.5))
+    assert {r["pass"] for r in plan.transforms} == {"equalize", "smoothquant"}
+    got = make_session(out, level="disable").run(None, feeds)[0].astype(np.float32)
+    assert _max_rel(ref, got) < 5e-3  # float16 rounding of the rescaled weights
+    r = quantize(model, calib, QuantConfig(format="int8", equalize=True))
+    d = _decisions(r.plan)
+    assert d["equalize"]["with_db"] is not None and d["bias_correction"]["with_db"] is not None
