@@ -8,12 +8,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-import numpy as np
-
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxfp8.calibrators.data import as_data, batch_size, input_specs, output_batch_axes, take_outputs, take_samples
+from onnxfp8.calibrators.data import Samples, as_data, batch_size, input_specs, output_batch_axes, take_samples
 from onnxfp8.config import QuantConfig
 from onnxfp8.errors import ModelError
 from onnxfp8 import modelio
@@ -24,7 +22,6 @@ from onnxfp8.passes import pipeline_for
 from onnxfp8.pipeline import PassContext, Pipeline
 from onnxfp8.plan import QuantPlan
 from onnxfp8.verify.check import OutputResult, Thresholds
-from onnxfp8.verify.compare import ClassifierStats, ErrorStats, is_classifier
 from onnxfp8.verify.report import RUN_EXACTLY, QuantReport
 
 
@@ -246,12 +243,15 @@ def guarded(config: QuantConfig, data: Any) -> bool:
 
 
 def _worst_sqnr(model: onnx.ModelProto, reference, config: QuantConfig, data: Any) -> Tuple[float, int]:
-    """The worst float output's SQNR (dB) of ``model`` vs ``reference`` (the untransformed model's captured
-    FP32 outputs), on every captured sample, and the sample count."""
-    want = sum(batch_size(f) for f in reference.inputs)
-    stats, _, count = output_errors(model, reference, config, want, data)
-    values = [s.sqnr_db for s in stats.values() if s.count]
-    return (min(values) if values else math.inf), count
+    """The worst float output's SQNR (dB) of ``model`` vs ``reference`` (a state.Captured: inputs and the
+    original model's FP32 outputs), on all its samples, and the sample count."""
+    from onnxfp8.verify.measure import measure_outputs
+
+    m = measure_outputs(model, Samples(reference.inputs, what="held-out calibration samples"), reference.outputs,
+                        axes=getattr(data, "axes", {}), out_axes=output_batch_axes(model, data),
+                        providers=config.providers, threads=config.threads)
+    values = [s.sqnr_db for s in m.outputs.values() if s.count]
+    return (min(values) if values else math.inf), m.samples
 
 
 def _held_out(prep: Prepared, data: Any, config: QuantConfig):
@@ -470,61 +470,23 @@ def _finish(pipe: Pipeline, graph: gs.Graph, ctx: PassContext, prep: Prepared, c
     return QuantResult(out_model, ctx.plan, report, output)
 
 
-def output_errors(model: onnx.ModelProto, captured, config: QuantConfig, want: int, calib: Any = None,
-                  progress=None):
-    """Run ``model`` (quantized, at onnxruntime's exact level) on the first ``want`` samples of ``captured``
-    (a state.Captured: inputs and the FP32 outputs to compare with); returns (ErrorStats per output,
-    ClassifierStats per classifier output, samples run)."""
-    inputs, refs = captured.inputs, captured.outputs
-    sess = make_session(model, level="basic", providers=config.providers, threads=config.threads)
-    names = [o.name for o in sess.get_outputs()]
-    stats = {n: ErrorStats() for n in names}
-    classifiers: Dict[str, ClassifierStats] = {}
-    bar = progress
-    if bar is not None and hasattr(bar, "begin"):
-        bar.begin("measuring the quantized model", want)
-    axes = getattr(calib, "axes", {})  # each input's batch axis: a fixed batch cannot run a short batch
-    static = {i.name: i.shape[axes.get(i.name, 0)] for i in sess.get_inputs()
-              if axes.get(i.name, 0) is not None and len(i.shape) > axes.get(i.name, 0)
-              and isinstance(i.shape[axes.get(i.name, 0)], int)}
-    out_axes = output_batch_axes(model, calib)
-    count = 0
-    for feed, ref in zip(inputs, refs):
-        n = batch_size(feed)
-        if count + n > want and not static and out_axes is not None:  # cut the last batch
-            take = want - count
-            feed = take_samples(feed, take)
-            ref = take_outputs(ref, n, take, out_axes)
-            n = take
-        elif any(feed[k].shape[axes.get(k, 0)] != b for k, b in static.items() if k in feed):
-            continue  # a short last batch a model with a fixed batch size cannot run
-        got = sess.run(names, feed)
-        for name, v in zip(names, got):
-            if name in ref:
-                stats[name].update(ref[name], v)
-                r = np.asarray(ref[name])
-                if r.dtype.kind == "f" and is_classifier(r.shape) and r.shape == np.shape(v):
-                    classifiers.setdefault(name, ClassifierStats()).update(r, v)
-        count += n
-        if bar is not None:
-            bar(count)
-        if count >= want:
-            break
-    if bar is not None and hasattr(bar, "close"):
-        bar.close()
-    return stats, classifiers, count
-
-
 def _measure(model: onnx.ModelProto, ctx: PassContext, report: QuantReport, config: QuantConfig) -> None:
     """Output SQNR of the quantized model vs the FP32 outputs captured during calibration, on the first
     ``config.summary_count(calibration samples)`` captured samples."""
-    captured = sum(batch_size(f) for f in ctx.captured.inputs)
+    inputs, refs = ctx.captured.inputs, ctx.captured.outputs
+    captured = sum(batch_size(f) for f in inputs)
     want = min(captured, config.summary_count((ctx.calibration.samples if ctx.calibration else 0) or captured))
-    if not ctx.captured or want <= 0:
+    if not inputs or want <= 0:
         return
-    stats, classifiers, count = output_errors(model, ctx.captured, config, want, ctx.calib, ctx.progress)
-    report.outputs = {n: {**s.to_dict(), **(classifiers[n].to_dict() if n in classifiers else {})}
-                      for n, s in stats.items()}
+    from onnxfp8.progress import stage
+    from onnxfp8.verify.measure import measure_outputs
+
+    with stage(ctx.progress, "measuring the quantized model", want) as bar:
+        m = measure_outputs(model, Samples(inputs, what="captured calibration samples"), refs, samples=want, axes=getattr(ctx.calib, "axes", {}),
+                            out_axes=output_batch_axes(model, ctx.calib), providers=config.providers,
+                            threads=config.threads, progress=bar)
+    stats, classifiers, count = m.outputs, m.classifiers, m.samples
+    report.outputs = m.to_dict()
     report.summary_samples = count
     # would `onnxfp8 check` pass with its defaults? (on these calibration samples: a hint, not the held-out gate)
     defaults = Thresholds()

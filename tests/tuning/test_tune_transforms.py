@@ -28,17 +28,18 @@ def test_equalization_step_meets_the_target_without_fallback(example_models, tmp
     assert next(iter(chk.outputs.values())).error.cosine == pytest.approx(best.metric, abs=1e-9)
 
 
-def test_fallback_after_a_transform_step_uses_its_workspace(example_models):
-    """A target no step meets: the fallback edits the best plan (a transform step's here) and rebuilds it in
-    that step's workspace (its graph has the transform)."""
+def test_fallback_after_a_transform_step_edits_its_plan(example_models):
+    """A target no step meets: the fallback edits the best plan (the transform step's here); rebuilt from the
+    plan, which replays the transform (measured: equalize 0.99954 on 16 screening samples, then fc in FP16
+    0.99980)."""
     ex = example_models["cnn"]
     res = tune(ex["model"], ex["calib"], ex["val"], Target("cosine", 0.99999), QuantConfig(), max_fallback=1,
                methods=[], transforms=("equalize",))
     rep = res.tuning
-    assert [s.name for s in rep.steps][-2:] == ["transforms", "fallback"]
-    eq, fb = rep.steps[-2], rep.steps[-1]
-    assert eq.tried == "format auto + equalize" and fb.metric > eq.metric  # measured: 0.99949 -> 0.99980
-    assert rep.steps[rep.best_step] is fb and res.config.equalize
+    names = [s.name for s in rep.steps]
+    eq = names.index("transforms")
+    assert rep.steps[eq].tried == "format auto + equalize" and names[eq + 1] == "fallback"
+    assert rep.steps[rep.best_step].name == "fallback" and res.config.equalize
     kinds = {r["pass"] for r in res.plan.transforms}
     assert {"equalize", "bias_correction"} <= kinds  # the fallback plan was rebuilt on the equalized graph
     assert not res.plan.nodes[rep.fallback[0]].quantized
