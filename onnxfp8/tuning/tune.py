@@ -46,6 +46,9 @@ from onnxfp8.verify.sensitivity import SensitivityReport, analyse, layer_tensors
 
 DEFAULT_MAX_FALLBACK = "10%"
 FALLBACK_PRECISIONS = ("auto", "fp32")
+AUTO_COLUMN = "auto"  # the sensitivity column of format auto's per-tensor choice
+# fallback ranking: this many layers (lowest own SQNR first) are scored alone in high precision
+RANK_POOL_MIN, RANK_POOL_FACTOR, RANK_POOL_MAX = 6, 2, 16
 SCREEN_SAMPLES = 16  # candidates are scored on this many validation samples first ...
 SCREEN_MARGIN_DB = 1.0  # ... and on the whole set only when within this of an SQNR target
 # the transforms (passes/equalize.py, passes/smoothquant.py) tried as search steps, each with the value it is
@@ -174,6 +177,7 @@ class _Candidate:
     precision: Dict[str, str] = field(default_factory=dict)  # fallen-back node -> fp16 / fp32
     why: str = ""  # the step that made this plan
     per_layer: Dict[str, str] = field(default_factory=dict)  # node -> format, when formats come per layer
+    column: Optional[str] = None  # the sensitivity column of its layers when not per layer (AUTO_COLUMN: format auto)
     screened: Optional[Evaluation] = None  # on the screening subset (every candidate, when screening)
     full: bool = True  # ``evaluation`` is on the whole validation set
     step: int = 0
@@ -315,7 +319,7 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
         return c.screened.key(target) > b.screened.key(target)  # the same samples for every candidate
 
     def attempt(name: str, tried: str, cfg: QuantConfig, result=None, fallback=(), per_layer=None,
-                precision=None) -> _Candidate:
+                precision=None, column: Optional[str] = None) -> _Candidate:
         nonlocal best, best_index
         t = time.perf_counter()
         result = result if result is not None else ws.realize(cfg)
@@ -327,7 +331,7 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
         e = ev.evaluate(result.model, bar, f"tuning: {name}") if full else es
         counts["full"] += int(full)
         cand = _Candidate(cfg, result, e, tuple(fallback), dict(precision or {}), tried, dict(per_layer or {}),
-                          screened=es, full=full)
+                          screened=es, full=full, column=column)
         v = e.value(target.metric)
         step = Step(name, tried, v, full and target.met(v), len(fallback), e.metrics(), time.perf_counter() - t,
                     samples=e.samples, screened=es.value(target.metric) if es is not None else None)
@@ -359,21 +363,31 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
                                                                                config.activations_auto):
         t = time.perf_counter()
         auto = config.replace(format="auto", weights_format=None, activations_format=None, formats=tuple(cands))
-        attempt("formats", "format auto (per tensor, from the calibration histograms)", auto)
+        auto_made = ws.realize(auto)
+        attempt("formats", "format auto (per tensor, from the calibration histograms)", auto, result=auto_made,
+                column=AUTO_COLUMN)
         timings["formats"] = time.perf_counter() - t
+    else:
+        auto = auto_made = None
     if not done():
         t = time.perf_counter()
         sub = ev.subset(sensitivity_samples) if sensitivity_samples else ev
-        made = {}  # the baseline's realisation serves its format (no second graph build)
+        made = {}  # the realisations made already serve their columns (no second graph build)
         if config.format != "auto" and not config.weights_format and not config.activations_format:
             made[config.format] = ws.first
-        sens = analyse(ws, sub, cands, config, top=0, max_memory_mb=max_memory_mb, bar=bar, results=made)
+        columns = list(cands)
+        if auto_made is not None:  # format auto's per-tensor choice is a column of its own: layer by layer,
+            made[AUTO_COLUMN] = auto_made  # the sensitivity then says where it beats one format and where not
+            columns.append(AUTO_COLUMN)
+        sens = analyse(ws, sub, columns, config, top=0, max_memory_mb=max_memory_mb, bar=bar, results=made)
+        auto_made = made = None  # the models go; the plans stay in the candidates
         timings["sensitivity"] = time.perf_counter() - t
     if not done() and len(cands) > 1:
         t = time.perf_counter()
         per_layer = {l.node: l.best_format for l in sens.layers if l.node in quantized}
         if set(per_layer.values()) - {sens.base_format}:
-            cfg = _with_formats(config, plan0, per_layer, sens)
+            use_auto = AUTO_COLUMN in per_layer.values()
+            cfg = _with_formats(auto if use_auto else config, plan0, per_layer, sens)
             attempt("formats", "per-layer formats from the sensitivity analysis ("
                     + ", ".join(f"{f} {k}" for f, k in _count(per_layer).items()) + ")", cfg, per_layer=per_layer)
         timings["formats"] = timings.get("formats", 0.0) + time.perf_counter() - t
@@ -385,7 +399,7 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
             if m == anchor.config.calibration:
                 continue
             attempt("calibration", f"{label}, calibration {m}", anchor.config.replace(calibration=m),
-                    per_layer=anchor.per_layer)
+                    per_layer=anchor.per_layer, column=anchor.column)
             if done():
                 break
         timings["calibration_methods"] = time.perf_counter() - t
@@ -403,8 +417,9 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
         anchor = best
         order = _fallback_order(sens, anchor, quantized)
         tried: Dict[int, _Candidate] = {}
+        pool = order[:min(len(order), max(RANK_POOL_MIN, RANK_POOL_FACTOR * budget), RANK_POOL_MAX)]
         t16 = time.perf_counter()
-        verdicts = _fp16_verdicts(ws, order[:min(budget, len(order))], fallback_precision, bar)
+        verdicts = _fp16_verdicts(ws, pool, fallback_precision, bar)
         timings["fp16_safety"] = time.perf_counter() - t16
         precision = {n: ("fp16" if v.safe else "fp32") for n, v in verdicts.items()}
 
@@ -416,12 +431,27 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
             return attempt(name, f"{k} most sensitive layer(s) in {_precision_words(nodes, prec)}{extra} "
                                  f"({', '.join(nodes)})",
                            _without(anchor.config, nodes, anchor.result.plan), result=ws.apply(plan),
-                           fallback=nodes, per_layer=anchor.per_layer, precision={n: prec[n] for n in nodes})
+                           fallback=nodes, per_layer=anchor.per_layer, precision={n: prec[n] for n in nodes},
+                           column=anchor.column)
 
         def fall(k: int) -> _Candidate:
             if k not in tried:
                 tried[k] = realise(tuple(order[:k]), precision)
             return tried[k]
+
+        # ranking by what a fallback buys at the output: the own SQNR ranks the pool, then each of its layers
+        # alone in high precision is scored (on the screening subset) and the pool is ordered by that
+        tr = time.perf_counter()
+        alone: Dict[str, _Candidate] = {}
+        if budget > 0 and len(pool) > 1:
+            for n in pool:
+                alone[n] = realise((n,), precision, extra=" alone (ranking the fallback by output gain)")
+                if done():
+                    break
+            gain = {n: (c.screened or c.evaluation).key(target) for n, c in alone.items()}
+            order = sorted(alone, key=lambda n: gain[n], reverse=True) + [n for n in order if n not in alone]
+            tried[1] = alone[order[0]]
+        timings["fallback_ranking"] = time.perf_counter() - tr
 
         ks, k = [], 1
         while k < min(budget, len(order)):
@@ -429,7 +459,7 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
             k *= 2
         ks.append(min(budget, len(order)))
         lo = 0
-        for k in ks:
+        for k in ks if not done() else []:
             if met(fall(k)):
                 hi = k
                 while hi - lo > 1:  # the smallest count that meets the target
@@ -514,6 +544,8 @@ def _with_formats(config: QuantConfig, plan, per_layer: Dict[str, str], sens: Se
         if not readers or "format" in overrides.get(spec.tensor, {}):
             continue
         node = min(readers, key=lambda c: rank.get(c, 1 << 30))
+        if per_layer[node] == AUTO_COLUMN:  # format auto's own choice for this tensor (``config`` is auto)
+            continue
         overrides.setdefault(spec.tensor, {})["format"] = per_layer[node]
     return config.replace(overrides=overrides)
 
@@ -532,7 +564,8 @@ def _fallback_order(sens: Optional[SensitivityReport], cand: _Candidate, quantiz
     for l in sens.layers:
         if l.node not in q:
             continue
-        v = l.own.get(fmt_of.get(l.node, l.base_format), l.own_db)
+        col = cand.per_layer.get(l.node) or cand.column or fmt_of.get(l.node, l.base_format)
+        v = l.own.get(col, l.own.get(fmt_of.get(l.node, l.base_format), l.own_db))
         scored.append((v if not math.isnan(v) else math.inf, l.rank, l.node))
     ranked = [n for _, _, n in sorted(scored)]
     return ranked + [n for n in quantized if n not in set(ranked)]
