@@ -8,7 +8,12 @@ never on the calibration data. The search, in order, stopping at the first plan 
    per-layer formats from the sensitivity analysis (verify/sensitivity.py: one shared pass measures every
    layer's own SQNR in every candidate format; each layer gets the format that wins it), the best of these kept;
 3. **calibration**: the best plan so far with each other calibration method (mse, percentile, entropy...);
-4. **fallback**: the most sensitive layers (lowest own SQNR in their format) left in high precision, 1, 2, 4...
+4. **transforms**: SmoothQuant (alpha per layer), cross-layer equalization (with bias correction) and bias
+   correction alone (docs/transforms.md), each on top of the best plan so far; a transform rewrites the graph,
+   so each is calibrated in a Workspace of its own (one more pass over the calibration data each; skipped
+   when it changes nothing or with --load-stats only); unguarded: the validation data judges it; its plan
+   replays the transform, so it is rebuilt (and edited by the fallback) like any other;
+5. **fallback**: the most sensitive layers (lowest own SQNR in their format) left in high precision, 1, 2, 4...
    of them up to ``max_fallback``, then the smallest count that meets the target between the last two tried;
    each is the best plan so far edited (QuantPlan.keep_fp32) and rebuilt by onnxfp8.apply_plan.
 
@@ -46,8 +51,10 @@ AUTO_COLUMN = "auto"  # the sensitivity column of format auto's per-tensor choic
 RANK_POOL_MIN, RANK_POOL_FACTOR, RANK_POOL_MAX = 6, 2, 16
 SCREEN_SAMPLES = 16  # candidates are scored on this many validation samples first ...
 SCREEN_MARGIN_DB = 1.0  # ... and on the whole set only when within this of an SQNR target
-# function-preserving rewrites the "transforms" work adds as config keys; tried as a search step when present
-TRANSFORM_KEYS = ("smoothquant", "equalize")
+# the transforms (passes/equalize.py, passes/smoothquant.py) tried as search steps, each with the value it is
+# tried at, in this order, each on top of the best plan so far (docs/transforms.md)
+TRANSFORM_KEYS = ("smoothquant", "equalize", "bias_correction")
+TRANSFORM_VALUES = {"smoothquant": "auto", "equalize": True, "bias_correction": True}
 
 
 def parse_max_fallback(value: Union[str, int, float, None], layers: int) -> int:
@@ -220,13 +227,14 @@ def tune(model, calib: Any, val: Any, target: Target, config: Optional[QuantConf
          formats: Optional[Sequence[str]] = None, methods: Optional[Sequence[str]] = None,
          samples: Optional[int] = None, sensitivity_samples: Optional[int] = 16, max_memory_mb: float = 64,
          progress=None, workspace: Optional[Workspace] = None, evaluator: Optional[Evaluator] = None,
-         outputs=None, fallback_precision: str = "auto", screen_samples: Optional[int] = SCREEN_SAMPLES
-         ) -> TuneResult:
+         outputs=None, fallback_precision: str = "auto", screen_samples: Optional[int] = SCREEN_SAMPLES,
+         transforms: Optional[Sequence[str]] = None) -> TuneResult:
     """Search plans for ``model`` until ``target`` holds on ``val``; see the module docstring. ``formats``:
     candidate formats (default config.formats); ``methods``: calibration methods tried (default every other
     one); ``samples``: at most this many validation samples; ``fallback_precision``: "auto" (FP16 where the layer
     is FP16-safe, else FP32) or "fp32"; ``screen_samples``: candidates are scored on this many validation samples
-    first and on the whole set only when the target is within reach (None / 0: every candidate on the whole set). Writes the chosen model to ``output`` when given
+    first and on the whole set only when the target is within reach (None / 0: every candidate on the whole set);
+    ``transforms``: the transform steps tried (default TRANSFORM_KEYS; ``()`` none). Writes the chosen model to ``output`` when given
     (``outputs``: an outputs.Outputs the caller commits, as quantize() takes; else written before returning)."""
     from onnxfp8.outputs import Outputs
 
@@ -251,9 +259,13 @@ def tune(model, calib: Any, val: Any, target: Target, config: Optional[QuantConf
     outs.add(output, "the output model (-o)", model=True)
     outs.validate()  # before any work
     try:
+        keys = TRANSFORM_KEYS if transforms is None else tuple(transforms)
+        bad = [k for k in keys if k not in TRANSFORM_KEYS]
+        if bad:
+            raise ConfigError(f"transforms: unknown transform '{bad[0]}' (known: {', '.join(TRANSFORM_KEYS)})")
         result = _tune(model, calib, val, target, config, labels, max_fallback, formats, methods, samples,
                        sensitivity_samples, max_memory_mb, progress, workspace, evaluator, timings,
-                       fallback_precision, screen_samples)
+                       fallback_precision, screen_samples, keys)
         if output:
             outs.write_model(output, result.model)
             result.output = output
@@ -269,8 +281,9 @@ def tune(model, calib: Any, val: Any, target: Target, config: Optional[QuantConf
 
 def _tune(model, calib, val, target, config, labels, max_fallback, formats, methods, samples, sensitivity_samples,
           max_memory_mb, progress, workspace, evaluator, timings, fallback_precision="auto",
-          screen_samples=SCREEN_SAMPLES) -> TuneResult:
+          screen_samples=SCREEN_SAMPLES, transforms=TRANSFORM_KEYS) -> TuneResult:
     own_ws = workspace is None
+    extra: List[Workspace] = []  # the transform steps' workspaces
     t = time.perf_counter()
     ws = workspace or Workspace(model, calib, config, progress=progress)
     timings["calibration"] = time.perf_counter() - t
@@ -283,8 +296,11 @@ def _tune(model, calib, val, target, config, labels, max_fallback, formats, meth
             raise ConfigError(f"{target.flag} needs labels: pass --labels FILE (or a 'label' key in the validation "
                               f"files)")
         result = _search(ws, ev, target, config, max_fallback, formats, methods, max_memory_mb, progress, timings,
-                         sensitivity_samples, fallback_precision, screen_samples)
+                         sensitivity_samples, fallback_precision, screen_samples, calib=calib,
+                         extra_workspaces=extra, transforms=transforms)
     finally:
+        for w in extra:
+            w.close()
         if own_ws:
             ws.close()
     return result
@@ -292,7 +308,9 @@ def _tune(model, calib, val, target, config, labels, max_fallback, formats, meth
 
 def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, max_fallback, formats, methods,
             max_memory_mb: float, bar, timings: Dict[str, float], sensitivity_samples: Optional[int] = 16,
-            fallback_precision: str = "auto", screen_samples: Optional[int] = SCREEN_SAMPLES) -> TuneResult:
+            fallback_precision: str = "auto", screen_samples: Optional[int] = SCREEN_SAMPLES, calib: Any = None,
+            extra_workspaces: Optional[List[Workspace]] = None, transforms: Sequence[str] = ()) -> TuneResult:
+    extra_workspaces = extra_workspaces if extra_workspaces is not None else []
     steps: List[Step] = []
     best: Optional[_Candidate] = None
     best_index = 0
@@ -414,9 +432,15 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
             if done():
                 break
         timings["calibration_methods"] = time.perf_counter() - t
-    for key in TRANSFORM_KEYS:  # hook: a transform the config knows (a key of QuantConfig) is a step of its own
-        if not done() and key in QuantConfig.__dataclass_fields__ and not getattr(best.config, key, None):
-            pass  # a transform rewrites the graph, so it needs its own calibration (a new Workspace): not wired yet
+    for key in transforms:  # each transform on top of the best plan so far; it rewrites the graph, so it
+        if done() or calib is None or getattr(best.config, key, None):  # calibrates a Workspace of its own
+            continue
+        t = time.perf_counter()
+        step = _transform_step(key, best, ws, calib, bar, extra_workspaces)
+        if step is not None:  # its plan replays the transform (apply_plan), so ws.apply rebuilds it like any other
+            cfg, tws, tried = step
+            attempt("transforms", tried, cfg, result=tws.first, per_layer=best.per_layer)
+        timings["transforms"] = timings.get("transforms", 0.0) + time.perf_counter() - t
     if not done() and budget > 0:
         t = time.perf_counter()
         anchor = best
@@ -510,6 +534,26 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
                         val_samples=ev.samples, fallback_precision=dict(best.precision), fp16=verdicts)
     best.result.report.plan = best.result.plan
     return TuneResult(best.result.model, best.result.plan, best.result.report, report, best.config)
+
+
+def _transform_step(key: str, best: _Candidate, ws: Workspace, calib: Any, bar, extra: List[Workspace]):
+    """The best plan's configuration with transform ``key`` on (unguarded: the tuner judges on the validation
+    data), calibrated in a Workspace of its own; (config, workspace, what was tried), or None when the
+    transform changes nothing or cannot apply to this configuration."""
+    from onnxfp8.errors import OnnxFp8Error
+
+    value = TRANSFORM_VALUES[key]
+    cfg = best.config.replace(**{key: value}, transform_guard=False, load_stats=None, save_stats=None)
+    try:
+        tws = Workspace(ws.prepared, calib, cfg, progress=bar)
+    except OnnxFp8Error:  # e.g. per-tensor overrides naming a tensor the transform renamed: the step is skipped
+        return None
+    extra.append(tws)
+    if not any(r.get("pass") == key and r.get("kind") != "left_alone" for r in tws.first.plan.transforms):
+        return None
+    label = best.why.split(" (")[0] if best.why else _describe(best.config)
+    shown = f"{key} {value}" if not isinstance(value, bool) else key
+    return cfg, tws, f"{label} + {shown}"
 
 
 def _describe(cfg: QuantConfig) -> str:
