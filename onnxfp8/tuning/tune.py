@@ -49,6 +49,9 @@ FALLBACK_PRECISIONS = ("auto", "fp32")
 AUTO_COLUMN = "auto"  # the sensitivity column of format auto's per-tensor choice
 # fallback ranking: this many layers (lowest own SQNR first) are scored alone in high precision
 RANK_POOL_MIN, RANK_POOL_FACTOR, RANK_POOL_MAX = 6, 2, 16
+# MB of tensors the sensitivity pass exposes per onnxruntime run: a chunk of layers costs one FP32 run over the
+# samples, so a small budget multiplies them (zoo-sized ResNet-50 at 224 px: 506 s = 5x the FP32 floor at 64 MB)
+SENSITIVITY_MEMORY_MB = 1024
 SCREEN_SAMPLES = 16  # candidates are scored on this many validation samples first ...
 SCREEN_MARGIN_DB = 1.0  # ... and on the whole set only when within this of an SQNR target
 # the transforms (passes/equalize.py, passes/smoothquant.py) tried as search steps, each with the value it is
@@ -225,7 +228,7 @@ def _improved(anchor: "_Candidate", best: "_Candidate") -> bool:
 def tune(model, calib: Any, val: Any, target: Target, config: Optional[QuantConfig] = None, *,
          labels: Any = None, max_fallback: Union[str, int, None] = None, output: Optional[str] = None,
          formats: Optional[Sequence[str]] = None, methods: Optional[Sequence[str]] = None,
-         samples: Optional[int] = None, sensitivity_samples: Optional[int] = 16, max_memory_mb: float = 64,
+         samples: Optional[int] = None, sensitivity_samples: Optional[int] = 16, max_memory_mb: float = SENSITIVITY_MEMORY_MB,
          progress=None, workspace: Optional[Workspace] = None, evaluator: Optional[Evaluator] = None,
          outputs=None, fallback_precision: str = "auto", screen_samples: Optional[int] = SCREEN_SAMPLES,
          transforms: Optional[Sequence[str]] = None) -> TuneResult:
