@@ -316,9 +316,8 @@ class CalibrationData:
             arr = np.asarray(item[name])
             arr = self._check_shape(where, spec, arr)
             arr = _cast(arr, spec, where)
-            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-                bad = "NaN" if np.isnan(arr).any() else "Inf"
-                raise DataError(f"{where}: input '{name}' contains {bad} values")
+            if arr.dtype.kind == "f" and np.isnan(arr).any():  # an Inf is a mask value (an additive -inf mask)
+                raise DataError(f"{where}: input '{name}' contains NaN values")
             ax = spec.batch_axis
             if ax is None:
                 pass  # fed as it is (a scalar, a table): it does not count samples
