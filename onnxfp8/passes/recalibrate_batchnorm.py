@@ -69,7 +69,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 
-from onnxfp8.calibrators.data import CalibrationData, input_specs
+from onnxfp8.calibrators.data import Batch, CalibrationData, batch_size, input_specs, take_samples
 from onnxfp8.errors import DataError
 from onnxfp8.modelio import make_session, to_model
 from onnxfp8.passes.emulate import float_type
@@ -206,29 +206,54 @@ class HeldOut:
         self.specs, self.batch_size = data.specs, data.batch_size
 
     def batches(self, with_labels: bool = False):
+        # cut and joined along each input's batch axis (calibrators/data.py batch_axes: a state [2, batch, C] on
+        # axis 1); an input without one (a scalar) is the same for every sample and kept whole
         skip, bs = self.skip, self.batch_size
         buf: List[Any] = []  # (batch, labels) parts, all of one sample shape
 
+        def axis(part, k):
+            return getattr(part, "axes", {}).get(k, 0)
+
+        def join(parts, k):
+            ax = axis(parts[0], k)
+            if len(parts) == 1 or ax is None or np.ndim(parts[0][k]) <= ax:
+                return parts[0][k]
+            return np.concatenate([b[k] for b in parts], axis=ax)
+
         def emit(n):
             nonlocal buf
-            batch = {k: np.concatenate([b[k] for b, _ in buf]) for k in buf[0][0]}
+            parts = [b for b, _ in buf]
+            axes = getattr(parts[0], "axes", {})
+            batch = Batch({k: join(parts, k) for k in parts[0]}, axes)
             labels = None if any(lab is None for _, lab in buf) else np.concatenate([lab for _, lab in buf])
-            rest = {k: v[n:] for k, v in batch.items()}
-            buf = [(rest, labels[n:] if labels is not None else None)] if len(next(iter(rest.values()))) else []
-            out = ({k: v[:n] for k, v in batch.items()}, labels[:n] if labels is not None else None)
+            total = batch_size(batch)
+            rest = take_samples(batch, total, n)
+            buf = [(rest, labels[n:] if labels is not None else None)] if total > n else []
+            out = (take_samples(batch, n), labels[:n] if labels is not None else None)
             return out if with_labels else out[0]
 
-        count = lambda: sum(len(next(iter(b.values()))) for b, _ in buf)  # noqa: E731
+        def same_shape(a, b):
+            for k in b:
+                ax = axis(b, k)
+                sa, sb = np.shape(a[k]), np.shape(b[k])
+                if ax is None or len(sb) <= ax:
+                    if sa != sb:
+                        return False
+                elif sa[:ax] + sa[ax + 1:] != sb[:ax] + sb[ax + 1:]:
+                    return False
+            return True
+
+        count = lambda: sum(batch_size(b) for b, _ in buf)  # noqa: E731
         for batch, labels in self.data.batches(with_labels=True):
-            n = len(next(iter(batch.values())))
+            n = batch_size(batch)
             if skip >= n:
                 skip -= n
                 continue
             if skip:
-                batch = {k: v[skip:] for k, v in batch.items()}
+                batch = take_samples(batch, n, skip)
                 labels = labels[skip:] if labels is not None else None
                 skip = 0
-            if buf and any(buf[0][0][k].shape[1:] != v.shape[1:] for k, v in batch.items()):
+            if buf and not same_shape(buf[0][0], batch):
                 yield emit(count())
             buf.append((batch, labels))
             while count() >= bs:
@@ -281,7 +306,7 @@ def evaluation_set(ctx: PassContext):
     first ``config.capture_samples`` calibration samples) and, when the calibration data has a ``label`` key, their
     labels. Returns (inputs, fp32 outputs, labels or None, count)."""
     inputs, refs = ctx.captured.inputs, ctx.captured.outputs
-    count = sum(next(iter(f.values())).shape[0] for f in inputs) if inputs else 0
+    count = sum(batch_size(f) for f in inputs) if inputs else 0
     labels = None
     if count and ctx.calib is not None and hasattr(ctx.calib, "batches"):
         parts, got = [], 0
@@ -313,7 +338,7 @@ def evaluate(graph: gs.Graph, ctx: PassContext, inputs, refs, labels) -> Dict[st
     cls: Dict[str, ClassifierStats] = {}
     start = 0
     for feed, ref in zip(inputs, refs):
-        n_feed = next(iter(feed.values())).shape[0]
+        n_feed = batch_size(feed)
         lab = labels[start:start + n_feed] if labels is not None else None
         start += n_feed
         for n, v in zip(names, sess.run(names, feed)):
@@ -385,7 +410,7 @@ class RecalibrateBatchNorm(Pass):
         if n_eval and not cfg.bn_calib and ctx.calib is not None and hasattr(ctx.calib, "batches"):
             available = 0
             for b in ctx.calib.batches():
-                available += next(iter(b.values())).shape[0]
+                available += batch_size(b)
                 if available >= 2 * n_eval:
                     break
             hold_out = n_eval if available >= 2 * n_eval else 0
@@ -507,7 +532,7 @@ class RecalibrateBatchNorm(Pass):
                         raise DataError(f"{ctx.source}: {n.name} has {acc.mean.size} channels but its input has "
                                         f"{mean.size}")
                     acc.update(size / mean.size, mean, var)
-            samples += next(iter(batch.values())).shape[0]
+            samples += batch_size(batch)
             batches += 1
         return pooled, samples, batches, data, freed
 
