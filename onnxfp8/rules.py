@@ -91,8 +91,8 @@ class DefaultEmbeddingRule(NodeRule):
     the plain scheme (issue 11 item 5). The rule is only in force when the op types are the scheme's own
     (``op_types`` not given): listing Gather in ``op_types`` / ``--op-types`` quantizes the tables."""
 
-    REASON = ("embedding Gather kept FP32 by default (quantizing embedding tables cost up to 3.5 dB output SQNR "
-              "on the zoo's transformers; FP8-BERT keeps embeddings in high precision): list Gather in "
+    REASON = ("embedding Gather kept FP32 by default (quantizing the tables lost up to 3.5 dB at the outputs of "
+              "the zoo's transformers; FP8-BERT keeps embeddings in high precision): list Gather in "
               "--op-types to quantize it")
 
     def decide(self, node, info):
