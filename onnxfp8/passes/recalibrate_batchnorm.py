@@ -69,7 +69,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 
-from onnxfp8.calibrators.data import Batch, CalibrationData, batch_size, input_specs, take_samples
+from onnxfp8.calibrators.data import batch_size, first_labels, holds_at_least, recalibration_stream
 from onnxfp8.errors import DataError
 from onnxfp8.modelio import make_session, to_model
 from onnxfp8.passes.emulate import float_type
@@ -78,7 +78,6 @@ from onnxfp8.plan import BatchNormStats
 from onnxfp8.state import BatchNormReport
 from onnxfp8.verify.compare import ErrorStats
 
-MIN_BATCH = 64
 SUFFIX = "__onnxfp8_bnrecal"
 try:
     from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
@@ -196,133 +195,13 @@ def free_batch(model: onnx.ModelProto) -> bool:
     return True
 
 
-class HeldOut:
-    """The stream of ``data`` without its first ``skip`` samples, re-batched to ``data.batch_size``: the
-    recalibration data when the first samples (those captured during calibration for the FP32 comparison)
-    are held out to judge recalibration."""
-
-    def __init__(self, data, skip: int):
-        self.data, self.skip = data, int(skip)
-        self.specs, self.batch_size = data.specs, data.batch_size
-
-    def batches(self, with_labels: bool = False):
-        # cut and joined along each input's batch axis (calibrators/data.py batch_axes: a state [2, batch, C] on
-        # axis 1); an input without one (a scalar) is the same for every sample and kept whole
-        skip, bs = self.skip, self.batch_size
-        buf: List[Any] = []  # (batch, labels) parts, all of one sample shape
-
-        def axis(part, k):
-            return getattr(part, "axes", {}).get(k, 0)
-
-        def join(parts, k):
-            ax = axis(parts[0], k)
-            if len(parts) == 1 or ax is None or np.ndim(parts[0][k]) <= ax:
-                return parts[0][k]
-            return np.concatenate([b[k] for b in parts], axis=ax)
-
-        def emit(n):
-            nonlocal buf
-            parts = [b for b, _ in buf]
-            axes = getattr(parts[0], "axes", {})
-            batch = Batch({k: join(parts, k) for k in parts[0]}, axes)
-            labels = None if any(lab is None for _, lab in buf) else np.concatenate([lab for _, lab in buf])
-            total = batch_size(batch)
-            rest = take_samples(batch, total, n)
-            buf = [(rest, labels[n:] if labels is not None else None)] if total > n else []
-            out = (take_samples(batch, n), labels[:n] if labels is not None else None)
-            return out if with_labels else out[0]
-
-        def same_shape(a, b):
-            for k in b:
-                ax = axis(b, k)
-                sa, sb = np.shape(a[k]), np.shape(b[k])
-                if ax is None or len(sb) <= ax:
-                    if sa != sb:
-                        return False
-                elif sa[:ax] + sa[ax + 1:] != sb[:ax] + sb[ax + 1:]:
-                    return False
-            return True
-
-        count = lambda: sum(batch_size(b) for b, _ in buf)  # noqa: E731
-        for batch, labels in self.data.batches(with_labels=True):
-            n = batch_size(batch)
-            if skip >= n:
-                skip -= n
-                continue
-            if skip:
-                batch = take_samples(batch, n, skip)
-                labels = labels[skip:] if labels is not None else None
-                skip = 0
-            if buf and not same_shape(buf[0][0], batch):
-                yield emit(count())
-            buf.append((batch, labels))
-            while count() >= bs:
-                yield emit(bs)
-        if buf:
-            yield emit(count())
-
-    def __iter__(self):
-        return self.batches()
-
-    def describe(self) -> str:
-        return f"{self.data.describe()} without its first {self.skip} sample(s)"
-
-
-def recalibration_data(model: onnx.ModelProto, ctx: PassContext, hold_out: int = 0):
-    """The data stream for recalibration: --bn-calib or the calibration data, --bn-samples, --augment.
-    ``hold_out``: leave out the first samples of the calibration data (not of --bn-calib data)."""
-    cfg = ctx.config
-    specs = input_specs(model)
-    static = {s.static_batch for s in specs.values() if s.static_batch}
-    bs = max(cfg.batch_size, MIN_BATCH)
-    limit = None if cfg.augment else cfg.bn_samples
-    if cfg.augment:  # refuse non-image inputs before reading any data
-        from onnxfp8.calibrators.augment import check_image_inputs
-
-        check_image_inputs(specs, cfg.augment, ctx.source)
-    if cfg.bn_calib:
-        hold_out = 0
-        data = CalibrationData(cfg.bn_calib, specs, batch_size=bs, limit=limit, what="BatchNorm recalibration data")
-    elif ctx.calib is not None:
-        source = getattr(ctx.calib, "source", ctx.calib)
-        if hold_out and limit is not None:
-            limit += hold_out
-        data = CalibrationData(source, specs, batch_size=bs, limit=limit, what="calibration data")
-    else:
-        raise DataError(f"{ctx.source}: BatchNorm recalibration needs data: pass --calib DIR or --bn-calib DIR")
-    if static:
-        data.batch_size = static.pop()
-    if hold_out:
-        data = HeldOut(data, hold_out)
-    if cfg.augment:
-        from onnxfp8.calibrators.augment import AugmentedData
-
-        return AugmentedData(data, cfg.augment, seed=cfg.augment_seed, samples=cfg.bn_samples, source=ctx.source)
-    return data
-
-
 def evaluation_set(ctx: PassContext):
     """The samples that judge recalibration: the inputs and FP32 outputs captured during calibration (the
     first ``config.capture_samples`` calibration samples) and, when the calibration data has a ``label`` key, their
     labels. Returns (inputs, fp32 outputs, labels or None, count)."""
     inputs, refs = ctx.captured.inputs, ctx.captured.outputs
-    count = sum(batch_size(f) for f in inputs) if inputs else 0
-    labels = None
-    if count and ctx.calib is not None and hasattr(ctx.calib, "batches"):
-        parts, got = [], 0
-        try:
-            for _, lab in ctx.calib.batches(with_labels=True):
-                if lab is None:
-                    parts = []
-                    break
-                parts.append(lab)
-                got += len(lab)
-                if got >= count:
-                    break
-        except TypeError:  # a data source without labels support
-            parts = []
-        if parts and got >= count:
-            labels = np.concatenate(parts)[:count]
+    count = ctx.captured.samples
+    labels = first_labels(ctx.calib, count)
     return inputs, refs, labels, count
 
 
@@ -408,12 +287,7 @@ class RecalibrateBatchNorm(Pass):
         # holds at least as many other samples (else the judgement is in-sample, and the report says so)
         hold_out = 0
         if n_eval and not cfg.bn_calib and ctx.calib is not None and hasattr(ctx.calib, "batches"):
-            available = 0
-            for b in ctx.calib.batches():
-                available += batch_size(b)
-                if available >= 2 * n_eval:
-                    break
-            hold_out = n_eval if available >= 2 * n_eval else 0
+            hold_out = n_eval if holds_at_least(ctx.calib, 2 * n_eval) else 0
         fp32 = ctx.fp32_graph
         if mode == "shift":
             if fp32 is None:
@@ -507,7 +381,7 @@ class RecalibrateBatchNorm(Pass):
         names = [n.name for n in bns]
         models = [training_mode_model(g, names) for g in graphs]
         freed = [free_batch(m) for m in models][0] if free else False
-        data = recalibration_data(models[0], ctx, hold_out=hold_out)
+        data = recalibration_stream(models[0], cfg, ctx.calib, ctx.source, hold_out=hold_out)
 
         def ort(fn, *args):
             try:
