@@ -243,8 +243,10 @@ def _finish(pipe: Pipeline, graph: gs.Graph, ctx: PassContext, prep: Prepared, c
     if require_some and not ctx.plan.quantized_nodes() and not config.allow_empty:
         raise ModelError(f"{source}: nothing to quantize: {_why_empty(ctx.plan, control_flow)}; "
                          f"--allow-empty (allow_empty=True) writes the model unchanged")
+    _phase(ctx, "exporting the quantized model")
     out_model = to_model(graph, like=prep.proto)
     if check_model:
+        _phase(ctx, "checking the quantized model (onnx.checker)")
         try:
             modelio.check_model(out_model)
         except onnx.checker.ValidationError as e:
@@ -262,9 +264,18 @@ def _finish(pipe: Pipeline, graph: gs.Graph, ctx: PassContext, prep: Prepared, c
         report.check_defaults["try"] = what_to_try(config, has_batchnorm=any(
             n.op_type == "BatchNormalization" for n in prep.proto.graph.node))
     if output:
+        _phase(ctx, f"writing {output}")
         ctx.outputs.write_model(output, out_model)
+    if ctx.progress is not None and hasattr(ctx.progress, "close"):
+        ctx.progress.close()  # clears the last phase line: the summary is printed next
     report.seconds = time.perf_counter() - start
     return QuantResult(out_model, ctx.plan, report, output)
+
+
+def _phase(ctx: PassContext, text: str) -> None:
+    """Tell the progress bar what runs now (a step without a sample count); see progress.ProgressBar.phase."""
+    if ctx.progress is not None and hasattr(ctx.progress, "phase"):
+        ctx.progress.phase(text)
 
 
 def _measure(model: onnx.ModelProto, ctx: PassContext, report: QuantReport, config: QuantConfig) -> None:
@@ -275,13 +286,14 @@ def _measure(model: onnx.ModelProto, ctx: PassContext, report: QuantReport, conf
     want = min(captured, config.summary_count((ctx.calibration.samples if ctx.calibration else 0) or captured))
     if not inputs or want <= 0:
         return
+    _phase(ctx, "measuring output error: creating the onnxruntime session")
     sess = make_session(model, level="basic", providers=config.providers, threads=config.threads)
     names = [o.name for o in sess.get_outputs()]
     stats = {n: ErrorStats() for n in names}
     classifiers: Dict[str, ClassifierStats] = {}
     bar = ctx.progress
     if bar is not None and hasattr(bar, "begin"):
-        bar.begin("measuring the quantized model", want)
+        bar.begin("measuring output error", want)
     axes = getattr(ctx.calib, "axes", {})  # each input's batch axis: a fixed batch cannot run a short batch
     static = {i.name: i.shape[axes.get(i.name, 0)] for i in sess.get_inputs()
               if axes.get(i.name, 0) is not None and len(i.shape) > axes.get(i.name, 0)
