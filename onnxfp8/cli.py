@@ -292,6 +292,7 @@ def tuning_options(fn):
         click.option("--target-sqnr", type=float, help="Tune to this output SQNR (dB) vs FP32 on --val (as --target-cosine)."),
         click.option("--max-fallback", help="With a target: at most N layers, or P% of the quantized layers, left in high precision (default 10%)."),
         click.option("--tune-samples", type=int, help="With a target: use at most N validation samples."),
+        click.option("--fallback-precision", type=click.Choice(["auto", "fp32"]), default=None, help="With a target: the precision of a layer left out of FP8: auto (default) = FP16 where the layer is FP16-safe on the calibration data (ranges within FP16's, weights that round cleanly), else FP32; fp32 = always FP32."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -299,7 +300,8 @@ def tuning_options(fn):
 
 
 def _pop_tuning_kw(kw: Dict[str, Any]) -> Dict[str, Any]:
-    return {k: kw.pop(k) for k in ("target_cosine", "target_sqnr", "max_fallback", "tune_samples")}
+    return {k: kw.pop(k) for k in ("target_cosine", "target_sqnr", "max_fallback", "tune_samples",
+                                   "fallback_precision")}
 
 
 def _tuning_target(tk: Dict[str, Any], ck: Dict[str, Any], do_check: bool, val):
@@ -352,7 +354,7 @@ def _run_tuning(model, calib, output, plan_path, report_path, quiet, do_check, v
         outs.add(check_json, "--check-json")
         res = tune(model, calib, val, target, config, labels=ck["labels"], max_fallback=tk["max_fallback"],
                    output=output, samples=tk["tune_samples"], progress=progress_for(sys.stderr, quiet),
-                   outputs=outs)
+                   outputs=outs, fallback_precision=tk["fallback_precision"] or "auto")
         if plan_path:
             outs.write_text(plan_path, res.plan.to_json())
         if report_path:
@@ -436,8 +438,10 @@ def quantize(model, calib, output, plan_path, report_path, quiet, verbose, do_ch
             raise ConfigError(f"{target.flag} searches plans from calibration data; --apply-plan applies a given one")
         return _run_tuning(model, calib, output, plan_path, report_path, quiet, do_check, val, check_json, target,
                            tk, ck, kw, verbose=verbose)
-    if tk["max_fallback"] is not None or tk["tune_samples"] is not None:
-        raise ConfigError(f"{'--max-fallback' if tk['max_fallback'] is not None else '--tune-samples'} is only used "
+    unused = [f for f, k in (("--max-fallback", "max_fallback"), ("--tune-samples", "tune_samples"),
+                             ("--fallback-precision", "fallback_precision")) if tk[k] is not None]
+    if unused:
+        raise ConfigError(f"{unused[0]} is only used "
                           f"when tuning to a target (--target-cosine, --target-sqnr, --max-accuracy-loss with --val)")
     if do_check and not val:
         raise ConfigError("--check needs --val DIR (validation data)")

@@ -174,6 +174,13 @@ class QuantConfig:
         if self.augment and not self.bn_recalibrate:
             raise ConfigError("augment: augmentation applies to the BatchNorm recalibration data; "
                               "it needs bn_recalibrate (--bn-recalibrate)")
+        if self.bn_ranges and self.bn_recalibrate:  # remeasure_ranges: max ranges of the folded model
+            if not self.fold_batchnorm:
+                raise ConfigError("bn_ranges: re-measuring activation ranges after BatchNorm recalibration runs on "
+                                  "the folded model; it needs fold_batchnorm (drop --no-fold-batchnorm or --bn-ranges)")
+            if self.calibration != "max":
+                raise ConfigError(f"bn_ranges: re-measuring activation ranges after BatchNorm recalibration supports "
+                                  f"max calibration, not {self.calibration}; drop --bn-ranges or --calibration")
         if self.target is not None and self.target not in TARGETS:
             raise ConfigError(f"target: unknown target '{self.target}'; choose one of {', '.join(TARGETS)}")
         if self.target == "tensorrt":  # what TensorRT builds FP8/INT8 kernels from (see onnxfp8 lint)
@@ -244,6 +251,14 @@ class QuantConfig:
                     compile_pattern(pattern)
                 except re.error as e:
                     raise ConfigError(f"{name}: '{pattern}' is not a valid regular expression ({e})") from None
+
+    def check_inputs(self, specs: Any, source: str = "model") -> None:
+        """The option checks that need the model's inputs (``specs``: input name -> calibrators.data.InputSpec),
+        run once by quantize() before any work: --augment needs NCHW float image inputs."""
+        if self.bn_recalibrate and self.augment:
+            from onnxfp8.calibrators.augment import check_image_inputs
+
+            check_image_inputs(specs, self.augment, source)
 
     # -- derived ------------------------------------------------------------------------------------
     @property

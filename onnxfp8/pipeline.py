@@ -40,7 +40,7 @@ class PassContext:
     """The explicit state passes share, one typed field per kind. No globals, no grab-bag dict."""
 
     config: QuantConfig = field(default_factory=QuantConfig)
-    calib: Any = None  # onnxfp8.calibrators.data.CalibrationData (or any source with batches())
+    calib: Any = None  # the calibration data: a calibrators.data.DataSource (CalibrationData, ...)
     stats: Dict[str, Any] = field(default_factory=dict)  # tensor -> calibrated statistics (amax, min, max, method)
     plan: QuantPlan = field(default_factory=QuantPlan)
     records: List[PassRecord] = field(default_factory=list)

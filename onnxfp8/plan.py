@@ -16,6 +16,9 @@ Editing a plan (in Python or in its JSON):
 - a node left in high precision: ``plan.keep_fp32("conv3", "too sensitive")``, or in JSON set the node's
   ``"quantized": false`` and a ``"reason"``: the node then reads FP32 values (it is dropped from the
   ``consumers`` of the tensors it read; a tensor no quantized node reads any more is not quantized).
+- a node in high-precision fallback: ``plan.fall_back("conv3", "fp16", "why")`` (or ``"fp32"``), or in JSON
+  ``"quantized": false, "fallback": "fp16"``: an FP16 island (inputs cast to FP16, FP16 weights and bias, the
+  output cast back to FP32; FALLBACK_FP16_OPS only).
 """
 from __future__ import annotations
 
@@ -77,6 +80,10 @@ class NodeDecision:
     quantized: bool
     reason: str
     inputs: Dict[int, str] = field(default_factory=dict)  # input index -> "weight" | "activation"
+    # a quantizable node the tuner (or a reviewer) left in high precision: "fp16" (an FP16 island: its float
+    # inputs cast to FP16, FP16 weights, its output cast back to FP32; passes/fp16_fallback.py) or "fp32"
+    # (it reads FP32 values); None: not a fallback (quantized, or never selected)
+    fallback: Optional[str] = None
 
 
 @dataclass
@@ -86,6 +93,10 @@ class BatchNormStats:
     mean: List[float]
     var: List[float]
 
+
+FALLBACKS = ("fp16", "fp32")
+# op types an FP16 island is made for (onnxruntime's CPU provider has FP16 kernels for all of them)
+FALLBACK_FP16_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
 
 PLAN_VERSION = 2
 _SPEC_KEYS = {f.name for f in fields(QuantSpec)}
@@ -160,6 +171,22 @@ class QuantPlan:
         d = self.nodes[node]
         d.quantized, d.reason, d.inputs = False, reason, {}
         self.resolve()
+
+    def fall_back(self, node: str, precision: str, reason: str) -> None:
+        """Leave ``node`` in high precision as a fallback: ``precision`` "fp32" (it reads FP32 values, as
+        ``keep_fp32``) or "fp16" (an FP16 island, FALLBACK_FP16_OPS only)."""
+        if precision not in FALLBACKS:
+            raise ConfigError(f"plan: fallback precision must be one of {', '.join(FALLBACKS)}, got '{precision}'")
+        self.keep_fp32(node, reason)
+        d = self.nodes[node]
+        if precision == "fp16" and d.op_type not in FALLBACK_FP16_OPS:
+            raise ConfigError(f"plan: node '{node}' ({d.op_type}): FP16 fallback is made for "
+                              f"{', '.join(FALLBACK_FP16_OPS)} only")
+        d.fallback = precision
+
+    def fallbacks(self) -> Dict[str, str]:
+        """node -> "fp16" / "fp32" for every node in high-precision fallback."""
+        return {n: d.fallback for n, d in self.nodes.items() if d.fallback and not d.quantized}
 
     def resolve(self) -> List[str]:
         """Drop unquantized nodes from the consumers of every spec and drop specs no quantized node reads any

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxfp8.calibrators.data import as_data, batch_size, output_batch_axes, take_outputs, take_samples
+from onnxfp8.calibrators.data import as_data, batch_size, input_specs, output_batch_axes, take_outputs, take_samples
 from onnxfp8.config import QuantConfig
 from onnxfp8.errors import ModelError
 from onnxfp8 import modelio
@@ -187,6 +187,7 @@ def quantize(model: Union[ModelLike, Prepared], calib: Any = None, config: Optio
     start = time.perf_counter()
 
     def work(prep: Prepared, graph: gs.Graph, outs: Outputs) -> QuantResult:
+        config.check_inputs(input_specs(prep.proto), prep.source)  # before any work (--augment: image inputs)
         ctx = PassContext(config=config, source=prep.source, progress=progress, outputs=outs)
         ctx.plan.config = config.to_dict()
         if calib is not None:

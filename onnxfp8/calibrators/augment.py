@@ -113,7 +113,7 @@ def augment_batch(batch: Dict[str, np.ndarray], ops: Sequence[str], rng: np.rand
 
 
 class AugmentedData:
-    """A CalibrationData-like stream of augmented batches (``batches()``, iteration, ``specs``, ``batch_size``).
+    """A DataSource (calibrators/data.py) of augmented batches (``batches()``, iteration, ``specs``, ``batch_size``).
 
     ``samples``: stop after this many samples, going over the data again (with new random draws) when it
     holds fewer; None: one pass over the data."""

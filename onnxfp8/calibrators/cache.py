@@ -117,7 +117,7 @@ class DataFingerprint:
 
 
 class FingerprintingData:
-    """Wraps a CalibrationData: the first complete iteration over ``batches()`` is fingerprinted on the fly
+    """Wraps a DataSource (calibrators/data.py): the first complete iteration over ``batches()`` is fingerprinted on the fly
     (the collector reads the data anyway), so hashing costs no extra read."""
 
     def __init__(self, data: Any) -> None:

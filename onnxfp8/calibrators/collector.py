@@ -32,7 +32,7 @@ import onnx
 from onnx import helper
 
 from onnxfp8.calibrators.base import Calibrator
-from onnxfp8.calibrators.data import (Batch, CalibrationData, batch_size, output_batch_axes, take_outputs,
+from onnxfp8.calibrators.data import (Batch, DataSource, batch_size, output_batch_axes, take_outputs,
                                      take_samples)
 from onnxfp8.calibrators.max import MaxCalibrator
 from onnxfp8.modelio import make_session
@@ -232,7 +232,7 @@ def _notify_passes(progress: Optional[Progress], passes: int) -> None:
 
 
 # -- collection ----------------------------------------------------------------------------------------
-def collect(model: onnx.ModelProto, tensors: Sequence[str], data: CalibrationData, calibrator: Calibrator, *,
+def collect(model: onnx.ModelProto, tensors: Sequence[str], data: DataSource, calibrator: Calibrator, *,
             providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0, max_memory_mb: int = 2048,
             capture: int = 0, level: str = "all", progress: Optional[Progress] = None,
             known_ranges: Optional[MaxCalibrator] = None,
@@ -353,7 +353,7 @@ def collect(model: onnx.ModelProto, tensors: Sequence[str], data: CalibrationDat
     return result
 
 
-def capture_outputs(model: onnx.ModelProto, data: CalibrationData, count: int, *,
+def capture_outputs(model: onnx.ModelProto, data: DataSource, count: int, *,
                     providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
                     level: str = "all", arrays: Optional[Dict[str, Any]] = None) -> CollectResult:
     """Run the FP32 model on the first ``count`` samples only and keep their inputs and outputs (the summary
@@ -407,7 +407,7 @@ def _groups(tensors: Sequence[str], sizes: Dict[str, int], budget_bytes: int) ->
     return groups
 
 
-def _groups_by_static_size(model: onnx.ModelProto, tensors: Sequence[str], data: CalibrationData,
+def _groups_by_static_size(model: onnx.ModelProto, tensors: Sequence[str], data: DataSource,
                            budget_bytes: int) -> List[List[str]]:
     """Groups from the inferred shapes (batch dimension = the data's batch size) when no max pass measured the
     sizes. A tensor with an unknown dimension counts as the whole budget (a group of its own)."""
@@ -507,7 +507,7 @@ def _channel_nodes(t: str, rank: int, req: ChannelRequest, i: int, g: onnx.Graph
     return outs
 
 
-def channel_stats(model: onnx.ModelProto, requests: Dict[str, ChannelRequest], data: CalibrationData, *,
+def channel_stats(model: onnx.ModelProto, requests: Dict[str, ChannelRequest], data: DataSource, *,
                   providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0, level: str = "all",
                   arrays: Optional[Dict[str, Any]] = None, rank: Optional[Dict[str, int]] = None,
                   ) -> Dict[str, Dict[str, np.ndarray]]:

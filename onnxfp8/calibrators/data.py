@@ -1,16 +1,33 @@
-"""Calibration / validation data: reading, validating against the model's inputs, and batching.
+"""Calibration / validation data: reading, validating against the model's inputs, and batching; and the one
+data-source protocol every stream of model inputs follows.
 
 Sources: a folder of ``.npz`` files (keys = model input names; a file holds one sample or a batch along
 axis 0) or ``.npy`` files (single-input models), a single such file, or in Python any iterable of
 ``{input_name: array}`` (or a dict of arrays holding a batch). Every problem is reported as one line naming the
 file and the input. Batches are streamed: only one batch is held at a time.
+
+**The data-source protocol** (``DataSource``): ``specs`` (input name -> InputSpec), ``batch_size``,
+``batches(with_labels=False)`` (re-iterable: each call streams the data again; yields ``Batch`` or
+``(Batch, labels or None)``) and ``describe()`` (one phrase for reports). Every consumer (the calibration
+collector, BatchNorm recalibration, range re-measurement, the transforms' channel statistics, check and the
+tuner's validation) reads data only through it, and every stream provides it:
+
+* ``CalibrationData``: files, folders, in-memory lists, readers (this module);
+* ``HeldOut``: a stream without its first samples (the BN recalibration data when the evaluation samples are
+  held out of it);
+* ``augment.AugmentedData``: a stream of augmented batches (``--augment``);
+* ``cache.FingerprintingData``: a stream hashed on the fly for the statistics cache;
+* ``Samples``: batches already in memory (the captured calibration samples, a validation set read once).
+
+``recalibration_stream`` builds the BatchNorm recalibration stream from the config (``--bn-calib`` or the
+calibration data, ``--bn-samples``, the held-out evaluation samples, ``--augment``).
 """
 from __future__ import annotations
 
 import glob
 import os
 from dataclasses import dataclass, replace
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
 import numpy as np
 import onnx
@@ -465,3 +482,166 @@ def as_data(source: Any, model: onnx.ModelProto, batch_size: int = 16, limit: Op
     if isinstance(source, CalibrationData):
         return source
     return CalibrationData(source, input_specs(model), batch_size=batch_size, limit=limit, what=what)
+
+
+# -- the data-source protocol ----------------------------------------------------------------------------
+@runtime_checkable
+class DataSource(Protocol):
+    """A re-iterable stream of model inputs: what every consumer of data reads (see the module docstring)."""
+
+    specs: Dict[str, InputSpec]
+    batch_size: int
+
+    def batches(self, with_labels: bool = False) -> Iterator[Any]:
+        """Stream the data again: ``Batch`` per batch, or ``(Batch, labels or None)`` with labels."""
+
+    def describe(self) -> str:
+        """One phrase naming the data, for reports."""
+
+
+class Samples:
+    """Batches already in memory as a DataSource (the inputs captured during calibration, a validation set
+    read once): ``batches`` yields them as they are, with ``labels`` (one array over all samples, cut per
+    batch) when given."""
+
+    def __init__(self, batches: Sequence[Mapping[str, np.ndarray]], labels: Optional[np.ndarray] = None,
+                 specs: Optional[Mapping[str, InputSpec]] = None, what: str = "samples"):
+        self._batches = list(batches)
+        self.labels = labels
+        self.specs = dict(specs or {})
+        self.batch_size = max((batch_size(b) for b in self._batches), default=1)
+        self.what = what
+
+    def batches(self, with_labels: bool = False) -> Iterator[Any]:
+        start = 0
+        for b in self._batches:
+            n = batch_size(b)
+            if with_labels:
+                lab = self.labels[start:start + n] if self.labels is not None else None
+                yield b, lab
+            else:
+                yield b
+            start += n
+
+    def __iter__(self):
+        return self.batches()
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    @property
+    def samples(self) -> int:
+        return sum(batch_size(b) for b in self._batches)
+
+    def describe(self) -> str:
+        return f"{self.samples} {self.what}"
+
+
+class HeldOut:
+    """The stream of ``data`` without its first ``skip`` samples, re-batched to ``data.batch_size``: the
+    recalibration data when the first samples (those captured during calibration for the FP32 comparison)
+    are held out to judge recalibration."""
+
+    def __init__(self, data: DataSource, skip: int):
+        self.data, self.skip = data, int(skip)
+        self.specs, self.batch_size = data.specs, data.batch_size
+
+    def batches(self, with_labels: bool = False):
+        skip, bs = self.skip, self.batch_size
+        buf: List[Any] = []  # (batch, labels) parts, all of one sample shape
+
+        def emit(n):
+            nonlocal buf
+            batch = {k: np.concatenate([b[k] for b, _ in buf]) for k in buf[0][0]}
+            labels = None if any(lab is None for _, lab in buf) else np.concatenate([lab for _, lab in buf])
+            rest = {k: v[n:] for k, v in batch.items()}
+            buf = [(rest, labels[n:] if labels is not None else None)] if len(next(iter(rest.values()))) else []
+            out = ({k: v[:n] for k, v in batch.items()}, labels[:n] if labels is not None else None)
+            return out if with_labels else out[0]
+
+        count = lambda: sum(len(next(iter(b.values()))) for b, _ in buf)  # noqa: E731
+        for batch, labels in self.data.batches(with_labels=True):
+            n = len(next(iter(batch.values())))
+            if skip >= n:
+                skip -= n
+                continue
+            if skip:
+                batch = {k: v[skip:] for k, v in batch.items()}
+                labels = labels[skip:] if labels is not None else None
+                skip = 0
+            if buf and any(buf[0][0][k].shape[1:] != v.shape[1:] for k, v in batch.items()):
+                yield emit(count())
+            buf.append((batch, labels))
+            while count() >= bs:
+                yield emit(bs)
+        if buf:
+            yield emit(count())
+
+    def __iter__(self):
+        return self.batches()
+
+    def describe(self) -> str:
+        return f"{self.data.describe()} without its first {self.skip} sample(s)"
+
+
+def holds_at_least(data: Any, samples: int) -> bool:
+    """Whether ``data`` yields at least ``samples`` samples (reads only as far as needed)."""
+    seen = 0
+    for b in data.batches():
+        seen += batch_size(b)
+        if seen >= samples:
+            return True
+    return False
+
+
+def first_labels(data: Any, count: int) -> Optional[np.ndarray]:
+    """The labels of the first ``count`` samples of ``data``, or None when the data has no labels (or fewer)."""
+    if not count or data is None or not hasattr(data, "batches"):
+        return None
+    parts, got = [], 0
+    try:
+        for _, lab in data.batches(with_labels=True):
+            if lab is None:
+                return None
+            parts.append(lab)
+            got += len(lab)
+            if got >= count:
+                break
+    except TypeError:  # a data source without labels support
+        return None
+    return np.concatenate(parts)[:count] if parts and got >= count else None
+
+
+BN_MIN_BATCH = 64  # BatchNorm recalibration batches at least this many samples (unless the model fixes it)
+
+
+def recalibration_stream(model: onnx.ModelProto, config: Any, calib: Any, source: str = "model",
+                         hold_out: int = 0) -> DataSource:
+    """The BatchNorm recalibration stream (also what remeasure_ranges reads): ``config.bn_calib`` or the
+    calibration data ``calib``, at most ``config.bn_samples`` samples, in batches of at least BN_MIN_BATCH (the
+    model's static batch wins), augmented with ``config.augment``. ``hold_out``: leave out the first samples of
+    the calibration data (not of bn_calib data)."""
+    specs = input_specs(model)
+    static = {s.static_batch for s in specs.values() if s.static_batch}
+    bs = max(config.batch_size, BN_MIN_BATCH)
+    limit = None if config.augment else config.bn_samples
+    if config.bn_calib:
+        hold_out = 0
+        data: Any = CalibrationData(config.bn_calib, specs, batch_size=bs, limit=limit,
+                                    what="BatchNorm recalibration data")
+    elif calib is not None:
+        src = getattr(calib, "source", calib)
+        if hold_out and limit is not None:
+            limit += hold_out
+        data = CalibrationData(src, specs, batch_size=bs, limit=limit, what="calibration data")
+    else:
+        raise DataError(f"{source}: BatchNorm recalibration needs data: pass --calib DIR or --bn-calib DIR")
+    if static:
+        data.batch_size = static.pop()
+    if hold_out:
+        data = HeldOut(data, hold_out)
+    if config.augment:  # refuses non-image inputs before any data is read
+        from onnxfp8.calibrators.augment import AugmentedData
+
+        return AugmentedData(data, config.augment, seed=config.augment_seed, samples=config.bn_samples, source=source)
+    return data

@@ -43,7 +43,12 @@ def pipeline_for(config: QuantConfig) -> Pipeline:
         from onnxfp8.passes.recalibrate_batchnorm import with_bn_recalibration
 
         pipe = with_bn_recalibration(pipe, config)
-    return with_transforms(with_target(pipe, config), config)
+    pipe = with_transforms(with_target(pipe, config), config)
+    if "insert_qdq" in pipe.names() and "fp16_fallback" not in pipe.names():  # the plan's FP16 islands
+        from onnxfp8.passes.fp16_fallback import FP16Fallback
+
+        pipe.insert_after("insert_qdq", FP16Fallback())
+    return pipe
 
 
 def with_transforms(pipe: Pipeline, config: QuantConfig) -> Pipeline:

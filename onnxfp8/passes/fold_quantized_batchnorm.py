@@ -43,15 +43,6 @@ class StashFP32Weights(Pass):
 
     name = "stash_fp32_weights"
 
-    def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
-        if ctx.config.augment:  # refuse --augment on non-image inputs before quantizing
-            from onnxfp8.calibrators.augment import check_image_inputs
-            from onnxfp8.calibrators.data import InputSpec
-
-            specs = {t.name: InputSpec(t.name, np.dtype(t.dtype or np.float32), tuple(t.shape or ()))
-                     for t in graph.inputs}
-            check_image_inputs(specs, ctx.config.augment, ctx.source)
-
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         stash: Dict[str, np.ndarray] = ctx.fp32_weights
         for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:

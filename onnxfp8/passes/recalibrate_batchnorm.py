@@ -69,7 +69,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 
-from onnxfp8.calibrators.data import CalibrationData, input_specs
+from onnxfp8.calibrators.data import first_labels, holds_at_least, recalibration_stream
 from onnxfp8.errors import DataError
 from onnxfp8.modelio import make_session, to_model
 from onnxfp8.passes.emulate import float_type
@@ -78,7 +78,6 @@ from onnxfp8.plan import BatchNormStats
 from onnxfp8.state import BatchNormReport
 from onnxfp8.verify.compare import ErrorStats
 
-MIN_BATCH = 64
 SUFFIX = "__onnxfp8_bnrecal"
 try:
     from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
@@ -196,108 +195,13 @@ def free_batch(model: onnx.ModelProto) -> bool:
     return True
 
 
-class HeldOut:
-    """The stream of ``data`` without its first ``skip`` samples, re-batched to ``data.batch_size``: the
-    recalibration data when the first samples (those captured during calibration for the FP32 comparison)
-    are held out to judge recalibration."""
-
-    def __init__(self, data, skip: int):
-        self.data, self.skip = data, int(skip)
-        self.specs, self.batch_size = data.specs, data.batch_size
-
-    def batches(self, with_labels: bool = False):
-        skip, bs = self.skip, self.batch_size
-        buf: List[Any] = []  # (batch, labels) parts, all of one sample shape
-
-        def emit(n):
-            nonlocal buf
-            batch = {k: np.concatenate([b[k] for b, _ in buf]) for k in buf[0][0]}
-            labels = None if any(lab is None for _, lab in buf) else np.concatenate([lab for _, lab in buf])
-            rest = {k: v[n:] for k, v in batch.items()}
-            buf = [(rest, labels[n:] if labels is not None else None)] if len(next(iter(rest.values()))) else []
-            out = ({k: v[:n] for k, v in batch.items()}, labels[:n] if labels is not None else None)
-            return out if with_labels else out[0]
-
-        count = lambda: sum(len(next(iter(b.values()))) for b, _ in buf)  # noqa: E731
-        for batch, labels in self.data.batches(with_labels=True):
-            n = len(next(iter(batch.values())))
-            if skip >= n:
-                skip -= n
-                continue
-            if skip:
-                batch = {k: v[skip:] for k, v in batch.items()}
-                labels = labels[skip:] if labels is not None else None
-                skip = 0
-            if buf and any(buf[0][0][k].shape[1:] != v.shape[1:] for k, v in batch.items()):
-                yield emit(count())
-            buf.append((batch, labels))
-            while count() >= bs:
-                yield emit(bs)
-        if buf:
-            yield emit(count())
-
-    def __iter__(self):
-        return self.batches()
-
-    def describe(self) -> str:
-        return f"{self.data.describe()} without its first {self.skip} sample(s)"
-
-
-def recalibration_data(model: onnx.ModelProto, ctx: PassContext, hold_out: int = 0):
-    """The data stream for recalibration: --bn-calib or the calibration data, --bn-samples, --augment.
-    ``hold_out``: leave out the first samples of the calibration data (not of --bn-calib data)."""
-    cfg = ctx.config
-    specs = input_specs(model)
-    static = {s.static_batch for s in specs.values() if s.static_batch}
-    bs = max(cfg.batch_size, MIN_BATCH)
-    limit = None if cfg.augment else cfg.bn_samples
-    if cfg.augment:  # refuse non-image inputs before reading any data
-        from onnxfp8.calibrators.augment import check_image_inputs
-
-        check_image_inputs(specs, cfg.augment, ctx.source)
-    if cfg.bn_calib:
-        hold_out = 0
-        data = CalibrationData(cfg.bn_calib, specs, batch_size=bs, limit=limit, what="BatchNorm recalibration data")
-    elif ctx.calib is not None:
-        source = getattr(ctx.calib, "source", ctx.calib)
-        if hold_out and limit is not None:
-            limit += hold_out
-        data = CalibrationData(source, specs, batch_size=bs, limit=limit, what="calibration data")
-    else:
-        raise DataError(f"{ctx.source}: BatchNorm recalibration needs data: pass --calib DIR or --bn-calib DIR")
-    if static:
-        data.batch_size = static.pop()
-    if hold_out:
-        data = HeldOut(data, hold_out)
-    if cfg.augment:
-        from onnxfp8.calibrators.augment import AugmentedData
-
-        return AugmentedData(data, cfg.augment, seed=cfg.augment_seed, samples=cfg.bn_samples, source=ctx.source)
-    return data
-
-
 def evaluation_set(ctx: PassContext):
     """The samples that judge recalibration: the inputs and FP32 outputs captured during calibration (the
     first ``config.capture_samples`` calibration samples) and, when the calibration data has a ``label`` key, their
     labels. Returns (inputs, fp32 outputs, labels or None, count)."""
     inputs, refs = ctx.captured.inputs, ctx.captured.outputs
-    count = sum(next(iter(f.values())).shape[0] for f in inputs) if inputs else 0
-    labels = None
-    if count and ctx.calib is not None and hasattr(ctx.calib, "batches"):
-        parts, got = [], 0
-        try:
-            for _, lab in ctx.calib.batches(with_labels=True):
-                if lab is None:
-                    parts = []
-                    break
-                parts.append(lab)
-                got += len(lab)
-                if got >= count:
-                    break
-        except TypeError:  # a data source without labels support
-            parts = []
-        if parts and got >= count:
-            labels = np.concatenate(parts)[:count]
+    count = ctx.captured.samples
+    labels = first_labels(ctx.calib, count)
     return inputs, refs, labels, count
 
 
@@ -383,12 +287,7 @@ class RecalibrateBatchNorm(Pass):
         # holds at least as many other samples (else the judgement is in-sample, and the report says so)
         hold_out = 0
         if n_eval and not cfg.bn_calib and ctx.calib is not None and hasattr(ctx.calib, "batches"):
-            available = 0
-            for b in ctx.calib.batches():
-                available += next(iter(b.values())).shape[0]
-                if available >= 2 * n_eval:
-                    break
-            hold_out = n_eval if available >= 2 * n_eval else 0
+            hold_out = n_eval if holds_at_least(ctx.calib, 2 * n_eval) else 0
         fp32 = ctx.fp32_graph
         if mode == "shift":
             if fp32 is None:
@@ -482,7 +381,7 @@ class RecalibrateBatchNorm(Pass):
         names = [n.name for n in bns]
         models = [training_mode_model(g, names) for g in graphs]
         freed = [free_batch(m) for m in models][0] if free else False
-        data = recalibration_data(models[0], ctx, hold_out=hold_out)
+        data = recalibration_stream(models[0], cfg, ctx.calib, ctx.source, hold_out=hold_out)
 
         def ort(fn, *args):
             try:

@@ -1,7 +1,9 @@
 """remeasure_ranges: after BatchNorm recalibration and folding (``bn_ranges``, ``--bn-ranges``), re-measure the
 max range of every planned activation on the quantized (folded) graph itself, over the recalibration data,
 and update the scale of every activation whose range moved by more than RANGE_TOLERANCE (in the graph and in
-the plan, so that the plan still holds the model's scales). Max calibration only."""
+the plan, so that the plan still holds the model's scales). The data is the BatchNorm recalibration stream
+(calibrators/data.recalibration_stream). Max calibration of the folded model only: the config refuses
+``bn_ranges`` with another calibration method or without BatchNorm folding, so this pass checks no option."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,6 +11,7 @@ import onnx_graphsurgeon as gs
 
 from onnxfp8 import names
 from onnxfp8.calibrators.collector import collect
+from onnxfp8.calibrators.data import recalibration_stream
 from onnxfp8.calibrators.max import MaxCalibrator
 from onnxfp8.formats import get_format
 from onnxfp8.modelio import to_model
@@ -21,19 +24,13 @@ class RemeasureRanges(Pass):
     name = "remeasure_ranges"
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        if not ctx.config.fold_batchnorm:
-            return PassResult(False, ["BatchNorm folding disabled: activation ranges kept"])
         note, moved = remeasure(graph, ctx)
         return PassResult(moved > 0, [note])
 
 
 def remeasure(graph: gs.Graph, ctx: PassContext):
     """Re-measure and update; returns (a note, how many scales moved)."""
-    from onnxfp8.passes.recalibrate_batchnorm import recalibration_data
-
     cfg = ctx.config
-    if cfg.calibration != "max":
-        return f"activation ranges kept: re-measuring after recalibration supports max calibration, not {cfg.calibration}", 0
     tensors = graph.tensors()
     probes = {}
     for spec in ctx.plan.activations():
@@ -48,7 +45,7 @@ def remeasure(graph: gs.Graph, ctx: PassContext):
     if not probes:
         return "no activation range to re-measure", 0
     model = to_model(graph.copy())
-    res = collect(model, [src for src, _, _ in probes.values()], recalibration_data(model, ctx), MaxCalibrator(),
+    res = collect(model, [src for src, _, _ in probes.values()], recalibration_stream(model, cfg, ctx.calib, ctx.source), MaxCalibrator(),
                   providers=cfg.providers, threads=cfg.threads, max_memory_mb=cfg.max_memory_mb, level="basic")
     minmax = res.max_calibrator.minmax()
     moved = []

@@ -9,7 +9,8 @@ entry, not deep inside insert_qdq:
   quantized node (``QuantPlan.resolve`` first drops the nodes an edit marked ``"quantized": false``);
 - every spec's tensor is in the graph (a weight: a constant), its format is known, its scale is finite and
   > 0 (one per channel along ``axis`` for a weight, one for an activation), or it is dynamic;
-- the placement ``before:<node>`` names a Relu that produces the tensor.
+- the placement ``before:<node>`` names a Relu that produces the tensor;
+- a node's ``fallback`` is "fp16" or "fp32" on a node that is not quantized, "fp16" only on FALLBACK_FP16_OPS.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import onnx_graphsurgeon as gs
 from onnxfp8.errors import ConfigError
 from onnxfp8.formats import get_format
 from onnxfp8.pipeline import Pass, PassContext, PassResult
+from onnxfp8.plan import FALLBACK_FP16_OPS, FALLBACKS
 
 
 class UsePlan(Pass):
@@ -42,6 +44,16 @@ class UsePlan(Pass):
         if missing:
             self._fail(f"node '{missing[0]}' is not in the model ({len(missing)} planned node(s) missing): the plan "
                        f"belongs to another model or export")
+        for d in plan.nodes.values():
+            if d.fallback is None:
+                continue
+            what = f"node '{d.node}'"
+            if d.fallback not in FALLBACKS:
+                self._fail(f"{what}: unknown fallback '{d.fallback}' ({' or '.join(FALLBACKS)})")
+            if d.quantized:
+                self._fail(f"{what}: fallback '{d.fallback}' on a quantized node; set \"quantized\": false")
+            if d.fallback == "fp16" and by_name[d.node].op not in FALLBACK_FP16_OPS:
+                self._fail(f"{what} ({by_name[d.node].op}): FP16 fallback is made for {', '.join(FALLBACK_FP16_OPS)} only")
         for spec in plan.tensors.values():
             t = tensors.get(spec.tensor)
             what = f"tensor '{spec.tensor}'"

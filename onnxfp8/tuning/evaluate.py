@@ -242,6 +242,7 @@ class Workspace:
         config = config or QuantConfig()
         self.model = model
         self.config = config
+        self.calib = calib  # kept for the FP16-safety ranges (tuning/fp16.py), read only when fallback needs them
         self.source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model"
         self._tmp: Optional[str] = None
         if config.load_stats:

@@ -17,8 +17,13 @@ onnxruntime pass over the validation data. When no plan meets the target the bes
 ``met = False``. The returned plan says for every quantized or fallen-back layer why (NodeDecision.reason,
 QuantSpec.notes), and the report lists every step: what was tried and the metric it reached.
 
-Fallback precision: FP32 (the layer's Q/DQ removed). FP16 fallback is not implemented (onnxruntime's CPU
-provider lacks FP16 kernels for Conv/Gemm, so a FP16 island cannot be evaluated where the tuner runs).
+Fallback precision (``fallback_precision``): "auto" (default) runs a fallen-back layer as an FP16 island
+(passes/fp16_fallback.py) when it is FP16-safe on the calibration data (tuning/fp16.py: ranges of its inputs
+and output within FP16's with headroom, finite, weights that round to FP16 cleanly; one max pass of the FP32
+model over the calibration data, made only when the search reaches the fallback step), else in FP32; "fp32"
+forces FP32 for every fallen-back layer. The plan records each layer's precision (NodeDecision.fallback) and
+the reason (the FP16 verdict). When the FP16 islands miss the target at the full budget, the same layers in
+FP32 are tried once.
 """
 from __future__ import annotations
 
@@ -35,6 +40,9 @@ from onnxfp8.tuning.evaluate import Evaluation, Evaluator, Target, Workspace
 from onnxfp8.verify.sensitivity import SensitivityReport, analyse, layer_tensors, node_pattern
 
 DEFAULT_MAX_FALLBACK = "10%"
+FALLBACK_PRECISIONS = ("auto", "fp32")
+SCREEN_SAMPLES = 16  # candidates are scored on this many validation samples first ...
+SCREEN_MARGIN_DB = 1.0  # ... and on the whole set only when within this of an SQNR target
 # function-preserving rewrites the "transforms" work adds as config keys; tried as a search step when present
 TRANSFORM_KEYS = ("smoothquant", "equalize")
 
@@ -68,10 +76,13 @@ class Step:
     evaluation: Dict[str, Any]
     seconds: float
     kept: bool = False  # the best plan so far after this step
+    samples: int = 0  # validation samples the metric is on (the screening subset, or all)
+    screened: Optional[float] = None  # the metric on the screening subset (when screening)
 
     def to_dict(self) -> Dict[str, Any]:
         return json_plain({"step": self.name, "tried": self.tried, "metric": self.metric, "met": self.met,
                            "fallback": self.fallback, "kept": self.kept, "seconds": round(self.seconds, 3),
+                           "samples": self.samples, "screened": self.screened,
                            **self.evaluation})
 
 
@@ -87,6 +98,8 @@ class TuneReport:
     max_fallback: int
     config: Dict[str, Any]
     sensitivity: Optional[SensitivityReport] = None
+    fallback_precision: Dict[str, str] = field(default_factory=dict)  # fallen-back node -> fp16 / fp32
+    fp16: Dict[str, Any] = field(default_factory=dict)  # node -> FP16Verdict of the layers judged
     seconds: float = 0.0
     timings: Dict[str, float] = field(default_factory=dict)
     val_samples: int = 0
@@ -97,16 +110,24 @@ class TuneReport:
         if self.met:
             return (f"target {self.target.describe()} met: {self.target.fmt(self.reached)} on {self.val_samples} "
                     f"validation sample(s) ({best.tried}; {len(self.fallback)} of {self.quantized_layers} layer(s) "
-                    f"in fallback)")
+                    f"in fallback{self._precisions()})")
         return (f"target {self.target.describe()} ({self.target.flag}) not met within the fallback budget of "
                 f"{self.max_fallback} layer(s): best reached {self.target.fmt(self.reached)} ({best.tried}); "
                 f"wrote the best model found")
+
+    def _precisions(self) -> str:
+        n16 = sum(1 for p in self.fallback_precision.values() if p == "fp16")
+        if not self.fallback:
+            return ""
+        return f": {n16} in FP16, {len(self.fallback) - n16} in FP32"
 
     def to_dict(self) -> Dict[str, Any]:
         return json_plain({"target": self.target.to_dict(), "met": self.met, "reached": self.reached,
                            "message": self.message, "best_step": self.best_step,
                            "quantized_layers": self.quantized_layers, "fallback": self.fallback,
                            "max_fallback": self.max_fallback, "val_samples": self.val_samples,
+                           "fallback_precision": self.fallback_precision,
+                           "fp16": {k: v.to_dict() for k, v in self.fp16.items()},
                            "seconds": round(self.seconds, 3),
                            "timings": {k: round(v, 3) for k, v in self.timings.items()},
                            "steps": [s.to_dict() for s in self.steps], "config": self.config,
@@ -117,7 +138,8 @@ class TuneReport:
         for i, s in enumerate(self.steps):
             mark = "*" if i == self.best_step else " "
             lines.append(f" {mark} {i + 1:2d}. {s.name:11s} {s.tried}: {self.target.fmt(s.metric)}"
-                         + (" (met)" if s.met else ""))
+                         + (" (met)" if s.met else "")
+                         + (f" (screened on {s.samples} samples)" if s.samples and s.samples < self.val_samples else ""))
         lines.append(self.message)
         return "\n".join(lines)
 
@@ -142,8 +164,39 @@ class _Candidate:
     result: Any
     evaluation: Evaluation
     fallback: Tuple[str, ...] = ()
+    precision: Dict[str, str] = field(default_factory=dict)  # fallen-back node -> fp16 / fp32
     why: str = ""  # the step that made this plan
     per_layer: Dict[str, str] = field(default_factory=dict)  # node -> format, when formats come per layer
+    screened: Optional[Evaluation] = None  # on the screening subset (every candidate, when screening)
+    full: bool = True  # ``evaluation`` is on the whole validation set
+    step: int = 0
+
+
+@dataclass
+class _Lazy:
+    """A candidate's result without its model (memory: one model kept, the best); ``plan`` rebuilds it."""
+
+    plan: Any
+    model: Any = None
+
+
+def _screen(ev: Evaluator, target: Target, samples: Optional[int]) -> Optional[Evaluator]:
+    """The screening evaluator: the first ``samples`` validation samples, when the set is at least twice that
+    and the metric is not an accuracy (one sample moves it in steps too coarse to screen on)."""
+    if not samples or target.metric == "accuracy_loss" or ev.samples < 2 * samples:
+        return None
+    sub = ev.subset(samples)
+    return sub if sub.samples < ev.samples else None
+
+
+def _promising(target: Target, v: Optional[float]) -> bool:
+    """Whether a screening figure leaves the target within reach on the whole set (cosine: within half the
+    gap to 1; SQNR: within 1 dB)."""
+    if v is None or math.isnan(v):
+        return False
+    if target.metric == "cosine":
+        return v >= target.value - max(0.5 * (1.0 - target.value), 1e-4)
+    return v >= target.value - SCREEN_MARGIN_DB
 
 
 def tune(model, calib: Any, val: Any, target: Target, config: Optional[QuantConfig] = None, *,
@@ -151,10 +204,13 @@ def tune(model, calib: Any, val: Any, target: Target, config: Optional[QuantConf
          formats: Optional[Sequence[str]] = None, methods: Optional[Sequence[str]] = None,
          samples: Optional[int] = None, sensitivity_samples: Optional[int] = 16, max_memory_mb: float = 64,
          progress=None, workspace: Optional[Workspace] = None, evaluator: Optional[Evaluator] = None,
-         outputs=None) -> TuneResult:
+         outputs=None, fallback_precision: str = "auto", screen_samples: Optional[int] = SCREEN_SAMPLES
+         ) -> TuneResult:
     """Search plans for ``model`` until ``target`` holds on ``val``; see the module docstring. ``formats``:
     candidate formats (default config.formats); ``methods``: calibration methods tried (default every other
-    one); ``samples``: at most this many validation samples. Writes the chosen model to ``output`` when given
+    one); ``samples``: at most this many validation samples; ``fallback_precision``: "auto" (FP16 where the layer
+    is FP16-safe, else FP32) or "fp32"; ``screen_samples``: candidates are scored on this many validation samples
+    first and on the whole set only when the target is within reach (None / 0: every candidate on the whole set). Writes the chosen model to ``output`` when given
     (``outputs``: an outputs.Outputs the caller commits, as quantize() takes; else written before returning)."""
     from onnxfp8.outputs import Outputs
 
@@ -164,6 +220,9 @@ def tune(model, calib: Any, val: Any, target: Target, config: Optional[QuantConf
         raise ConfigError(f"target: expected a Target, got {type(target).__name__}")
     if config.dynamic:
         raise ConfigError("tuning searches calibrated plans; dynamic quantization has no calibration to tune")
+    if fallback_precision not in FALLBACK_PRECISIONS:
+        raise ConfigError(f"--fallback-precision: expected one of {', '.join(FALLBACK_PRECISIONS)}, got "
+                          f"'{fallback_precision}'")
     timings: Dict[str, float] = {}
     own_outs = outputs is None
     outs = Outputs() if own_outs else outputs
@@ -177,7 +236,8 @@ def tune(model, calib: Any, val: Any, target: Target, config: Optional[QuantConf
     outs.validate()  # before any work
     try:
         result = _tune(model, calib, val, target, config, labels, max_fallback, formats, methods, samples,
-                       sensitivity_samples, max_memory_mb, progress, workspace, evaluator, timings)
+                       sensitivity_samples, max_memory_mb, progress, workspace, evaluator, timings,
+                       fallback_precision, screen_samples)
         if output:
             outs.write_model(output, result.model)
             result.output = output
@@ -192,7 +252,8 @@ def tune(model, calib: Any, val: Any, target: Target, config: Optional[QuantConf
 
 
 def _tune(model, calib, val, target, config, labels, max_fallback, formats, methods, samples, sensitivity_samples,
-          max_memory_mb, progress, workspace, evaluator, timings) -> TuneResult:
+          max_memory_mb, progress, workspace, evaluator, timings, fallback_precision="auto",
+          screen_samples=SCREEN_SAMPLES) -> TuneResult:
     own_ws = workspace is None
     t = time.perf_counter()
     ws = workspace or Workspace(model, calib, config, progress=progress)
@@ -206,7 +267,7 @@ def _tune(model, calib, val, target, config, labels, max_fallback, formats, meth
             raise ConfigError(f"{target.flag} needs labels: pass --labels FILE (or a 'label' key in the validation "
                               f"files)")
         result = _search(ws, ev, target, config, max_fallback, formats, methods, max_memory_mb, progress, timings,
-                         sensitivity_samples)
+                         sensitivity_samples, fallback_precision, screen_samples)
     finally:
         if own_ws:
             ws.close()
@@ -214,28 +275,56 @@ def _tune(model, calib, val, target, config, labels, max_fallback, formats, meth
 
 
 def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, max_fallback, formats, methods,
-            max_memory_mb: float, bar, timings: Dict[str, float], sensitivity_samples: Optional[int] = 16
-            ) -> TuneResult:
+            max_memory_mb: float, bar, timings: Dict[str, float], sensitivity_samples: Optional[int] = 16,
+            fallback_precision: str = "auto", screen_samples: Optional[int] = SCREEN_SAMPLES) -> TuneResult:
     steps: List[Step] = []
     best: Optional[_Candidate] = None
     best_index = 0
 
-    def attempt(name: str, tried: str, cfg: QuantConfig, result=None, fallback=(), per_layer=None) -> _Candidate:
+    screen = _screen(ev, target, screen_samples)
+    counts = {"screen": 0, "full": 0}
+
+    def met(c: Optional[_Candidate]) -> bool:
+        return c is not None and c.full and target.met(c.evaluation.value(target.metric))
+
+    def better(c: _Candidate, b: Optional[_Candidate]) -> bool:
+        if b is None or (met(c) and not met(b)):
+            return True
+        if met(b) and not met(c):
+            return False
+        if met(c) and met(b) or screen is None:
+            return c.evaluation.key(target) > b.evaluation.key(target)
+        return c.screened.key(target) > b.screened.key(target)  # the same samples for every candidate
+
+    def attempt(name: str, tried: str, cfg: QuantConfig, result=None, fallback=(), per_layer=None,
+                precision=None) -> _Candidate:
         nonlocal best, best_index
         t = time.perf_counter()
         result = result if result is not None else ws.realize(cfg)
-        e = ev.evaluate(result.model, bar, f"tuning: {name}")
-        cand = _Candidate(cfg, result, e, tuple(fallback), tried, dict(per_layer or {}))
+        es = None
+        if screen is not None:  # a quarter of the cost: the whole validation set only for a plan that may meet
+            es = screen.evaluate(result.model, bar, f"tuning: {name} (screening)")
+            counts["screen"] += 1
+        full = es is None or _promising(target, es.value(target.metric))
+        e = ev.evaluate(result.model, bar, f"tuning: {name}") if full else es
+        counts["full"] += int(full)
+        cand = _Candidate(cfg, result, e, tuple(fallback), dict(precision or {}), tried, dict(per_layer or {}),
+                          screened=es, full=full)
         v = e.value(target.metric)
-        step = Step(name, tried, v, target.met(v), len(fallback), e.metrics(), time.perf_counter() - t)
+        step = Step(name, tried, v, full and target.met(v), len(fallback), e.metrics(), time.perf_counter() - t,
+                    samples=e.samples, screened=es.value(target.metric) if es is not None else None)
         steps.append(step)
-        if best is None or e.key(target) > best.evaluation.key(target) or (
-                target.met(v) and not target.met(best.evaluation.value(target.metric))):
+        cand.step = len(steps) - 1
+        if better(cand, best):
+            if best is not None:
+                best.result = _Lazy(best.result.plan)  # only the best plan keeps its model in memory
             best, best_index = cand, len(steps) - 1
+        else:
+            cand.result = _Lazy(cand.result.plan)
         return cand
 
     def done() -> bool:
-        return best is not None and target.met(best.evaluation.value(target.metric))
+        return met(best)
 
     t = time.perf_counter()
     base = attempt("baseline", _describe(config), config, result=ws.first)
@@ -243,6 +332,7 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
     quantized = [d.node for d in plan0.quantized_nodes()]
     budget = parse_max_fallback(max_fallback, len(quantized))
     sens: Optional[SensitivityReport] = None
+    verdicts: Dict[str, Any] = {}
     timings["baseline"] = time.perf_counter() - t
     cands = [f for f in (formats or config.formats) if f != "auto"]
     if config.target == "tensorrt":
@@ -256,7 +346,10 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
     if not done():
         t = time.perf_counter()
         sub = ev.subset(sensitivity_samples) if sensitivity_samples else ev
-        sens = analyse(ws, sub, cands, config, top=0, max_memory_mb=max_memory_mb, bar=bar)
+        made = {}  # the baseline's realisation serves its format (no second graph build)
+        if config.format != "auto" and not config.weights_format and not config.activations_format:
+            made[config.format] = ws.first
+        sens = analyse(ws, sub, cands, config, top=0, max_memory_mb=max_memory_mb, bar=bar, results=made)
         timings["sensitivity"] = time.perf_counter() - t
     if not done() and len(cands) > 1:
         t = time.perf_counter()
@@ -286,16 +379,24 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
         anchor = best
         order = _fallback_order(sens, anchor, quantized)
         tried: Dict[int, _Candidate] = {}
+        t16 = time.perf_counter()
+        verdicts = _fp16_verdicts(ws, order[:min(budget, len(order))], fallback_precision, bar)
+        timings["fp16_safety"] = time.perf_counter() - t16
+        precision = {n: ("fp16" if v.safe else "fp32") for n, v in verdicts.items()}
+
+        def realise(nodes: Tuple[str, ...], prec: Dict[str, str], name: str = "fallback", extra: str = ""):
+            plan = anchor.result.plan.copy()
+            k = len(nodes)
+            for i, n in enumerate(nodes):
+                plan.fall_back(n, prec[n], f"tuning: left in {prec[n].upper()} (fallback {i + 1} of {k})")
+            return attempt(name, f"{k} most sensitive layer(s) in {_precision_words(nodes, prec)}{extra} "
+                                 f"({', '.join(nodes)})",
+                           _without(anchor.config, nodes, anchor.result.plan), result=ws.apply(plan),
+                           fallback=nodes, per_layer=anchor.per_layer, precision={n: prec[n] for n in nodes})
 
         def fall(k: int) -> _Candidate:
             if k not in tried:
-                nodes = tuple(order[:k])
-                plan = anchor.result.plan.copy()
-                for i, n in enumerate(nodes):
-                    plan.keep_fp32(n, f"tuning: left in FP32 (fallback {i + 1} of {k})")
-                tried[k] = attempt("fallback", f"{k} most sensitive layer(s) in FP32 ({', '.join(nodes)})",
-                                   _without(anchor.config, nodes, anchor.result.plan), result=ws.apply(plan),
-                                   fallback=nodes, per_layer=anchor.per_layer)
+                tried[k] = realise(tuple(order[:k]), precision)
             return tried[k]
 
         ks, k = [], 1
@@ -305,25 +406,43 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
         ks.append(min(budget, len(order)))
         lo = 0
         for k in ks:
-            if target.met(fall(k).evaluation.value(target.metric)):
+            if met(fall(k)):
                 hi = k
                 while hi - lo > 1:  # the smallest count that meets the target
                     mid = (lo + hi) // 2
-                    if target.met(fall(mid).evaluation.value(target.metric)):
+                    if met(fall(mid)):
                         hi = mid
                     else:
                         lo = mid
-                best = tried[hi]
-                best_index = next(i for i, s in enumerate(steps) if s.fallback == hi and s.name == "fallback")
+                if tried[hi] is not best:
+                    if not isinstance(best.result, _Lazy):
+                        best.result = _Lazy(best.result.plan)
+                    best, best_index = tried[hi], tried[hi].step
                 break
             lo = k
+        if not done() and best.fallback and any(p == "fp16" for p in best.precision.values()):
+            # the FP16 islands' own rounding may be what is missing: the same layers once in FP32
+            realise(best.fallback, {n: "fp32" for n in best.fallback}, extra=" (FP16 islands missed the target)")
         timings["fallback"] = time.perf_counter() - t
+    if isinstance(best.result, _Lazy):  # rebuilt from its plan (byte for byte the model it was scored as)
+        best.result = ws.apply(best.result.plan)
+    if not best.full:  # the reported figure is always on the whole validation set
+        t = time.perf_counter()
+        e = ev.evaluate(best.result.model, bar, "tuning: the best plan on the whole validation set")
+        counts["full"] += 1
+        best.evaluation, best.full = e, True
+        st = steps[best_index]
+        st.metric, st.met, st.evaluation, st.samples = (e.value(target.metric), target.met(e.value(target.metric)),
+                                                        e.metrics(), e.samples)
+        st.seconds += time.perf_counter() - t
     steps[best_index].kept = True
     met = target.met(best.evaluation.value(target.metric))
-    _annotate(best, base, sens, target, quantized)
+    timings["evaluations_screening"] = float(counts["screen"])
+    timings["evaluations_full"] = float(counts["full"])
+    _annotate(best, base, sens, target, quantized, verdicts)
     report = TuneReport(target, met, best.evaluation.value(target.metric), steps, best_index, len(quantized),
                         list(best.fallback), budget, best.config.to_dict(), sens, timings=timings,
-                        val_samples=ev.samples)
+                        val_samples=ev.samples, fallback_precision=dict(best.precision), fp16=verdicts)
     best.result.report.plan = best.result.plan
     return TuneResult(best.result.model, best.result.plan, best.result.report, report, best.config)
 
@@ -384,21 +503,57 @@ def _without(config: QuantConfig, nodes: Sequence[str], plan) -> QuantConfig:
                           overrides=overrides)
 
 
+def _precision_words(nodes: Sequence[str], prec: Dict[str, str]) -> str:
+    n16 = sum(1 for n in nodes if prec.get(n) == "fp16")
+    if n16 == len(nodes):
+        return "FP16"
+    if n16 == 0:
+        return "FP32"
+    return f"high precision ({n16} FP16, {len(nodes) - n16} FP32)"
+
+
+def _fp16_verdicts(ws: Workspace, nodes: Sequence[str], fallback_precision: str, bar) -> Dict[str, Any]:
+    """node -> FP16Verdict for the fallback candidates (tuning/fp16.py); every one FP32 when forced or when
+    there is no calibration data to judge FP16-safety on."""
+    from onnxfp8.tuning.fp16 import FP16Verdict, workspace_safety
+
+    if not nodes:
+        return {}
+    if fallback_precision == "fp32":
+        return {n: FP16Verdict(n, False, "FP32 fallback forced (--fallback-precision fp32)") for n in nodes}
+    if ws.calib is None:
+        return {n: FP16Verdict(n, False, "no calibration data to judge FP16-safety on (statistics loaded)")
+                for n in nodes}
+    if bar is not None and hasattr(bar, "begin"):
+        from onnxfp8.progress import count_samples
+
+        bar.begin("tuning: FP16 ranges", count_samples(ws.calib))
+    try:
+        return workspace_safety(ws, nodes, progress=bar)
+    finally:
+        if bar is not None and hasattr(bar, "close"):
+            bar.close()
+
+
 def _annotate(best: _Candidate, base: _Candidate, sens: Optional[SensitivityReport], target: Target,
-              quantized: List[str]) -> None:
+              quantized: List[str], verdicts: Optional[Dict[str, Any]] = None) -> None:
     """Say in the plan, for every layer, why it has its format or fell back."""
     plan = best.result.plan
     by_node = {l.node: l for l in sens.layers} if sens else {}
     reached = target.fmt(best.evaluation.value(target.metric))
-    before = target.fmt(base.evaluation.value(target.metric))
+    before = target.fmt(base.evaluation.value(target.metric)) + ("" if base.full else
+                                                                  f" (on {base.evaluation.samples} samples)")
     for i, node in enumerate(best.fallback):
         d = plan.nodes.get(node)
         if d is None:
             continue
         l = by_node.get(node)
         own = f"own SQNR {l.own_db:.1f} dB in {l.base_format}, rank {l.rank} of {len(by_node)}" if l else "sensitive"
-        d.reason = (f"tuning: left in FP32 (fallback {i + 1} of {len(best.fallback)}; {own}); the target "
-                    f"{target.describe()} needed it: {before} with every layer quantized, {reached} with the fallback")
+        p = best.precision.get(node, "fp32")
+        v = (verdicts or {}).get(node)
+        d.reason = (f"tuning: left in {p.upper()} (fallback {i + 1} of {len(best.fallback)}; {own}); the target "
+                    f"{target.describe()} needed it: {before} with every layer quantized, {reached} with the fallback"
+                    + (f"; {v.reason}" if v is not None else ""))
     for d in plan.quantized_nodes():
         l = by_node.get(d.node)
         fmts = sorted({s.format for s in plan.tensors.values() if d.node in s.consumers})

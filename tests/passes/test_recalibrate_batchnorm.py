@@ -29,7 +29,8 @@ from onnxfp8.passes.canonicalize import Canonicalize
 from onnxfp8.passes.cleanup import Cleanup
 from onnxfp8.passes.fold_quantized_batchnorm import FoldQuantizedBatchNorm, StashFP32Weights
 from onnxfp8.passes.insert_qdq import InsertQDQ
-from onnxfp8.passes.recalibrate_batchnorm import HeldOut, PooledMoments, RecalibrateBatchNorm
+from onnxfp8.calibrators.data import DataSource, HeldOut
+from onnxfp8.passes.recalibrate_batchnorm import PooledMoments, RecalibrateBatchNorm
 from onnxfp8.passes.select_ops import SelectOps
 from onnxfp8.pipeline import PassContext, Pipeline
 

@@ -103,7 +103,9 @@ def test_tune_falls_back_until_the_target_holds(example_models, tmp_path):
     # every layer says why: fallen-back ones left FP32 by tuning, quantized ones their format from tuning
     for node in rep.fallback:
         d = res.plan.nodes[node]
-        assert not d.quantized and d.reason.startswith("tuning: left in FP32")
+        prec = rep.fallback_precision[node]
+        assert not d.quantized and d.fallback == prec and d.reason.startswith(f"tuning: left in {prec.upper()}")
+        assert ("FP16-safe on the calibration data" in d.reason) == (prec == "fp16")
     for d in res.plan.quantized_nodes():
         assert "tuning: " in d.reason
     # the fallback chosen is the smallest count that met the target among those tried
@@ -117,8 +119,19 @@ def test_tune_not_met_returns_the_best(example_models):
                methods=["mse"])
     rep = res.tuning
     assert not rep.met and "not met" in rep.message and "--target-sqnr" in rep.message
-    best = max(s.metric for s in rep.steps)
-    assert rep.reached == best and rep.steps[rep.best_step].kept
+    # screening: every candidate scored on 16 of the 32 samples (none within reach of 200 dB), the best of them
+    # then on all 32: that is the figure reached
+    kept = rep.steps[rep.best_step]
+    assert kept.kept and kept.samples == rep.val_samples == 32 and rep.reached == kept.metric
+    assert all(s.screened is not None for s in rep.steps)
+    assert kept.screened == max(s.screened for s in rep.steps)
+    assert [s.samples for i, s in enumerate(rep.steps) if i != rep.best_step] == [16] * (len(rep.steps) - 1)
+    assert rep.timings["evaluations_full"] == 1
+    # without screening every candidate is on the whole set and the best of them is reached
+    res = tune(ex["model"], ex["calib"], ex["val"], Target("sqnr", 200.0), QuantConfig(), max_fallback=0,
+               methods=["mse"], screen_samples=None)
+    rep = res.tuning
+    assert rep.reached == max(s.metric for s in rep.steps) and all(s.samples == 32 for s in rep.steps)
 
 
 def test_accuracy_target_needs_labels(example_models):
@@ -169,6 +182,7 @@ def test_cli_target_not_met_exits_1_and_writes_best(example_models, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--target-cosine", "0.99"], "needs --val"),
     (["--max-fallback", "2"], "only used when tuning"),
+    (["--fallback-precision", "fp32"], "--fallback-precision is only used when tuning"),
     (["--target-cosine", "0.99", "--target-sqnr", "20"], "one tuning target"),
 ])
 def test_cli_tuning_option_errors(example_models, args, message):
