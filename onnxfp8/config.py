@@ -177,7 +177,7 @@ class QuantConfig:
         if self.bn_ranges and self.bn_recalibrate:  # remeasure_ranges: max ranges of the folded model
             if not self.fold_batchnorm:
                 raise ConfigError("bn_ranges: re-measuring activation ranges after BatchNorm recalibration runs on "
-                                  "the folded model; it needs fold_batchnorm (drop --no-fold-batchnorm or --bn-ranges)")
+                                  "the folded model; it needs fold_batchnorm (drop --no-fold-bn or --bn-ranges)")
             if self.calibration != "max":
                 raise ConfigError(f"bn_ranges: re-measuring activation ranges after BatchNorm recalibration supports "
                                   f"max calibration, not {self.calibration}; drop --bn-ranges or --calibration")

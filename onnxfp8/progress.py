@@ -22,7 +22,8 @@ import sys
 import threading
 import time
 import zipfile
-from typing import Any, Callable, Optional, TextIO
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional, TextIO
 
 import numpy as np
 
@@ -154,8 +155,7 @@ class ProgressBar:
 
     # -- what the runner tells us
     def begin(self, label: str, total: Optional[int]) -> None:
-        self._end_phase()
-        self.label = label
+        self.label = label  # a phase line stays until the first report draws the bar (a session may take long)
         self.total = total if total and total > 0 else None
         self.passes = 1
         self._start = None
@@ -305,3 +305,33 @@ def count_samples(data: Any) -> Optional[int]:
                 return limit
         return min(total, limit) if limit is not None else total
     return limit
+
+
+# -- the display as a step of its own --------------------------------------------------------------------
+class ProgressObserver:
+    """A progress sink as an observer of the collector's passes (collector.collect ``observers``): every batch
+    reports ``sink(samples_done_in_this_pass, pass_number)``, the number of passes ``sink.set_passes(n)``."""
+
+    def __init__(self, sink: Callable[..., None]) -> None:
+        self.sink = sink
+
+    def passes(self, n: int) -> None:
+        if hasattr(self.sink, "set_passes"):
+            self.sink.set_passes(n)
+
+    def batch(self, pass_no: int, done: int, batch: Any = None, outputs: Any = None) -> None:
+        self.sink(done, pass_no)
+
+
+@contextmanager
+def stage(sink: Any, label: str, total: Any = None) -> Iterator[Any]:
+    """One stage on the display (``with stage(bar, "calibrating", n) as bar:``): ``begin(label, total)`` on
+    entry and ``close()`` on exit when the sink has them; yields the sink (None: no display). ``total``: the
+    samples per pass, or a function computing them (called only when there is a display)."""
+    if sink is not None and hasattr(sink, "begin"):
+        sink.begin(label, total() if callable(total) else total)
+    try:
+        yield sink
+    finally:
+        if sink is not None and hasattr(sink, "close"):
+            sink.close()

@@ -5,25 +5,22 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union
-
-import numpy as np
+from typing import Any, List, Optional, Union
 
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxfp8.calibrators.data import as_data, batch_size, input_specs, output_batch_axes, take_outputs, take_samples
+from onnxfp8.calibrators.data import Samples, as_data, batch_size, input_specs, output_batch_axes
 from onnxfp8.config import QuantConfig
 from onnxfp8.errors import ModelError
 from onnxfp8 import modelio
-from onnxfp8.modelio import ModelLike, load_model, make_session, model_bytes, prepare_model, to_graph, to_model
+from onnxfp8.modelio import ModelLike, load_model, model_bytes, prepare_model, to_graph, to_model
 from onnxfp8.outputs import Outputs
 from onnxfp8.validate import control_flow_nodes, validate_model
 from onnxfp8.passes import pipeline_for
 from onnxfp8.pipeline import PassContext, Pipeline
 from onnxfp8.plan import QuantPlan
 from onnxfp8.verify.check import OutputResult, Thresholds
-from onnxfp8.verify.compare import ClassifierStats, ErrorStats, is_classifier
 from onnxfp8.verify.report import RUN_EXACTLY, QuantReport
 
 
@@ -287,45 +284,16 @@ def _measure(model: onnx.ModelProto, ctx: PassContext, report: QuantReport, conf
     want = min(captured, config.summary_count((ctx.calibration.samples if ctx.calibration else 0) or captured))
     if not inputs or want <= 0:
         return
-    _phase(ctx, "measuring output error: creating the onnxruntime session")
-    sess = make_session(model, level="basic", providers=config.providers, threads=config.threads)
-    names = [o.name for o in sess.get_outputs()]
-    stats = {n: ErrorStats() for n in names}
-    classifiers: Dict[str, ClassifierStats] = {}
-    bar = ctx.progress
-    if bar is not None and hasattr(bar, "begin"):
-        bar.begin("measuring output error", want)
-    axes = getattr(ctx.calib, "axes", {})  # each input's batch axis: a fixed batch cannot run a short batch
-    static = {i.name: i.shape[axes.get(i.name, 0)] for i in sess.get_inputs()
-              if axes.get(i.name, 0) is not None and len(i.shape) > axes.get(i.name, 0)
-              and isinstance(i.shape[axes.get(i.name, 0)], int)}
-    out_axes = output_batch_axes(model, ctx.calib)
-    count = 0
-    for feed, ref in zip(inputs, refs):
-        n = batch_size(feed)
-        if count + n > want and not static and out_axes is not None:  # cut the last batch
-            take = want - count
-            feed = take_samples(feed, take)
-            ref = take_outputs(ref, n, take, out_axes)
-            n = take
-        elif any(feed[k].shape[axes.get(k, 0)] != b for k, b in static.items() if k in feed):
-            continue  # a short last batch a model with a fixed batch size cannot run
-        got = sess.run(names, feed)
-        for name, v in zip(names, got):
-            if name in ref:
-                stats[name].update(ref[name], v)
-                r = np.asarray(ref[name])
-                if r.dtype.kind == "f" and is_classifier(r.shape) and r.shape == np.shape(v):
-                    classifiers.setdefault(name, ClassifierStats()).update(r, v)
-        count += n
-        if bar is not None:
-            bar(count)
-        if count >= want:
-            break
-    if bar is not None and hasattr(bar, "close"):
-        bar.close()
-    report.outputs = {n: {**s.to_dict(), **(classifiers[n].to_dict() if n in classifiers else {})}
-                      for n, s in stats.items()}
+    from onnxfp8.progress import stage
+    from onnxfp8.verify.measure import measure_outputs
+
+    _phase(ctx, "measuring output error: creating the onnxruntime session")  # until the first batch is drawn
+    with stage(ctx.progress, "measuring output error", want) as bar:
+        m = measure_outputs(model, Samples(inputs, what="captured calibration samples"), refs, samples=want, axes=getattr(ctx.calib, "axes", {}),
+                            out_axes=output_batch_axes(model, ctx.calib), providers=config.providers,
+                            threads=config.threads, progress=bar)
+    stats, classifiers, count = m.outputs, m.classifiers, m.samples
+    report.outputs = m.to_dict()
     report.summary_samples = count
     # would `onnxfp8 check` pass with its defaults? (on these calibration samples: a hint, not the held-out gate)
     defaults = Thresholds()

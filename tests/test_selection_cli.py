@@ -44,8 +44,7 @@ def test_exclude_patterns_report_what_they_matched(tr, tmp_path):
     assert d["layer0/ffn/fc2"]["reason"] == "name matches --exclude-node '/ffn/fc[12]$/'"
     quantized = {n for n, x in d.items() if x["quantized"]}
     assert quantized == {"embeddings/word_embeddings"}
-    notes = next(p["notes"] for p in rep["passes"] if p["name"] == "select_ops")
-    assert any(n.startswith("--exclude-node 're:^classifier$' matched 1") for n in notes)
+    assert {"flag": "--exclude-node", "pattern": "re:^classifier$", "nodes": ["classifier"]} in rep["patterns"]
 
 
 def test_include_node_restricts(tr, tmp_path):

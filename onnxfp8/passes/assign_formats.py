@@ -116,7 +116,8 @@ class AssignFormats(Pass):
                                            [n for n, _ in uses])
             if chosen is not None:
                 plan.tensors[name].candidates = chosen[1]
-                plan.tensors[name].notes.append(auto_note(chosen[1], chosen[2]))
+                plan.tensors[name].auto_reason = auto_reason(chosen[1], chosen[2])
+                plan.tensors[name].notes.append("format auto: " + plan.tensors[name].auto_reason)
         for name, consumers in act_consumers.items():
             over = dict(cfg.overrides.get(name, {}))
             if "axis" in over:
@@ -136,7 +137,8 @@ class AssignFormats(Pass):
             spec = QuantSpec(name, "activation", fmt.name, scale, None, amax, consumers)
             if chosen is not None:
                 spec.candidates = chosen[1]
-                spec.notes.append(auto_note(chosen[1], chosen[2]))
+                spec.auto_reason = auto_reason(chosen[1], chosen[2])
+                spec.notes.append("format auto: " + spec.auto_reason)
             elif hists is not None and "format" not in over:
                 spec.notes.append(f"format auto: no histogram of this tensor (never finite on the data), "
                                   f"{fmt.name} used")
@@ -232,11 +234,11 @@ def _shape_remark(crest: float) -> str:
     return f"max/rms {crest:.1f}"
 
 
-def auto_note(errs: Dict[str, float], remark: str) -> str:
-    """'format auto: this tensor has outliers (max/rms 25.3): E4M3 beats E3M4 by 6.1 dB (SQNR e4m3 31.2, ...)'"""
+def auto_reason(errs: Dict[str, float], remark: str) -> str:
+    """'this tensor has outliers (max/rms 25.3): E4M3 beats E3M4 by 6.1 dB (SQNR e4m3 31.2, ...)' (QuantSpec.auto_reason)"""
     ranked = sorted(errs.items(), key=lambda kv: -kv[1])
     best, e0 = ranked[0]
-    text = f"format auto: {remark}: {best.upper()}"
+    text = f"{remark}: {best.upper()}"
     if len(ranked) > 1:
         second, e1 = ranked[1]
         text += f" beats {second.upper()} by {e0 - e1:.1f} dB"

@@ -64,9 +64,7 @@ class SelectOps(Pass):
                 for pattern, names in rule.matches.items():
                     if not names:
                         raise ConfigError(f"{ctx.source}: {flag} pattern '{pattern}' matches no node")
-                    match = PatternMatch(flag, pattern, list(names))
-                    ctx.patterns.append(match)
-                    notes.append(match.describe())
+                    ctx.patterns.append(PatternMatch(flag, pattern, list(names)))
         by_name = {n.name: n for n in graph.nodes}
         for name, d in decisions.items():
             node = by_name[name]
@@ -74,4 +72,6 @@ class SelectOps(Pass):
             ctx.plan.nodes[name] = NodeDecision(name, node.op, d.include, d.reason, roles)
         q = sum(1 for d in decisions.values() if d.include)
         notes.insert(0, f"{q} of {len(decisions)} node(s) selected for quantization")
+        if ctx.patterns:  # what each matched is ctx.patterns (the report's patterns), not prose here
+            notes.append(f"{len(ctx.patterns)} node-name pattern(s) matched (report: patterns)")
         return PassResult(False, notes)

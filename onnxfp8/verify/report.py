@@ -176,8 +176,8 @@ def _db(v: Any) -> str:
 
 def auto_summary(plan, limit: Optional[int] = 8) -> List[str]:
     """What format auto chose, in words, for the CLI summary: the count per format, then the tensors where the
-    choice mattered most (largest margin between the best and the second-best candidate) with their notes
-    ('layer0/attn_ln/output (activation): this tensor has outliers (max/rms 25.3): E4M3 beats E3M4 by 6.1 dB
+    choice mattered most (largest margin between the best and the second-best candidate) with their reasons
+    (QuantSpec.auto_reason, a field: no note is parsed) ('layer0/attn_ln/output (activation): this tensor has outliers (max/rms 25.3): E4M3 beats E3M4 by 6.1 dB
     (SQNR ...)'). Every candidate's SQNR is in the plan (QuantSpec.candidates) and the JSON report."""
     specs = [s for s in plan.tensors.values() if len(s.candidates) > 1]
     if not specs:
@@ -198,8 +198,7 @@ def auto_summary(plan, limit: Optional[int] = 8) -> List[str]:
         line += f"; INT8 wins {won['int8']} tensor(s)"
     lines = [line]
     for s in sorted(specs, key=margin, reverse=True)[:limit]:
-        note = next((n for n in s.notes if n.startswith("format auto: ")), "")
-        lines.append(f"  {s.tensor} ({s.role}): {note[len('format auto: '):]}")
+        lines.append(f"  {s.tensor} ({s.role}): {s.auto_reason}")
     if limit is not None and len(specs) > limit:
         lines.append(f"  (+{len(specs) - limit} more; -v shows all; --plan and --report hold every candidate's SQNR)")
     return lines

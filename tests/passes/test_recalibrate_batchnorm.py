@@ -30,7 +30,8 @@ from onnxfp8.passes.cleanup import Cleanup
 from onnxfp8.passes.fold_quantized_batchnorm import FoldQuantizedBatchNorm, StashFP32Weights
 from onnxfp8.passes.insert_qdq import InsertQDQ
 from onnxfp8.calibrators.data import DataSource, HeldOut
-from onnxfp8.passes.recalibrate_batchnorm import PooledMoments, RecalibrateBatchNorm
+from onnxfp8.calibrators.moments import PooledMoments
+from onnxfp8.passes.recalibrate_batchnorm import RecalibrateBatchNorm
 from onnxfp8.passes.select_ops import SelectOps
 from onnxfp8.pipeline import PassContext, Pipeline
 

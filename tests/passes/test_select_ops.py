@@ -45,9 +45,9 @@ def _model():
 MODEL = _model()
 
 
-def _select(run_passes, **cfg):
+def _select(run_passes, notes=False, **cfg):
     graph, ctx, res = run_passes(MODEL, ["canonicalize", "select_ops"], config=QuantConfig(**cfg))
-    return ctx.plan.nodes, res["select_ops"].notes
+    return ctx.plan.nodes, (res["select_ops"].notes if notes else ctx.patterns)
 
 
 def _quantized(nodes):
@@ -55,7 +55,7 @@ def _quantized(nodes):
 
 
 def test_default_selection_and_structural_reasons(run_passes):
-    nodes, notes = _select(run_passes)
+    nodes, notes = _select(run_passes, notes=True)
     assert _quantized(nodes) == ["conv_a", "conv_b", "fc1", "fc_head"]
     assert nodes["relu"].reason == "op type Relu is not quantized by this scheme"
     assert nodes["mm_act"].reason == "MatMul between two activations (extended scheme only)"
@@ -79,11 +79,12 @@ def test_exclude_op(run_passes):
 
 @pytest.mark.parametrize("pattern", ["conv_*", "/^conv_[ab]$/", "re:conv_(a|b)"])
 def test_exclude_by_name(run_passes, pattern):
-    nodes, notes = _select(run_passes, exclude_nodes=(pattern,))
+    nodes, patterns = _select(run_passes, exclude_nodes=(pattern,))
     assert _quantized(nodes) == ["fc1", "fc_head"]
     assert nodes["conv_a"].reason == f"name matches --exclude-node '{pattern}'"
-    matched = [n for n in notes if n.startswith(f"--exclude-node '{pattern}' matched")]
-    assert matched and "conv_a" in matched[0] and "conv_b" in matched[0]
+    [m] = patterns
+    assert (m.flag, m.pattern) == ("--exclude-node", pattern) and {"conv_a", "conv_b"} <= set(m.nodes)
+    assert m.describe().startswith(f"--exclude-node '{pattern}' matched {len(m.nodes)} node(s): conv_a")
 
 
 def test_glob_is_whole_name_and_regex_searches(run_passes):
@@ -94,10 +95,10 @@ def test_glob_is_whole_name_and_regex_searches(run_passes):
 
 
 def test_include_by_name(run_passes):
-    nodes, notes = _select(run_passes, include_nodes=("fc_*",))
+    nodes, patterns = _select(run_passes, include_nodes=("fc_*",))
     assert _quantized(nodes) == ["fc_head"]
     assert nodes["fc1"].reason == "name does not match any --include-node pattern"
-    assert any(n.startswith("--include-node 'fc_*' matched 1 node(s): fc_head") for n in notes)
+    assert [(m.flag, m.pattern, m.nodes) for m in patterns] == [("--include-node", "fc_*", ["fc_head"])]
 
 
 def test_keep_first_last(run_passes):
