@@ -69,6 +69,8 @@ def run_cli(args: List[str]) -> Tuple[str, str]:
         tb = "".join(traceback.format_exception(res.exception)).strip().splitlines()
         return "CRASH", f"{type(res.exception).__name__}: {str(res.exception).splitlines()[0] if str(res.exception) else ''} ({tb[-3].strip() if len(tb) > 2 else ''})"
     code = res.exit_code
+    if code in (130, 143):  # Ctrl-C / SIGTERM reached the in-process CLI, which ends the run: stop the bench too
+        raise SystemExit(code)
     if code == 0:
         return "ok", ""
     if code == 1:
@@ -151,7 +153,8 @@ def main(argv=None) -> int:
         if bad:
             print(f"error: unknown zoo model(s) {', '.join(bad)}; known: {', '.join(sorted(known))}", file=sys.stderr)
             return 2
-        models = [m for m in models if m.name in want]
+        by_name = {m.name: m for m in models}
+        models = [by_name[n] for n in dict.fromkeys(want)]  # in the order given
     if args.smoke:
         models = [m for m in models if "smoke" in m.tags]
     zoo = Path(args.zoo)
