@@ -167,6 +167,7 @@ def config_options(fn):
         click.option("--equalize/--no-equalize", default=None, help="Cross-layer equalization (Nagel et al. 2019) of Conv/Gemm/MatMul pairs through Relu-like ops before quantizing (same FP32 function), with bias absorption and, unless --no-bias-correction, bias correction from the calibration data (docs/transforms.md)."),
         click.option("--bias-correction/--no-bias-correction", default=None, help="Correct the biases of quantized layers for the expected shift their weights' quantization causes (measured on the calibration data; default: on with --equalize)."),
         click.option("--smoothquant", is_flag=False, flag_value="auto", default=None, metavar="[ALPHA]", help="SmoothQuant (Xiao et al. 2022): move per-channel activation outliers of MatMul/Gemm inputs into the weights, folded into the op before where possible. ALPHA in [0, 1], or alone: alpha per layer from the calibration data (a grid search on the layer's own error); 'off' turns a recipe's off."),
+        click.option("--transform-guard/--no-transform-guard", default=None, help="With --equalize / --smoothquant / --bias-correction: quantize without them first, then add them one at a time and keep each only when it raises the worst output's SQNR vs FP32 on the captured calibration samples (default on; costs one quantization per transform; the decisions are in the plan and the summary)."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -210,6 +211,9 @@ def _check_option_use(kw: Dict[str, Any], config) -> None:
             o.get("calibration") == "percentile" for o in config.overrides.values()):
         raise ConfigError(f"--percentile is only used with --calibration percentile (the calibration is "
                           f"{config.calibration})")
+    if kw.get("transform_guard") is not None and not (config.equalize or config.smoothquant is not None
+                                                      or config.bias_correction):
+        raise ConfigError("--transform-guard is only used with --equalize, --smoothquant or --bias-correction")
     if not config.bn_recalibrate:
         for key in ("bn_calib", "bn_samples", "bn_mode", "bn_guard", "bn_ranges"):
             if kw.get(key) is not None:
@@ -589,6 +593,7 @@ def sensitivity(model, calib, val, labels, samples, top, json_path, plot_path, l
 @click.option("--formats", "sweep_formats", default=",".join(ALL_FORMATS + ("auto",)), show_default=True, help="Formats to sweep (comma separated; default every format, E3M4 included: the sweep measures, it does not ship; auto: per tensor, from -f auto's default candidates e4m3,e5m2,int8).")
 @click.option("--schemes", default="standard,extended", show_default=True, help="Schemes to sweep.")
 @click.option("--calibrations", default="max,percentile,mse,entropy", show_default=True, help="Calibration methods to sweep.")
+@click.option("--transforms", "sweep_transforms", default="", help="Also each format with each of these transforms on (equalize, smoothquant, bias_correction, or all; comma separated): a format x transform table, and the tuner tries them. Each row calibrates anew (a transform rewrites the graph).")
 @click.option("--tune/--no-tune", "do_tune", default=True, show_default=True, help="Add the tuned result (quantize --target-* on the same statistics).")
 @click.option("--target-cosine", type=float, help="The table's criterion and the tuner's target (default: cosine >= 0.995, or < 1% accuracy loss with labels).")
 @click.option("--target-sqnr", type=float, help="Criterion and tuning target: output SQNR in dB.")
@@ -599,8 +604,9 @@ def sensitivity(model, calib, val, labels, samples, top, json_path, plot_path, l
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Samples per onnxruntime run.")
 @verbosity_options
 @handle_errors
-def sweep(model, calib, val, labels, out_dir, sweep_formats, schemes, calibrations, do_tune, target_cosine, target_sqnr,
-          max_accuracy_loss, max_fallback, samples, calib_samples, batch_size, quiet, verbose):
+def sweep(model, calib, val, labels, out_dir, sweep_formats, schemes, calibrations, sweep_transforms, do_tune,
+          target_cosine, target_sqnr, max_accuracy_loss, max_fallback, samples, calib_samples, batch_size, quiet,
+          verbose):
     """The paper's table for MODEL: formats x schemes x calibration methods, plus the tuned result (SQNR, cosine,
     accuracy, size, layers in fallback), as markdown, JSON and one self-contained HTML report with plots."""
     from onnxfp8.config import QuantConfig
@@ -627,6 +633,14 @@ def sweep(model, calib, val, labels, out_dir, sweep_formats, schemes, calibratio
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConfigError(f"{out_dir}: --out is not a folder")
     config = QuantConfig(batch_size=batch_size, calib_samples=calib_samples)
+    from onnxfp8.tuning.sweep import TRANSFORM_ON
+
+    transforms = _split((sweep_transforms,))
+    if transforms == ("all",):
+        transforms = list(TRANSFORM_ON)
+    for t in transforms:
+        if t not in TRANSFORM_ON:
+            raise ConfigError(f"--transforms: unknown transform '{t}'; choose from {', '.join(TRANSFORM_ON)} or all")
     paths = {k: os.path.join(out_dir, f"sweep.{k}") for k in ("md", "json", "html")}
     os.makedirs(out_dir, exist_ok=True)
     with Outputs() as outs:
@@ -640,7 +654,7 @@ def sweep(model, calib, val, labels, out_dir, sweep_formats, schemes, calibratio
         report = run(model, calib, val, config, formats=_split((sweep_formats,)), schemes=_split((schemes,)),
                      calibrations=_split((calibrations,)), labels=labels, target=targets[0] if targets else None,
                      tune=do_tune, max_fallback=max_fallback, samples=samples,
-                     progress=progress_for(sys.stderr, quiet))
+                     progress=progress_for(sys.stderr, quiet), transforms=transforms)
         outs.write_text(paths["md"], report.to_markdown())
         outs.write_text(paths["json"], report.to_json())
         outs.write_text(paths["html"], render(report))

@@ -102,6 +102,10 @@ class QuantConfig:
     bias_correction: Optional[bool] = None  # correct biases for the weights' expected quantization error (None: with equalize)
     # SmoothQuant of MatMul/Gemm inputs: None off, "auto" alpha per layer from the data, or alpha in [0, 1]
     smoothquant: Optional[Any] = None
+    # keep each transform only where it measurably lowers the output error: the model is quantized without the
+    # transforms, then with them added one at a time (pipeline order), each kept when the worst output's SQNR
+    # vs FP32 on the captured calibration samples rises by at least GUARD_MIN_GAIN_DB (quantize.py)
+    transform_guard: bool = True
 
     def __post_init__(self) -> None:
         from onnxfp8.formats import get_format

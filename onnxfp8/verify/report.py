@@ -103,6 +103,7 @@ class QuantReport:
                 top1 = f", top-1 agreement {100 * m['top1_agreement']:.1f}%" if "top1_agreement" in m else ""
                 lines.append(f"  {name}: SQNR {s}, cosine {m['cosine']:.6f}, max |err| {m['max_abs']:.4g}{top1}")
             lines.extend(check_defaults_lines(self.check_defaults, self.source, self.output))
+        lines.extend(transform_lines(self.plan))
         if self.batchnorm:
             lines.extend(batchnorm_lines(self.batchnorm))
         if self.how_to_run:
@@ -110,6 +111,21 @@ class QuantReport:
         lines.extend(auto_summary(self.plan, limit=None if verbose else 8) + dynamic_summary(self.plan))  # auto: what won where; dynamic
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
+
+
+def transform_lines(plan) -> List[str]:
+    """What the transform guard kept and reverted (plan.transforms' ``transform_guard`` records), or the
+    transforms applied unguarded."""
+    guard = [r for r in plan.transforms if r.get("pass") == "transform_guard"]
+    if guard:
+        parts = []
+        for r in guard:
+            verdict = "kept" if r.get("kept") else ("no change" if r.get("with_db") is None else "reverted")
+            parts.append(f"{r['transform']} {verdict}" + (f" ({r['reason']})" if r.get("with_db") is not None else ""))
+        where = "held-out calibration" if guard[0].get("held_out") else "calibration"
+        return [f"transforms, measured on {guard[0].get('samples', 0)} {where} sample(s): " + "; ".join(parts)]
+    done = sorted({r.get("pass") for r in plan.transforms if r.get("kind") != "left_alone"})
+    return [f"transforms (unguarded): {', '.join(done)}"] if done else []
 
 
 def check_defaults_lines(cd: Dict[str, Any], source: str = "MODEL", output: Optional[str] = None) -> List[str]:

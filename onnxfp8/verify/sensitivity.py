@@ -225,13 +225,16 @@ def analyse(workspace, evaluator, formats: Sequence[str] = ALL_FORMATS, base: Op
     start = time.perf_counter()
     base = base or workspace.config
     base_format = base.activation_format if base.format != "auto" else base.formats[0]
-    fmts = list(dict.fromkeys([base_format] + [f for f in formats if f != "auto"]))
     results = dict(results or {})
+    # "auto" is a column too when asked for: format auto's per-tensor choice among the other formats, per layer
+    fmts = list(dict.fromkeys([base_format] + list(formats)))
+    plain = tuple(f for f in fmts if f != "auto")
     timings: Dict[str, float] = {}
     t = time.perf_counter()
     for f in fmts:
         if f not in results:
-            results[f] = workspace.realize(base.replace(format=f, weights_format=None, activations_format=None))
+            cfg = base.replace(format=f, weights_format=None, activations_format=None)
+            results[f] = workspace.realize(cfg.replace(formats=plain) if f == "auto" else cfg)
     timings["realize"] = time.perf_counter() - t
     fp32 = load_model(workspace.model)
     t = time.perf_counter()
