@@ -401,13 +401,19 @@ class ChannelRequest:
     rows: int = 0
 
 
-def _channel_nodes(t: str, rank: int, req: ChannelRequest, i: int, g: onnx.GraphProto) -> List[str]:
+def _channel_nodes(t: str, rank: int, req: ChannelRequest, i: int, g: onnx.GraphProto,
+                   elem: Optional[int] = None) -> List[str]:
     """Append to ``g`` the reductions of ``req`` for tensor ``t`` of rank ``rank``; return their output names in
-    the order (kinds..., shape, rows)."""
+    the order (kinds..., shape, rows). A tensor of another float type (``elem``: FLOAT16, BFLOAT16, DOUBLE) is
+    cast to float first: the statistics come out as float32, and sums of FP16 values cannot overflow."""
     axis = req.axis % rank
     others = [a for a in range(rank) if a != axis]
     nodes: List[onnx.NodeProto] = []
     outs: List[str] = []
+    source = t
+    if elem is not None and elem != onnx.TensorProto.FLOAT:
+        t = f"{source}__onnxfp8_ch_f32"
+        nodes.append(helper.make_node("Cast", [source], [t], to=onnx.TensorProto.FLOAT, name=f"onnxfp8_ch_{i}_cast"))
     spatial = rank >= 3 and axis == 1  # NCHW: reduce in onnxruntime's blocked layout first (see the max pass)
 
     def axes_const(name: str, axes) -> str:
@@ -443,7 +449,7 @@ def _channel_nodes(t: str, rank: int, req: ChannelRequest, i: int, g: onnx.Graph
         else:
             raise ValueError(f"unknown channel statistic '{kind}'; choose from {', '.join(CHANNEL_KINDS)}")
         outs.append(out)
-    shape = f"{t}__onnxfp8_ch_shape"
+    shape = f"{source}__onnxfp8_ch_shape"
     nodes.append(helper.make_node("Shape", [t], [shape], name=f"{pre}_shape"))
     outs.append(shape)
     if req.rows > 0:
@@ -482,7 +488,7 @@ def channel_stats(model: onnx.ModelProto, requests: Dict[str, ChannelRequest], d
         r = (rank or {}).get(t) or _rank(types.get(t))
         if r is None or r < 1:
             continue
-        slots[t] = (req, r, _channel_nodes(t, r, req, i, m.graph))
+        slots[t] = (req, r, _channel_nodes(t, r, req, i, m.graph, elem_type(types.get(t))))
     out: Dict[str, Dict[str, np.ndarray]] = {}
     if not slots:
         return out

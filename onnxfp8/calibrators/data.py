@@ -271,6 +271,17 @@ class CalibrationData:
         self._files = self._list_files(source) if isinstance(source, (str, os.PathLike)) else None
         if self._files is None:
             self.source = source = reiterable(source)
+        self.skip = 0  # samples left out at the start (held out: see without_first)
+
+    def without_first(self, n: int) -> "CalibrationData":
+        """This data without its first ``n`` samples (held out to judge something calibrated on the rest);
+        ``limit`` still bounds the samples read in all."""
+        import copy
+
+        other = copy.copy(self)
+        other.skip = self.skip + int(n)
+        other.limit = None if self.limit is None else max(0, self.limit - int(n))
+        return other
 
     # -- sources ------------------------------------------------------------------------------------
     def _list_files(self, source: Union[str, os.PathLike]) -> List[str]:
@@ -394,9 +405,17 @@ class CalibrationData:
             pending, pending_n = [], 0
             return batch, labels
 
+        skip = self.skip
         for where, item in self._raw():
             sample, labels, n = self._validate(where, item)
             count_any = True
+            if skip:
+                if skip >= n:
+                    skip -= n
+                    continue
+                sample = take_samples(sample, n, skip)
+                labels = labels[skip:] if labels is not None else None
+                n, skip = n - skip, 0
             if limit is not None:
                 n_take = min(n, limit - seen)
                 if n_take <= 0:
