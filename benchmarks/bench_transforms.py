@@ -1,8 +1,9 @@
 """What the function-preserving transforms do to each zoo model, format by format.
 
     python benchmarks/bench_transforms.py --zoo ZOO [--only a,b] [--formats e4m3,e5m2,e3m4,int8]
-                                          [--transforms none,equalize,bias,smoothquant] [--calib-samples N]
-                                          [--val-samples N] [--out-json FILE]
+                                          [--transforms none,equalize,bias,smoothquant,guarded]
+                                          [--calib-samples N] [--val-samples N] [--out-json FILE]
+                                          [--check-function]
 
 ``ZOO`` is a folder built by ``python benchmarks/zoo.py build --out ZOO`` (``<name>/model.onnx``, ``calib/``,
 ``val/``, optionally ``val_labels.npy``); without ``--only`` every model in it is measured. Per model, format
@@ -11,9 +12,16 @@ selected layer quantized: no fallback) on ``calib/`` and checked against FP32 on
 Transforms:
 
 * ``none``: the defaults;
-* ``equalize``: ``--equalize`` (cross-layer equalization + bias absorption + bias correction);
-* ``bias``: ``--bias-correction`` alone;
-* ``smoothquant``: ``--smoothquant`` (alpha per layer from the data).
+* ``equalize``: ``--equalize --no-transform-guard`` (cross-layer equalization + bias absorption + bias
+  correction, unmeasured);
+* ``bias``: ``--bias-correction --no-transform-guard`` alone;
+* ``smoothquant``: ``--smoothquant --no-transform-guard`` (alpha per layer from the data);
+* ``guarded``: ``--equalize --smoothquant --bias-correction`` with the transform guard (quantize's default):
+  each kept only when it raises the output SQNR on the captured calibration samples; its decisions are kept
+  in the cell.
+
+``--check-function`` instead measures, per model, the FP32 function of the transformed but unquantized graph
+against the original (max abs / rel difference on val and calib samples).
 
 Printed per cell: the worst output's SQNR (dB) and cosine, and whether the model meets the coverage criterion
 (cosine >= 0.995 vs FP32 for every output, or < 1 % relative accuracy loss with labels). A transform that
@@ -40,9 +48,12 @@ import onnxfp8  # noqa: E402
 from onnxfp8 import QuantConfig, Thresholds  # noqa: E402
 
 FORMATS = ("e4m3", "e5m2", "e3m4", "int8")
-TRANSFORMS = {"none": {}, "equalize": {"equalize": True}, "bias": {"bias_correction": True},
-              "smoothquant": {"smoothquant": "auto"}}
-PASS_OF = {"equalize": "equalize", "bias": "bias_correction", "smoothquant": "smoothquant"}
+RAW = {"transform_guard": False}
+TRANSFORMS = {"none": {}, "equalize": {"equalize": True, **RAW}, "bias": {"bias_correction": True, **RAW},
+              "smoothquant": {"smoothquant": "auto", **RAW},
+              "guarded": {"equalize": True, "smoothquant": "auto", "bias_correction": True}}
+PASS_OF = {"equalize": "equalize", "bias": "bias_correction", "smoothquant": "smoothquant",
+           "guarded": "transform_guard"}
 COSINE, ACC_LOSS = 0.995, 0.01
 NO_THRESHOLDS = Thresholds(min_sqnr=None, min_cosine=None, max_rel_error=None, min_top1_agreement=None,
                            max_accuracy_loss=None)
@@ -59,6 +70,12 @@ def run_cell(folder: Path, fmt: str, transform: str, calib_samples: Optional[int
         p = notes.get(PASS_OF.get(transform, ""))
         cell["applied"] = transform == "none" or bool(p and p.modified)
         cell["notes"] = p.notes[:1] if p else []
+        if transform == "guarded":
+            decisions = [r for r in result.plan.transforms if r.get("pass") == "transform_guard"]
+            cell["guard"] = [{k: r.get(k) for k in ("transform", "kept", "without_db", "with_db", "reason")}
+                             for r in decisions]
+            cell["kept"] = [r["transform"] for r in decisions if r.get("kept")]
+            cell["applied"] = any(r.get("with_db") is not None for r in decisions)
         if not cell["applied"]:
             cell["seconds"] = round(time.perf_counter() - start, 1)
             return cell
@@ -80,6 +97,103 @@ def run_cell(folder: Path, fmt: str, transform: str, calib_samples: Optional[int
         cell["meets"] = False
     cell["seconds"] = round(time.perf_counter() - start, 1)
     return cell
+
+
+# --check-function: the transformed FP32 graph (no quantization) against the original
+FUNCTION_TRANSFORMS = {"equalize": {"equalize": True, "bias_correction": False}, "smoothquant": {"smoothquant": 0.5}}
+
+
+def _max_diff(original, model, folder: Path, where: str, limit: Optional[int], level: str = "disable"
+              ) -> Dict[str, Any]:
+    """Max |a - b| and max |a - b| / max |a| (the worst output) of two FP32 models on a data folder (``b`` run at
+    onnxruntime level ``level``)."""
+    import numpy as np
+
+    from onnxfp8.calibrators.data import as_data
+    from onnxfp8.modelio import make_session
+
+    ref_s = make_session(original, level="disable")
+    got_s = make_session(model, level=level)
+    names = [o.name for o in ref_s.get_outputs()]
+    data = as_data(str(folder / where), original, batch_size=16, limit=limit)
+    diff = {n: 0.0 for n in names}
+    top = {n: 0.0 for n in names}
+    count = 0
+    for feed in data.batches():
+        feed = dict(feed)
+        for n, x, y in zip(names, ref_s.run(names, feed), got_s.run(names, feed)):
+            x, y = np.asarray(x), np.asarray(y)
+            if x.dtype.kind != "f":
+                continue
+            fin = np.isfinite(x) & np.isfinite(y)
+            if fin.any():
+                diff[n] = max(diff[n], float(np.max(np.abs(x[fin].astype(np.float64) - y[fin]))))
+                top[n] = max(top[n], float(np.max(np.abs(x[fin].astype(np.float64)))))
+            if (np.isfinite(x) != np.isfinite(y)).any():
+                diff[n] = math.inf
+        count += len(next(iter(feed.values())))
+    rel = {n: diff[n] / top[n] if top[n] > 0 else (0.0 if diff[n] == 0 else math.inf) for n in names
+           if top[n] or diff[n]}
+    worst = max(rel, key=rel.get) if rel else None
+    return {"samples": count, "max_abs": max(diff.values()) if diff else 0.0,
+            "max_rel": rel[worst] if worst else 0.0, "output": worst}
+
+
+def check_function(folder: Path, transform: str, calib_samples: Optional[int], val_samples: Optional[int]
+                   ) -> Dict[str, Any]:
+    """Max |difference| and max |difference| / max |output| (per output, the worst) between the original
+    model and the model after ``transform`` alone (equalize: CLE + bias absorption; smoothquant: alpha 0.5, so
+    every candidate is smoothed) without quantization, on the validation samples and on the calibration
+    samples, onnxruntime without optimizations; and the floor: the same pipeline without the transform
+    (BatchNorm folding, canonicalization) against the original, on the validation samples."""
+    from onnxfp8.modelio import load_model
+    from onnxfp8.quantize import transformed
+
+    start = time.perf_counter()
+    cfg = QuantConfig(calib_samples=calib_samples, **FUNCTION_TRANSFORMS[transform])
+    cell: Dict[str, Any] = {"transform": transform}
+    try:
+        original = load_model(str(folder / "model.onnx"))
+        model, plan = transformed(original, str(folder / "calib"), cfg)
+        recs = [r for r in plan.transforms if r.get("pass") == transform and r.get("kind") != "left_alone"]
+        cell["records"] = len(recs)
+        if not recs:
+            cell["applied"] = False
+            return cell
+        cell["applied"] = True
+        base, _ = transformed(original, None, QuantConfig(calib_samples=calib_samples))
+        cell["val"] = _max_diff(original, model, folder, "val", val_samples)
+        cell["calib"] = _max_diff(original, model, folder, "calib", calib_samples)
+        cell["floor"] = _max_diff(original, base, folder, "val", val_samples)
+        cell["vs_floor"] = _max_diff(base, model, folder, "val", val_samples)
+        # the model's own sensitivity to float rounding: onnxruntime's ENABLE_ALL rewrites vs none, original model
+        cell["ort_all"] = _max_diff(original, original, folder, "val", val_samples, level="all")
+    except Exception as e:  # noqa: BLE001 - a failing cell is a result
+        cell["applied"] = True
+        cell["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+    finally:
+        cell["seconds"] = round(time.perf_counter() - start, 1)
+    return cell
+
+
+def function_table(cells: List[Dict[str, Any]]) -> str:
+    lines = ["### FP32 function after the transform, unquantized, vs the original (onnxruntime, no optimizations)",
+             "", "max |diff| / max |output| of the worst output (max |diff| in brackets); floor: the pipeline "
+             "without the transform (BatchNorm folding) vs the original; transform alone: transformed vs that "
+             "pipeline; ORT levels: the original at onnxruntime ENABLE_ALL vs no optimization (the model's own "
+             "sensitivity to float rounding); n/a: nothing to transform", "",
+             "| model | transform | records | val | calib | floor (val) | transform alone (val) | ORT levels (val) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in cells:
+        if "error" in c:
+            lines.append(f"| {c['model']} | {c['transform']} | error: {c['error']} | | | | | |")
+        elif not c.get("applied"):
+            lines.append(f"| {c['model']} | {c['transform']} | n/a | | | | | |")
+        else:
+            cols = [f"{c[k]['max_rel']:.2g} ({c[k]['max_abs']:.2g})" for k in ("val", "calib", "floor", "vs_floor",
+                                                                                "ort_all")]
+            lines.append(f"| {c['model']} | {c['transform']} | {c['records']} | " + " | ".join(cols) + " |")
+    return "\n".join(lines)
 
 
 def _f(v, nd=2) -> str:
@@ -123,14 +237,46 @@ def tables(cells: List[Dict[str, Any]], models: List[str], formats, transforms) 
                     g.append(a["sqnr_db"] - b["sqnr_db"])
             if g:
                 lines.append(f"| {t} | {f} | {len(g)} | {sum(g) / len(g):+.2f} | {min(g):+.2f} | {max(g):+.2f} |")
+    if "guarded" in transforms:
+        lines += ["", "### Guarded (quantize's default with the transforms asked for): never worse?", ""]
+        head = ["format", "models", "kept something", "worse by > 0.2 dB", "worst gain", "best gain", "mean gain"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for f in formats:
+            g, kept, worse = [], 0, []
+            for m in models:
+                a, b = by.get((m, f, "guarded")), by.get((m, f, "none"))
+                if not (a and b and a.get("sqnr_db") is not None and b.get("sqnr_db") is not None):
+                    continue
+                if not (math.isfinite(a["sqnr_db"]) and math.isfinite(b["sqnr_db"])):
+                    continue
+                d = a["sqnr_db"] - b["sqnr_db"]
+                g.append(d)
+                kept += bool(a.get("kept"))
+                if d < -0.2:
+                    worse.append(f"{m} {d:+.2f}")
+            if g:
+                lines.append(f"| {f} | {len(g)} | {kept} | {len(worse)}{' (' + ', '.join(worse) + ')' if worse else ''} "
+                             f"| {min(g):+.2f} | {max(g):+.2f} | {sum(g) / len(g):+.2f} |")
+        lines += ["", "Kept per model (the guard's decisions, SQNR on the calibration samples without -> with):", ""]
+        for m in models:
+            for f in formats:
+                c = by.get((m, f, "guarded"))
+                if c and c.get("guard"):
+                    parts = [f"{d['transform']} {'kept' if d['kept'] else 'reverted'} ({_f(d['without_db'])} -> "
+                             f"{_f(d['with_db'])})" for d in c["guard"] if d.get("with_db") is not None]
+                    if parts:
+                        lines.append(f"- {m} {f}: " + "; ".join(parts))
     lines += ["", "### Coverage without fallback (models meeting the criterion)", ""]
-    head = ["format", "defaults", "with transforms (best per model)"]
+    head = ["format", "defaults", "guarded transforms", "best of any cell (raw or guarded)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for f in formats:
-        base = sum(1 for m in models if by.get((m, f, "none"), {}).get("meets"))
-        best = sum(1 for m in models if any(by.get((m, f, t), {}).get("meets") for t in transforms))
         n = len(models)
-        lines.append(f"| {f} | {base}/{n} ({100 * base / max(n, 1):.0f} %) | {best}/{n} ({100 * best / max(n, 1):.0f} %) |")
+        base = sum(1 for m in models if by.get((m, f, "none"), {}).get("meets"))
+        guard = sum(1 for m in models if (by.get((m, f, "guarded"), {}).get("meets") if by.get((m, f, "guarded"), {})
+                                          .get("applied") else by.get((m, f, "none"), {}).get("meets")))
+        best = sum(1 for m in models if any(by.get((m, f, t), {}).get("meets") for t in transforms))
+        pct = lambda k: f"{k}/{n} ({100 * k / max(n, 1):.0f} %)"  # noqa: E731
+        lines.append(f"| {f} | {pct(base)} | {pct(guard)} | {pct(best)} |")
     return "\n".join(lines)
 
 
@@ -143,6 +289,9 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-samples", type=int, default=None)
     ap.add_argument("--val-samples", type=int, default=None)
     ap.add_argument("--out-json", type=Path)
+    ap.add_argument("--check-function", action="store_true",
+                    help="only check that each transform keeps the FP32 function (no quantization): max abs/rel "
+                         "error per model vs the original")
     a = ap.parse_args(argv)
     formats = [f for f in a.formats.split(",") if f]
     transforms = [t for t in a.transforms.split(",") if t]
@@ -163,6 +312,25 @@ def main(argv=None) -> int:
         return 2
     cells = []
     start = time.perf_counter()
+    if a.check_function:
+        for m in models:
+            for t in [t for t in transforms if t in FUNCTION_TRANSFORMS] or list(FUNCTION_TRANSFORMS):
+                c = check_function(a.zoo / m, t, a.calib_samples, a.val_samples)
+                c["model"] = m
+                cells.append(c)
+                got = "n/a" if not c.get("applied") else c.get("error") or \
+                    f"val max rel {c['val']['max_rel']:.3g}, calib {c['calib']['max_rel']:.3g}, floor " \
+                    f"{c['floor']['max_rel']:.3g}, transform alone {c['vs_floor']['max_rel']:.3g}, ORT levels " \
+                    f"{c['ort_all']['max_rel']:.3g} " \
+                    f"({c['records']} record(s))"
+                print(f"{m:24} {t:12} {got}  ({c['seconds']} s)", flush=True)
+        print()
+        print(f"Command: `python benchmarks/bench_transforms.py {' '.join(argv if argv is not None else sys.argv[1:])}`;"
+              f" {time.perf_counter() - start:.0f} s")
+        print(function_table(cells))
+        if a.out_json:
+            a.out_json.write_text(json.dumps({"function": cells, "models": models}, indent=1, default=str))
+        return 0
     for m in models:
         skip = set()
         for f in formats:

@@ -39,14 +39,14 @@ from onnxfp8.tuning.tune import tune
 MODES = ("e4m3", "e5m2", "e3m4", "int8", "auto")
 
 
-def fp32_floor(model: str, calib: str, val: str, batch_size: int) -> float:
+def fp32_floor(model: str, calib: str, val: str, batch_size: int, calib_samples=None, val_samples=None) -> float:
     """Seconds of one plain FP32 onnxruntime pass over calib + val (session creation included)."""
     proto = load_model(model)
     t = time.perf_counter()
     sess = make_session(model, level="all")
     names = [o.name for o in sess.get_outputs()]
-    for src in (calib, val):
-        for batch in as_data(src, proto, batch_size=batch_size).batches():
+    for src, limit in ((calib, calib_samples), (val, val_samples)):
+        for batch in as_data(src, proto, batch_size=batch_size, limit=limit).batches():
             sess.run(names, batch)
     return time.perf_counter() - t
 
@@ -69,25 +69,44 @@ def sized_models(out: Path, names, calib: int, val: int):
         yield name, folder
 
 
-def bench_one(name: str, folder: Path, batch_size: int) -> dict:
+def bench_one(name: str, folder: Path, batch_size: int, calib_samples=None, val_samples=None,
+              formats=None) -> dict:
+    """The floor, then tuning timed end to end (its one calibration and FP32 validation pass included), then
+    the single modes scored from the tuner's own statistics and FP32 outputs (not timed)."""
     model, calib, val = str(folder / "model.onnx"), str(folder / "calib"), str(folder / "val")
     labels = folder / "val_labels.npy"
     labels = str(labels) if labels.exists() else None
     row = {"model": name, "labelled": labels is not None}
-    row["floor_s"] = fp32_floor(model, calib, val, batch_size)
-    cfg = QuantConfig(batch_size=batch_size)
-    ev = Evaluator(model, val, labels, batch_size=batch_size)
-    crit = default_criterion(ev.labelled)
-    row["criterion"] = crit.describe()
-    modes = {}
+    row["floor_s"] = fp32_floor(model, calib, val, batch_size, calib_samples, val_samples)
+    cfg = QuantConfig(batch_size=batch_size, calib_samples=calib_samples)
+    t = time.perf_counter()
+    ws = None
     try:
         ws = Workspace(model, calib, cfg)
+        ev = Evaluator(model, val, labels, batch_size=batch_size, samples=val_samples)
+        crit = default_criterion(ev.labelled)
+        row["criterion"] = crit.describe()
+        res = tune(model, calib, val, crit, cfg, labels=labels, workspace=ws, evaluator=ev, formats=formats)
+        row["tune_s"] = time.perf_counter() - t
+        rep = res.tuning
+        row["tuned"] = {"met": rep.met, "value": rep.reached, "fallback": len(rep.fallback),
+                        "fallback_fp16": sum(1 for p in rep.fallback_precision.values() if p == "fp16"),
+                        "quantized_layers": rep.quantized_layers, "steps": len(rep.steps),
+                        "fallback_pct": 100.0 * len(rep.fallback) / max(rep.quantized_layers, 1),
+                        "how": rep.steps[rep.best_step].tried, "timings": rep.timings,
+                        "path": [(s.name, s.tried, s.metric, s.samples) for s in rep.steps]}
     except Exception as exc:  # the model does not quantize at all: every mode fails with this reason
         reason = str(exc).splitlines()[0][:160]
-        row["modes"] = {m: {"met": False, "error": reason} for m in MODES}
+        row.setdefault("criterion", "-")
         row["tuned"] = {"met": False, "error": reason}
-        row["tune_s"], row["tune_x_floor"] = 0.0, 0.0
+        row["modes"] = {m: {"met": False, "error": reason} for m in MODES}
+        row["tune_s"] = time.perf_counter() - t
+        row["tune_x_floor"] = row["tune_s"] / row["floor_s"]
+        if ws is not None:
+            ws.close()
         return row
+    row["tune_x_floor"] = row["tune_s"] / row["floor_s"]
+    modes = {}
     with ws:
         for m in MODES:
             try:
@@ -97,18 +116,6 @@ def bench_one(name: str, folder: Path, batch_size: int) -> dict:
             except Exception as exc:  # one line per failure; the other modes still run
                 modes[m] = {"met": False, "error": str(exc).splitlines()[0][:160]}
     row["modes"] = modes
-    t = time.perf_counter()
-    try:
-        res = tune(model, calib, val, crit, cfg, labels=labels)
-        rep = res.tuning
-        row["tuned"] = {"met": rep.met, "value": rep.reached, "fallback": len(rep.fallback),
-                        "quantized_layers": rep.quantized_layers, "steps": len(rep.steps),
-                        "fallback_pct": 100.0 * len(rep.fallback) / max(rep.quantized_layers, 1),
-                        "how": rep.steps[rep.best_step].tried, "timings": rep.timings}
-    except Exception as exc:
-        row["tuned"] = {"met": False, "error": str(exc).splitlines()[0][:160]}
-    row["tune_s"] = time.perf_counter() - t
-    row["tune_x_floor"] = row["tune_s"] / row["floor_s"]
     return row
 
 
@@ -127,7 +134,8 @@ def markdown(rows) -> str:
     for r in rows:
         t = r["tuned"]
         lines.append("| " + " | ".join([r["model"], r["criterion"]] + [_v(r["modes"][m]) for m in MODES] + [
-            _v(t), f"{t.get('fallback', '-')}/{t.get('quantized_layers', '-')}", f"{r['tune_s']:.1f} s",
+            _v(t), f"{t.get('fallback', '-')}/{t.get('quantized_layers', '-')}"
+            + (f" ({t['fallback_fp16']} FP16)" if t.get("fallback_fp16") else ""), f"{r['tune_s']:.1f} s",
             f"{r['tune_x_floor']:.1f}x", t.get("how", t.get("error", ""))]) + " |")
     n = len(rows)
     cov = {m: sum(r["modes"][m]["met"] for r in rows) for m in MODES}
@@ -148,6 +156,10 @@ def main(argv=None) -> int:
     ap.add_argument("--sized-val", type=int, default=32)
     ap.add_argument("--sized-dir", default=os.path.join(tempfile.gettempdir(), "onnxfp8-sized"))
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--calib-samples", type=int, help="at most N calibration samples per model (floor too)")
+    ap.add_argument("--val-samples", type=int, help="at most N validation samples per model (floor too)")
+    ap.add_argument("--formats", help="the tuner's candidate formats (default: auto's, e4m3,e5m2,int8)")
+    ap.add_argument("--skip", help="comma-separated zoo model names to leave out")
     ap.add_argument("--json")
     ap.add_argument("--md")
     args = ap.parse_args(argv)
@@ -155,19 +167,27 @@ def main(argv=None) -> int:
     if args.zoo:
         only = {s.strip() for s in args.only.split(",")} if args.only else None
         for d in sorted(Path(args.zoo).iterdir()):
-            if (d / "model.onnx").exists() and (only is None or d.name in only):
+            skip = {x.strip() for x in args.skip.split(",")} if args.skip else set()
+            if (d / "model.onnx").exists() and (only is None or d.name in only) and d.name not in skip:
                 todo.append((d.name, d))
     sized = [s.strip() for s in args.sized.split(",") if s.strip()]
     todo += list(sized_models(Path(args.sized_dir), sized, args.sized_calib, args.sized_val))
     rows = []
+    if args.json and Path(args.json).exists():  # resume: models already measured are kept
+        rows = json.loads(Path(args.json).read_text())
+        done = {r["model"] for r in rows}
+        todo = [(n, f) for n, f in todo if n not in done]
     for name, folder in todo:
         t = time.perf_counter()
-        r = bench_one(name, folder, args.batch_size)
+        fmts = tuple(f.strip() for f in args.formats.split(",")) if args.formats else None
+        r = bench_one(name, folder, args.batch_size, args.calib_samples, args.val_samples, fmts)
         rows.append(r)
         print(f"{name}: modes " + ", ".join(f"{m} {_v(r['modes'][m])}" for m in MODES)
               + f"; tuned {_v(r['tuned'])} ({r['tuned'].get('fallback', '-')} fallback, {r['tune_s']:.1f} s = "
               f"{r['tune_x_floor']:.1f}x the FP32 floor {r['floor_s']:.2f} s) [{time.perf_counter() - t:.0f} s]",
               flush=True)
+        if args.json:  # after every model: a killed run keeps what it measured
+            Path(args.json).write_text(json.dumps(rows, indent=1, default=float))
     md = markdown(rows)
     print(md)
     if args.json:

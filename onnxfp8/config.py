@@ -26,6 +26,9 @@ AUTO = "auto"
 # format auto's default candidates: formats a runtime executes (onnxruntime runs E4M3, E5M2 and INT8 Q/DQ; TensorRT
 # E4M3 and INT8). E3M4 has no ONNX type (always emulated): opt-in with --formats e4m3,e3m4,...
 AUTO_CANDIDATES = ("e4m3", "e5m2", "int8")
+# every format onnxfp8 quantizes to (formats.FORMATS): what sweep and sensitivity measure by default (they measure,
+# they do not ship, so E3M4 is in); -f auto and the tuner pick from AUTO_CANDIDATES (what they choose is deployed)
+ALL_FORMATS = ("e4m3", "e5m2", "e3m4", "int8")
 SUMMARY_MIN, SUMMARY_MAX = 8, 64  # the summary's sample count when summary_samples is None (auto)
 GRANULARITIES = ("tensor", "token")
 LEVELS = ("disable", "basic", "extended", "all")
@@ -99,6 +102,10 @@ class QuantConfig:
     bias_correction: Optional[bool] = None  # correct biases for the weights' expected quantization error (None: with equalize)
     # SmoothQuant of MatMul/Gemm inputs: None off, "auto" alpha per layer from the data, or alpha in [0, 1]
     smoothquant: Optional[Any] = None
+    # keep each transform only where it measurably lowers the output error: the model is quantized without the
+    # transforms, then with them added one at a time (pipeline order), each kept when the worst output's SQNR
+    # vs FP32 on the captured calibration samples rises by at least GUARD_MIN_GAIN_DB (quantize.py)
+    transform_guard: bool = True
 
     def __post_init__(self) -> None:
         from onnxfp8.formats import get_format
@@ -174,7 +181,7 @@ class QuantConfig:
         if self.bn_ranges and self.bn_recalibrate:  # remeasure_ranges: max ranges of the folded model
             if not self.fold_batchnorm:
                 raise ConfigError("bn_ranges: re-measuring activation ranges after BatchNorm recalibration runs on "
-                                  "the folded model; it needs fold_batchnorm (drop --no-fold-batchnorm or --bn-ranges)")
+                                  "the folded model; it needs fold_batchnorm (drop --no-fold-bn or --bn-ranges)")
             if self.calibration != "max":
                 raise ConfigError(f"bn_ranges: re-measuring activation ranges after BatchNorm recalibration supports "
                                   f"max calibration, not {self.calibration}; drop --bn-ranges or --calibration")

@@ -68,6 +68,7 @@ class QuantSpec:
     dynamic: Optional[DynamicSpec] = None  # run-time scale (scale is None then)
     method: Optional[str] = None  # calibration method of the range (activations): max, percentile, mse, entropy
     folded: Optional[str] = None  # weights: the BatchNormalization folded in after recalibration (scale is the folded one's)
+    auto_reason: str = ""  # format auto: why the chosen candidate won, in words (the summary prints this field)
 
     def scale_array(self) -> np.ndarray:
         return np.asarray(self.scale, dtype=np.float32)

@@ -82,6 +82,10 @@ def test_auto_picks_per_tensor_and_says_why():
     t = res.plan.tensors
     assert t["xo"].format == "e4m3" and "outliers" in t["xo"].notes[-1] and "E4M3 beats" in t["xo"].notes[-1]
     assert t["xu"].format == "int8" and "INT8 wins this tensor" in t["xu"].notes[-1]
+    # the reason is a field of the spec (the summary prints it, no note is parsed), the note its prose
+    assert t["xo"].auto_reason.startswith("this tensor has outliers") and t["xo"].notes[-1] == "format auto: " + t["xo"].auto_reason
+    assert f"  xo (activation): {t['xo'].auto_reason}" in res.report.summary().splitlines()
+    assert onnxfp8.QuantPlan.from_json(res.plan.to_json()).tensors["xo"].auto_reason == t["xo"].auto_reason
     assert t["xg"].format == "e3m4"
     assert t["w1"].format == "int8"
     for name in ("xo", "xu", "xg", "w0", "w1", "w2"):

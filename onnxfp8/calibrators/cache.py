@@ -273,3 +273,68 @@ class CalibrationStats:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise StatsCacheError(f"{path}: malformed statistics file ({e})") from None
         return out
+
+
+# -- the store behind a Calibration ----------------------------------------------------------------------
+class StatsStore:
+    """The statistics cache as a store behind calibration.Calibration: ``read`` the ``load`` file (checked
+    against the model and, when data is given, the data), ``stream`` the data so that it is fingerprinted on
+    the fly while the collector reads it anyway, ``write`` the ``save`` file (staged with the run's other files
+    when an outputs.Outputs holds its path, else written atomically on its own)."""
+
+    def __init__(self, load: Optional[str] = None, save: Optional[str] = None, outputs: Any = None,
+                 source: str = "model"):
+        self.load, self.save, self.outputs, self.source = load or None, save or None, outputs, source
+        self.loaded: Optional[CalibrationStats] = None
+        self._data_fp: Optional[DataFingerprint] = None
+
+    @classmethod
+    def from_config(cls, config: Any, outputs: Any = None, source: str = "model") -> Optional["StatsStore"]:
+        """The store of ``config.load_stats`` / ``config.save_stats``, or None when neither is set."""
+        if not (config.load_stats or config.save_stats):
+            return None
+        return cls(config.load_stats, config.save_stats, outputs, source)
+
+    def read(self, model: onnx.ModelProto, data: Any = None) -> Optional[CalibrationStats]:
+        """The loaded statistics (None without a ``load`` file), refused when they belong to another model or
+        (data given) to other data."""
+        if not self.load:
+            return None
+        stats = CalibrationStats.load(self.load)
+        stats.check_model(model_fingerprint(model))
+        if data is not None:
+            self._data_fp = data_fingerprint(data)
+            stats.check_data(self._data_fp.hexdigest(), self._data_fp.samples)
+        self.loaded = stats
+        return stats
+
+    def stream(self, data: Any) -> Any:
+        """``data`` as the collector should read it: fingerprinted on the fly when the statistics are saved and
+        the data is not fingerprinted yet."""
+        if self.save and self._data_fp is None and data is not None:
+            return FingerprintingData(data)
+        return data
+
+    def write(self, model: onnx.ModelProto, max_cal: Any, hist_cal: Any, tensors: List[str], data: Any = None,
+              streamed: Any = None) -> Optional[str]:
+        """Save the min/max and histograms of ``tensors`` (added to the loaded statistics, if any) to ``save``;
+        the data's fingerprint from the read check, the streamed pass, or (last resort) a read of ``data``."""
+        if not self.save:
+            return None
+        out = self.loaded if self.loaded is not None else CalibrationStats(model_fingerprint(model), source=self.source)
+        fp = self._data_fp
+        if fp is None and isinstance(streamed, FingerprintingData) and streamed.fingerprint is not None:
+            fp = streamed.fingerprint
+        if fp is None and data is not None:
+            fp = data_fingerprint(data)
+        if fp is not None:
+            out.data_sha256, out.samples = fp.hexdigest(), fp.samples
+        out.add_max(max_cal, tensors)
+        out.add_histograms(hist_cal, tensors)
+        out.source = self.source
+        staged = self.outputs
+        if staged is not None and self.save in getattr(staged, "paths", ()):  # renamed with the run's other files
+            staged.write_text(self.save, json.dumps(out.to_dict(), separators=(",", ":")))
+        else:
+            out.save(self.save)
+        return self.save

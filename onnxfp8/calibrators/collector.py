@@ -20,6 +20,12 @@ pass. The reduction is chosen so that it does not slow the model down:
 ``max_memory_mb``, one pass over the data per group. Sizes come from ``Size`` outputs of the max pass, so
 dynamic dimensions (batch, sequence length varying between files) just work. When the ranges are already known
 (``known_ranges``, e.g. from a statistics cache) the max pass is skipped.
+
+**Observers.** What else happens per batch is not the collector's business: ``observers`` get
+``passes(n)`` once the number of passes is known and ``batch(pass_no, samples_done, batch, outputs)`` after
+every batch (``outputs``: the model's outputs in the pass that fetches them, else None). The output capture
+(capture.OutputCapture) and the progress display (progress.ProgressObserver) are such observers; an observer
+with ``wants_outputs`` true makes the first pass fetch the model outputs even when nothing else needs a pass.
 """
 from __future__ import annotations
 
@@ -32,11 +38,11 @@ import onnx
 from onnx import helper
 
 from onnxfp8.calibrators.base import Calibrator
-from onnxfp8.calibrators.data import (Batch, DataSource, batch_size, output_batch_axes, take_outputs,
-                                     take_samples)
+from onnxfp8.calibrators.data import DataSource, batch_size
 from onnxfp8.calibrators.max import MaxCalibrator
 from onnxfp8.modelio import make_session
 from onnxfp8.names import SIZE_SUFFIX
+from onnxfp8.progress import ProgressObserver
 
 MAX_SUFFIX = "__onnxfp8_max"
 MIN_SUFFIX = "__onnxfp8_min"
@@ -66,15 +72,15 @@ class CollectResult:
     batches: int = 0
     passes: int = 0
     seconds: float = 0.0
-    captured_inputs: List[Dict[str, np.ndarray]] = field(default_factory=list)
-    captured_outputs: List[Dict[str, np.ndarray]] = field(default_factory=list)
     sizes: Dict[str, int] = field(default_factory=dict)  # tensor -> elements per batch (largest seen)
     min_bounded: List[str] = field(default_factory=list)  # non-negative tensors: min is the bound 0.0
     max_calibrator: Optional[MaxCalibrator] = None  # the max statistics (always collected or given)
-    # tensors (reduced ones and graph outputs) seen NaN/Inf -> index of the first batch where they were: the
-    # reductions carry Inf, and NaN when onnxruntime's max/min propagate it (not always); the graph outputs,
-    # fetched anyway, are checked whole
+    # tensors (reduced ones and graph outputs) seen NaN -> index of the first batch where they were: the
+    # reductions carry NaN when onnxruntime's max/min propagate it (not always); the graph outputs, fetched
+    # anyway, are checked whole. An infinity is no error (a mask: FP16 exports write -inf into attention scores)
     nonfinite: Dict[str, int] = field(default_factory=dict)
+    # reduced tensors seen +-Inf -> first batch: their range counts the infinity as the type's extreme value
+    infinite: Dict[str, int] = field(default_factory=dict)
 
 
 # -- graph analysis ------------------------------------------------------------------------------------
@@ -198,53 +204,22 @@ def _augment_expose(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.Mode
 
 
 
-class _Capture:
-    """Keeps copies of the inputs and FP32 outputs of the first ``limit`` samples. A batch is cut along each
-    input's and output's batch axis (data.output_batch_axes); when the outputs' axes cannot be told, the last
-    batch is kept whole instead of cut wrongly."""
-
-    def __init__(self, limit: int, result: CollectResult, out_axes=None):
-        self.limit, self.result, self.count = limit, result, 0
-        self.out_axes = out_axes
-
-    def add(self, batch: Dict[str, np.ndarray], outputs: Dict[str, np.ndarray]) -> None:
-        if self.count >= self.limit:
-            return
-        n = batch_size(batch)
-        take = min(self.limit - self.count, n)
-        if self.out_axes is None:
-            take = n
-        self.result.captured_inputs.append(
-            Batch({k: np.array(v) for k, v in take_samples(batch, take).items()}, getattr(batch, "axes", {})))
-        # outputs without the batch axis (a constant output, say) are kept whole
-        self.result.captured_outputs.append({k: np.array(v) for k, v in
-                                             take_outputs(outputs, n, take, self.out_axes).items()})
-        self.count += take
-
-    @property
-    def full(self) -> bool:
-        return self.count >= self.limit
-
-
-def _notify_passes(progress: Optional[Progress], passes: int) -> None:
-    if progress is not None and hasattr(progress, "set_passes"):
-        progress.set_passes(passes)
-
-
 # -- collection ----------------------------------------------------------------------------------------
 def collect(model: onnx.ModelProto, tensors: Sequence[str], data: DataSource, calibrator: Calibrator, *,
             providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0, max_memory_mb: int = 2048,
-            capture: int = 0, level: str = "all", progress: Optional[Progress] = None,
+            level: str = "all", progress: Optional[Progress] = None, observers: Sequence[Any] = (),
             known_ranges: Optional[MaxCalibrator] = None,
             hist_tensors: Optional[Sequence[str]] = None, arrays: Optional[Dict[str, Any]] = None) -> CollectResult:
-    """Calibrate ``tensors`` of ``model`` on ``data``. ``capture`` keeps the inputs and the model outputs of
-    the first ``capture`` samples (for the post-quantization summary). ``progress(samples, pass_number)`` is
-    called after every batch. ``known_ranges``: max statistics of (some of) the tensors already known (the max
+    """Calibrate ``tensors`` of ``model`` on ``data``. ``observers`` see every batch (see the module docstring:
+    the output capture, the progress display); ``progress(samples, pass_number)``, a callable called after
+    every batch, is shorthand for a progress.ProgressObserver. ``known_ranges``: max statistics of (some of) the tensors already known (the max
     pass then only runs for the others, and not at all for histogram methods when every range is known).
     ``hist_tensors``: with a histogram calibrator, the subset of ``tensors`` it histograms (default: all);
     the others only get max statistics (``result.max_calibrator``), from the same max pass. ``arrays``: the
     values of a light model's weights (modelio.to_light_model)."""
     start = time.perf_counter()
+    observers = list(observers) + ([ProgressObserver(progress)] if progress is not None else [])
+    wants_outputs = any(getattr(o, "wants_outputs", False) for o in observers)
     tensors = _float_tensors(model, list(dict.fromkeys(tensors)))
     out_names = [o.name for o in model.graph.output]
     max_cal = calibrator if isinstance(calibrator, MaxCalibrator) else MaxCalibrator()
@@ -261,13 +236,12 @@ def collect(model: onnx.ModelProto, tensors: Sequence[str], data: DataSource, ca
         hist = [t for t in tensors if t in wanted]
     needs_hist = bool(hist)
     result = CollectResult({}, {}, max_calibrator=max_cal)
-    cap = _Capture(capture, result, output_batch_axes(model, data))
     todo_max = [t for t in tensors if t not in known]
     if needs_hist:  # the max pass also measures the sizes of every histogrammed tensor
         run_max_pass = bool(todo_max)
         reduced = list(dict.fromkeys(todo_max + hist)) if run_max_pass else []
     else:
-        run_max_pass = bool(todo_max) or capture > 0 or not tensors
+        run_max_pass = bool(todo_max) or wants_outputs or not tensors
         reduced = todo_max
     bounded = nonnegative_tensors(model, arrays) & set(reduced) if reduced else set()
     result.min_bounded = [t for t in todo_max if t in bounded]
@@ -298,18 +272,26 @@ def collect(model: onnx.ModelProto, tensors: Sequence[str], data: DataSource, ca
             for t, hi_i, lo_i, size_i in slots:
                 hi = float(values[hi_i])
                 lo = float(values[lo_i]) if lo_i is not None else min(0.0, hi)
-                if t in update and np.isfinite(hi) and np.isfinite(lo):
-                    max_cal.observe_reduced(t, hi, lo)
-                elif not (np.isfinite(hi) and np.isfinite(lo)):
+                if np.isnan(hi) or np.isnan(lo):
                     result.nonfinite.setdefault(t, result.batches)
+                    continue
+                if np.isinf(hi) or np.isinf(lo):
+                    # an infinity is a mask (FP16 exports write masked attention scores as -inf): it counts as
+                    # the tensor type's extreme finite value, which assign_formats treats as a mask value
+                    # (its readers stay FP32), so it breaks no scale
+                    big = float(np.finfo(np.asarray(values[hi_i]).dtype).max)
+                    hi, lo = float(np.clip(hi, -big, big)), float(np.clip(lo, -big, big))
+                    result.infinite.setdefault(t, result.batches)
+                if t in update:
+                    max_cal.observe_reduced(t, hi, lo)
                 if size_i is not None:
                     result.sizes[t] = max(result.sizes.get(t, 0), int(values[size_i]))
-            _note_nonfinite(result, out_names, values[:k])
-            cap.add(batch, dict(zip(out_names, values[:k])))
+            note_nonfinite(result, out_names, values[:k])
             result.samples += batch_size(batch)
             result.batches += 1
-            if progress:
-                progress(result.samples, pass_no)
+            outputs = dict(zip(out_names, values[:k]))
+            for o in observers:
+                o.batch(pass_no, result.samples, batch, outputs)
         del session
     if needs_hist:
         calibrator.set_ranges({t: r for t, r in max_cal.result().items() if t in sized})
@@ -318,7 +300,9 @@ def collect(model: onnx.ModelProto, tensors: Sequence[str], data: DataSource, ca
             groups = _groups(hist, result.sizes, budget)
         else:  # no max pass measured the sizes: take them from the inferred shapes
             groups = _groups_by_static_size(model, hist, data, budget)
-        _notify_passes(progress, pass_no + len(groups))
+        for o in observers:
+            if hasattr(o, "passes"):
+                o.passes(pass_no + len(groups))
         for gi, group in enumerate(groups):
             pass_no += 1
             need_outputs = not run_max_pass and gi == 0
@@ -330,16 +314,18 @@ def collect(model: onnx.ModelProto, tensors: Sequence[str], data: DataSource, ca
                 values = sess.run(fetch, batch)
                 for t, v in zip(group, values):
                     calibrator.observe(t, v)
+                outputs = None
                 if need_outputs:
                     by_name = dict(zip(fetch, values))
-                    _note_nonfinite(result, out_names, [by_name[o] for o in out_names])
-                    cap.add(batch, {o: by_name[o] for o in out_names})
+                    note_nonfinite(result, out_names, [by_name[o] for o in out_names])
+                    outputs = {o: by_name[o] for o in out_names}
                     result.samples += batch_size(batch)
                     result.batches += 1
                 seen += batch_size(batch)
                 del values
-                if progress:
-                    progress(seen, pass_no)
+                for o in observers:
+                    o.batch(pass_no, seen, batch, outputs)
+                outputs = None
             del sess
     result.passes = pass_no
     calibrated = set(tensors)
@@ -353,39 +339,10 @@ def collect(model: onnx.ModelProto, tensors: Sequence[str], data: DataSource, ca
     return result
 
 
-def capture_outputs(model: onnx.ModelProto, data: DataSource, count: int, *,
-                    providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
-                    level: str = "all", arrays: Optional[Dict[str, Any]] = None) -> CollectResult:
-    """Run the FP32 model on the first ``count`` samples only and keep their inputs and outputs (the summary
-    samples when the statistics come from a cache and no calibration pass runs)."""
-    start = time.perf_counter()
-    result = CollectResult({}, {})
-    if count <= 0:
-        return result
-    out_names = [o.name for o in model.graph.output]
-    sess = make_session(model, level=level, providers=providers, threads=threads, arrays=arrays)
-    cap = _Capture(count, result, output_batch_axes(model, data))
-    for batch in data.batches():
-        n = batch_size(batch)
-        take = min(n, count - cap.count)
-        if take < n:
-            batch = take_samples(batch, take)
-        got = sess.run(out_names, batch)
-        _note_nonfinite(result, out_names, got)
-        cap.add(batch, dict(zip(out_names, got)))
-        result.samples += take
-        result.batches += 1
-        if cap.full:
-            break
-    result.passes = 1
-    result.seconds = time.perf_counter() - start
-    return result
-
-
-def _note_nonfinite(result: CollectResult, names: Sequence[str], values: Sequence[Any]) -> None:
+def note_nonfinite(result: CollectResult, names: Sequence[str], values: Sequence[Any]) -> None:
     for name, v in zip(names, values):
         v = np.asarray(v)
-        if name not in result.nonfinite and v.dtype.kind == "f" and v.size and not np.isfinite(v).all():
+        if name not in result.nonfinite and v.dtype.kind == "f" and v.size and np.isnan(v).any():
             result.nonfinite[name] = result.batches
 
 
@@ -444,13 +401,19 @@ class ChannelRequest:
     rows: int = 0
 
 
-def _channel_nodes(t: str, rank: int, req: ChannelRequest, i: int, g: onnx.GraphProto) -> List[str]:
+def _channel_nodes(t: str, rank: int, req: ChannelRequest, i: int, g: onnx.GraphProto,
+                   elem: Optional[int] = None) -> List[str]:
     """Append to ``g`` the reductions of ``req`` for tensor ``t`` of rank ``rank``; return their output names in
-    the order (kinds..., shape, rows)."""
+    the order (kinds..., shape, rows). A tensor of another float type (``elem``: FLOAT16, BFLOAT16, DOUBLE) is
+    cast to float first: the statistics come out as float32, and sums of FP16 values cannot overflow."""
     axis = req.axis % rank
     others = [a for a in range(rank) if a != axis]
     nodes: List[onnx.NodeProto] = []
     outs: List[str] = []
+    source = t
+    if elem is not None and elem != onnx.TensorProto.FLOAT:
+        t = f"{source}__onnxfp8_ch_f32"
+        nodes.append(helper.make_node("Cast", [source], [t], to=onnx.TensorProto.FLOAT, name=f"onnxfp8_ch_{i}_cast"))
     spatial = rank >= 3 and axis == 1  # NCHW: reduce in onnxruntime's blocked layout first (see the max pass)
 
     def axes_const(name: str, axes) -> str:
@@ -486,7 +449,7 @@ def _channel_nodes(t: str, rank: int, req: ChannelRequest, i: int, g: onnx.Graph
         else:
             raise ValueError(f"unknown channel statistic '{kind}'; choose from {', '.join(CHANNEL_KINDS)}")
         outs.append(out)
-    shape = f"{t}__onnxfp8_ch_shape"
+    shape = f"{source}__onnxfp8_ch_shape"
     nodes.append(helper.make_node("Shape", [t], [shape], name=f"{pre}_shape"))
     outs.append(shape)
     if req.rows > 0:
@@ -525,7 +488,7 @@ def channel_stats(model: onnx.ModelProto, requests: Dict[str, ChannelRequest], d
         r = (rank or {}).get(t) or _rank(types.get(t))
         if r is None or r < 1:
             continue
-        slots[t] = (req, r, _channel_nodes(t, r, req, i, m.graph))
+        slots[t] = (req, r, _channel_nodes(t, r, req, i, m.graph, elem_type(types.get(t))))
     out: Dict[str, Dict[str, np.ndarray]] = {}
     if not slots:
         return out

@@ -73,6 +73,24 @@ def with_transforms(pipe: Pipeline, config: QuantConfig) -> Pipeline:
     return pipe
 
 
+# the function-preserving rewrites, in pipeline order (the transform guard adds them one at a time in this order)
+TRANSFORMS = ("equalize", "smoothquant", "bias_correction")
+
+
+def requested_transforms(config: QuantConfig) -> list:
+    """The transforms ``config`` asks for, in pipeline order (bias correction comes with equalize unless set)."""
+    bc = config.bias_correction if config.bias_correction is not None else config.equalize
+    on = {"equalize": bool(config.equalize), "smoothquant": config.smoothquant is not None, "bias_correction": bool(bc)}
+    return [t for t in TRANSFORMS if on[t]]
+
+
+def config_with_transforms(config: QuantConfig, names) -> QuantConfig:
+    """``config`` with exactly the transforms ``names`` (a subset of requested_transforms(config)) on."""
+    return config.replace(equalize="equalize" in names,
+                          smoothquant=config.smoothquant if "smoothquant" in names else None,
+                          bias_correction="bias_correction" in names)
+
+
 def with_target(pipe: Pipeline, config: QuantConfig) -> Pipeline:
     """``target = "tensorrt"``: select_ops runs rules.TensorRTRule first (placements TensorRT fuses into FP8
     kernels; it also decides which inputs of a residual Add get Q/DQ). The select_ops pass is replaced by a

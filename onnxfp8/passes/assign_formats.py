@@ -116,7 +116,8 @@ class AssignFormats(Pass):
                                            [n for n, _ in uses])
             if chosen is not None:
                 plan.tensors[name].candidates = chosen[1]
-                plan.tensors[name].notes.append(auto_note(chosen[1], chosen[2]))
+                plan.tensors[name].auto_reason = auto_reason(chosen[1], chosen[2])
+                plan.tensors[name].notes.append("format auto: " + plan.tensors[name].auto_reason)
         for name, consumers in act_consumers.items():
             over = dict(cfg.overrides.get(name, {}))
             if "axis" in over:
@@ -136,7 +137,8 @@ class AssignFormats(Pass):
             spec = QuantSpec(name, "activation", fmt.name, scale, None, amax, consumers)
             if chosen is not None:
                 spec.candidates = chosen[1]
-                spec.notes.append(auto_note(chosen[1], chosen[2]))
+                spec.auto_reason = auto_reason(chosen[1], chosen[2])
+                spec.notes.append("format auto: " + spec.auto_reason)
             elif hists is not None and "format" not in over:
                 spec.notes.append(f"format auto: no histogram of this tensor (never finite on the data), "
                                   f"{fmt.name} used")
@@ -156,7 +158,7 @@ class AssignFormats(Pass):
             if spec.scale is not None and (amax == 0.0 or not np.isfinite(amax)):
                 spec.notes.append(f"range {amax}: safe scale {scale}")
             plan.tensors[name] = spec
-        notes.extend(_keep_mask_values_fp32(plan, tensors, cfg))
+        notes.extend(_keep_mask_values_fp32(plan, tensors, cfg, ctx.stats))
         unknown = sorted(set(cfg.overrides) - set(plan.tensors))
         if unknown:
             raise ConfigError(f"{ctx.source}: override for '{unknown[0]}', which is not a quantized tensor")
@@ -174,12 +176,16 @@ class AssignFormats(Pass):
         return PassResult(False, notes)
 
 
-def _keep_mask_values_fp32(plan, tensors, cfg) -> List[str]:
+def _keep_mask_values_fp32(plan, tensors, cfg, stats=None) -> List[str]:
     """Leave FP32 the nodes that read an activation holding a mask value: exporters write attention masks as
-    the float type's lowest value (-3.4e38, or -65504 in FP16) added to the scores, so a calibrated range
-    of half the type's max or more is a sentinel, not data. One per-tensor scale covering it rounds every
-    real value to zero (a transformers BERT export, extended scheme: logits cosine 0.21)."""
+    the float type's lowest value (-3.4e38, or -65504 in FP16) or as -inf added to the scores, so a calibrated
+    range of half the type's max or more is a sentinel, not data (the collector counts an infinity as the
+    type's extreme value). One per-tensor scale covering it rounds every real value to zero (a transformers
+    BERT export, extended scheme: logits cosine 0.21); one scale for the real values turns -inf into a finite
+    value and unmasks. The observed min/max count too, so a percentile / MSE / entropy range that left the
+    mask value out still keeps the readers FP32."""
     notes: List[str] = []
+    stats = stats or {}
     for name, spec in list(plan.tensors.items()):
         if spec.role != "activation" or spec.dynamic is not None or name in cfg.overrides:
             continue
@@ -187,6 +193,9 @@ def _keep_mask_values_fp32(plan, tensors, cfg) -> List[str]:
         dtype = np.dtype(t.dtype) if t is not None and t.dtype is not None and np.dtype(t.dtype).kind == "f" \
             else np.dtype(np.float32)
         amax = float(spec.amax) if isinstance(spec.amax, (int, float)) else 0.0
+        st = stats.get(name, {})
+        seen = [abs(float(st[k])) for k in ("min", "max") if isinstance(st.get(k), (int, float))]
+        amax = max([amax] + [v for v in seen if np.isfinite(v)])
         if not amax >= float(np.finfo(dtype).max) / 2:
             continue
         reason = (f"reads '{name}', whose range ({amax:.3g}) is a mask value of {dtype.name}: one scale for it "
@@ -232,11 +241,11 @@ def _shape_remark(crest: float) -> str:
     return f"max/rms {crest:.1f}"
 
 
-def auto_note(errs: Dict[str, float], remark: str) -> str:
-    """'format auto: this tensor has outliers (max/rms 25.3): E4M3 beats E3M4 by 6.1 dB (SQNR e4m3 31.2, ...)'"""
+def auto_reason(errs: Dict[str, float], remark: str) -> str:
+    """'this tensor has outliers (max/rms 25.3): E4M3 beats E3M4 by 6.1 dB (SQNR e4m3 31.2, ...)' (QuantSpec.auto_reason)"""
     ranked = sorted(errs.items(), key=lambda kv: -kv[1])
     best, e0 = ranked[0]
-    text = f"format auto: {remark}: {best.upper()}"
+    text = f"{remark}: {best.upper()}"
     if len(ranked) > 1:
         second, e1 = ranked[1]
         text += f" beats {second.upper()} by {e0 - e1:.1f} dB"

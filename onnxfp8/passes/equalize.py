@@ -24,11 +24,15 @@ calibration data, the per-channel ranges ``a_i`` of the tensor between the layer
 channel with a large bias would otherwise blow the per-tensor activation scale up).
 
 **Bias absorption** (with data, same pass). When ``f`` is Relu-like (Relu, a Max(0)) and the pre-activation
-``h_i = (W1 x + b1)_i`` stays above ``c_i = max(0, min_data h_i)`` on the calibration data, then
-``f(h)_i = f(h - c)_i + c_i`` there, so ``b1 -= c`` and ``b2 += W2 c`` (Conv: ``sum_k W2[o, i, k] c_i``;
-Gemm ``alpha c @ B / beta``) compute the same function on the calibration data while the tensor the second
-layer reads loses the offset ``c``. Only when the second layer has no padding (padding zeros would stand for
-``-c``), and a Min bound on the way moves by ``-c`` too.
+``h_i = (W1 x + b1)_i`` stays above ``c_i = max(0, min_data h_i)`` on the calibration data, the tensor the
+second layer reads carries an offset ``c`` it need not quantize. Since ``relu(h) = max(h - c, -c) + c`` for
+every ``h`` (and ``max(h, lo) = max(h - c, lo - c) + c``, ``min(h, hi) = min(h - c, hi - c) + c``, MaxPool
+commutes with the shift), ``b1 -= c``, the Relu becomes a Max with the per-channel bound ``-c``, Max/Min
+bounds on the way move by ``-c``, and ``b2 += W2 c`` (Conv: ``sum_k W2[o, i, k] c_i``; Gemm
+``alpha c @ B / beta``): the same function everywhere (not only on the calibration data), while on the
+calibration data the tensor loses the offset (its values stay >= 0 there; the range to quantize shrinks from
+``[0, M]`` to ``[0, M - c]``). Only when the second layer has no padding (padding zeros would stand for
+``-c``).
 
 **Bias correction (pass ``bias_correction``).** A quantized weight ``Q(W) = W + dW`` shifts the expected
 output of its layer by ``E[dW x] = dW E[x]`` (Conv: ``mean_positions conv(dW, x)``). One pass over the
@@ -459,7 +463,13 @@ def apply_absorb(graph: gs.Graph, rec: Dict[str, Any]) -> None:
     first.set_bias((b if b is not None else np.zeros(c.size)) - c)
     for name in replay_chain_names(graph, rec):
         n = by_name[name]
-        if n.op in ("Max", "Min"):  # max(h - c, lo - c) + c == max(h, lo): exact everywhere
+        if n.op == "Relu":  # relu(h) == max(h - c, -c) + c: exact everywhere, not only where h >= c
+            rank = _rank(n.inputs[0]) or (4 if first.channel_axis == 1 else 2)
+            dtype = n.inputs[0].dtype or np.float32
+            n.op = "Max"
+            n.inputs.append(gs.Constant(f"{n.name}/absorbed_lower_bound",
+                                        (-c).reshape(_channel_shape(c.size, first.channel_axis, rank)).astype(dtype)))
+        elif n.op in ("Max", "Min"):  # max(h - c, lo - c) + c == max(h, lo): exact everywhere
             k = n.inputs[1]
             rank = _rank(n.inputs[0]) or 4
             v = _per_channel_const(k.values, c.size, first.channel_axis, rank)
@@ -673,8 +683,9 @@ def weight_error(w: np.ndarray, layer: Layer, ctx: PassContext) -> np.ndarray:
 def _error_node(layer: Layer, dw: np.ndarray, i: int) -> Tuple[List[gs.Node], gs.Variable]:
     """A copy of the layer computing ``dW x`` (no bias)."""
     n = layer.node
-    out = gs.Variable(f"{layer.name}__onnxfp8_dw_out", dtype=np.float32)
-    const = gs.Constant(f"{layer.name}__onnxfp8_dw", dw.astype(np.float32))
+    dtype = layer.weight.values.dtype  # an FP16 model's layer takes FP16 weights (channel_stats casts the output)
+    out = gs.Variable(f"{layer.name}__onnxfp8_dw_out", dtype=dtype)
+    const = gs.Constant(f"{layer.name}__onnxfp8_dw", dw.astype(dtype))
     attrs = dict(n.attrs)
     if n.op == "Gemm":
         attrs["beta"] = 1.0

@@ -162,7 +162,8 @@ class PassThrough(Pass):
             for x, sx in landing:
                 if sx is None:
                     new = QuantSpec(x.name, "activation", spec.format, spec.scale, None, amax, [head.name],
-                                    "output", list(spec.notes), dict(spec.candidates), method=spec.method)
+                                    "output", list(spec.notes), dict(spec.candidates), method=spec.method,
+                                    auto_reason=spec.auto_reason)
                     new.notes.append(f"quantized before {path} (pass-through of {spec.tensor}'s quantization)")
                     if spec.placement.startswith("before:"):
                         new.notes = [n for n in new.notes if "Relu input" not in n]

@@ -3,37 +3,35 @@
 Quantization shifts the mean and variance of the tensors BatchNormalization normalizes, so the running
 statistics stored at training time no longer match (the FP8 paper, arXiv 2309.14592, section on BN
 recalibration). This pass runs after ``insert_qdq`` on a graph whose BatchNormalization nodes were left
-unfolded:
+unfolded. The pass holds the judgement; the other jobs live where their kind lives:
 
-1. On a working copy (exported to an ONNX model, never the pipeline's graph), every inference-mode
-   BatchNormalization is replaced by its training-mode computation from explicit ONNX ops::
+- the **moment statistics** (training-mode working copies, exact pooling): calibrators/moments.py, produced
+  by calibrators.calibration.Calibration.moments;
+- the **data stream** (``--bn-calib`` or the calibration data, ``--bn-samples``, the held-out evaluation
+  samples, ``--augment``): calibrators/data.recalibration_stream, a DataSource;
+- the **measurement** of the quantized model on the evaluation samples: verify/measure.measure_outputs, the
+  one quantize's summary uses;
+- the **option checks** (--augment on image inputs, bn_ranges with max calibration): config.py, once;
+- the **range re-measurement** after folding (``--bn-ranges``): its own pass, remeasure_ranges.
 
-       axes = [0] + [2 .. rank-1]                  (N and the spatial axes, computed in-graph: any rank)
-       mean = ReduceMean(x, axes, keepdims=1);  d = x - mean;  var = ReduceMean(d * d, axes, keepdims=1)
-       y    = d / Sqrt(var + eps) * gamma + beta
+The steps:
 
-   so every downstream layer (and the downstream BatchNorms) sees values normalized with statistics of
-   the quantized upstream values, as a framework's train-mode forward does. ``mean``, ``var`` and
-   ``Size(x)`` of every BN are extra outputs.
+1. On a working copy (never the pipeline's graph), every inference-mode BatchNormalization is replaced by its
+   training-mode computation (calibrators/moments.training_mode_model), so every downstream layer sees
+   values normalized with statistics of the quantized upstream values, as a framework's train-mode forward
+   does.
 2. One onnxruntime pass per batch (``ORT_ENABLE_BASIC``, as for every quantized model) over the
-   recalibration data: ``--bn-calib`` or else the calibration data, at most ``--bn-samples`` samples,
-   optionally augmented (``--augment``, calibrators/augment.py). In ``shift`` mode the FP32 working copy
-   runs on the same batch too (two runs per batch, never one per layer). When the recalibration data is the
-   calibration data and holds at least twice as many samples, the first ``capture_samples`` (64, or
-   ``summary_samples`` when set: those whose FP32 outputs were captured during calibration) are held out of
-   it to judge the result (step 5).
+   recalibration stream. In ``shift`` mode the FP32 working copy runs on the same batch too (two runs per
+   batch, never one per layer). When the recalibration data is the calibration data and holds at least
+   twice as many samples, the first ``capture_samples`` (64, or ``summary_samples`` when set: those whose
+   FP32 outputs were captured during calibration) are held out of it to judge the result (step 5).
    A static batch dimension (an export with batch 1) is freed on the working copy so that batch statistics
    come from real batches; when the model cannot run so (a Reshape to [1, -1]...), the static batch is kept
    and the report says what that means.
-3. Per channel, the batch statistics are **pooled exactly** (Chan et al.'s parallel update of count,
-   mean and sum of squared deviations, in float64): the result is the mean and the (population) variance of
-   all the values the BN saw, O(channels) memory. We pool rather than average per-batch statistics as
-   PyTorch's cumulative update (``momentum=None``) does, because averaging per-batch variances leaves out
-   the spread of the batch means (``Var = E[var_b] + Var[mean_b]``), so it underestimates the variance by an
-   amount that depends on the batch size, and it weights a short last batch like a full one; pooling gives
-   the statistics of the whole recalibration set whatever the batching. (Training-mode normalization of
-   *upstream* BNs still uses each batch's own statistics, as in any train-mode recalibration; the batch is
-   therefore at least 64 samples unless the model fixes it.)
+3. Per channel, the batch statistics are **pooled exactly** (moments.PooledMoments): the mean and the
+   (population) variance of all the values the BN saw, whatever the batching. (Training-mode normalization
+   of *upstream* BNs still uses each batch's own statistics, as in any train-mode recalibration; the batch
+   is therefore at least 64 samples unless the model fixes it.)
 4. New statistics, written into the original BN's ``input_mean`` / ``input_var`` initializers (new ones
    when they are shared); the working copies are dropped:
 
@@ -65,56 +63,16 @@ import time
 from typing import Any, Dict, List, Optional
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
-from onnx import helper, numpy_helper
 
-from onnxfp8.calibrators.data import first_labels, holds_at_least, recalibration_stream
+from onnxfp8.calibrators.calibration import Calibration
+from onnxfp8.calibrators.data import Samples, first_labels, holds_at_least, recalibration_stream
+from onnxfp8.calibrators.moments import FreedBatchFailed, free_batch, training_mode_model
 from onnxfp8.errors import DataError
-from onnxfp8.modelio import make_session, to_model
-from onnxfp8.passes.emulate import float_type
+from onnxfp8.modelio import to_model
 from onnxfp8.pipeline import Pass, PassContext, PassResult, Pipeline
 from onnxfp8.plan import BatchNormStats
 from onnxfp8.state import BatchNormReport
-from onnxfp8.verify.compare import ErrorStats
-
-SUFFIX = "__onnxfp8_bnrecal"
-try:
-    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
-
-    _ORT_ERRORS = (Fail, InvalidArgument, RuntimeException)
-except ImportError:  # pragma: no cover - older onnxruntime layouts
-    _ORT_ERRORS = (RuntimeError,)
-
-
-class _FreedBatchFailed(Exception):
-    """onnxruntime refused the working copy whose static batch dimension was freed."""
-
-
-class PooledMoments:
-    """Exact streaming pooling of per-channel (count, mean, M2 = sum of squared deviations), float64."""
-
-    def __init__(self, channels: int):
-        self.n = 0.0
-        self.mean = np.zeros(channels, np.float64)
-        self.m2 = np.zeros(channels, np.float64)
-
-    def update(self, n: float, mean: np.ndarray, var: np.ndarray) -> None:
-        """Fold in a batch of ``n`` values per channel with (population) ``mean`` and ``var``."""
-        if n <= 0:
-            return
-        mean = np.asarray(mean, np.float64).reshape(-1)
-        var = np.asarray(var, np.float64).reshape(-1)
-        total = self.n + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + var * n + delta * delta * (self.n * n / total)
-        self.n = total
-
-    @property
-    def var(self) -> np.ndarray:
-        return self.m2 / self.n if self.n else np.zeros_like(self.m2)
-
 
 def batchnorms(graph: gs.Graph) -> List[gs.Node]:
     """Inference-mode BatchNormalization nodes with constant parameters (the ones we can recalibrate)."""
@@ -125,74 +83,6 @@ def batchnorms(graph: gs.Graph) -> List[gs.Node]:
         if all(isinstance(t, gs.Constant) for t in n.inputs[1:5]):
             out.append(n)
     return out
-
-
-def training_mode_model(graph: gs.Graph, names: List[str]) -> onnx.ModelProto:
-    """Export a copy of ``graph`` with the named BatchNormalization nodes in training-mode form (explicit
-    ops), each exposing ``<bn>__onnxfp8_bnrecal_{mean,var,size}`` as graph outputs."""
-    # the statistics in the BN input's own float type (float16 models: ReduceMean of float16 is float16)
-    ftype = {n.name: float_type(n.inputs[0]) for n in graph.nodes if n.op == "BatchNormalization"}
-    model = to_model(graph.copy())
-    g = model.graph
-    wanted = set(names)
-    nodes = list(g.node)
-    del g.node[:]
-    i64 = lambda name, v: numpy_helper.from_array(np.asarray(v, np.int64), name)  # noqa: E731
-    for node in nodes:
-        if node.op_type != "BatchNormalization" or node.name not in wanted:
-            g.node.append(node)
-            continue
-        x, gamma, beta = node.input[0], node.input[1], node.input[2]
-        y = node.output[0]
-        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
-        p = node.name + SUFFIX
-        g.initializer.extend([i64(f"{p}_zero", [0]), i64(f"{p}_two", 2), i64(f"{p}_one", 1),
-                              numpy_helper.from_array(np.asarray(eps, ftype.get(node.name, np.float32)), f"{p}_eps")])
-
-        def add(op, ins, outs, **attrs):
-            g.node.append(helper.make_node(op, ins, outs, name=f"{p}/{op}_{len(g.node)}", **attrs))
-
-        add("Shape", [x], [f"{p}_shape"])
-        add("Size", [f"{p}_shape"], [f"{p}_rank"])
-        add("Range", [f"{p}_two", f"{p}_rank", f"{p}_one"], [f"{p}_spatial"])
-        add("Concat", [f"{p}_zero", f"{p}_spatial"], [f"{p}_axes"], axis=0)
-        add("ReduceMean", [x, f"{p}_axes"], [f"{p}_mean"], keepdims=1)
-        add("Sub", [x, f"{p}_mean"], [f"{p}_d"])
-        add("Mul", [f"{p}_d", f"{p}_d"], [f"{p}_d2"])
-        add("ReduceMean", [f"{p}_d2", f"{p}_axes"], [f"{p}_var"], keepdims=1)
-        add("Add", [f"{p}_var", f"{p}_eps"], [f"{p}_vareps"])
-        add("Sqrt", [f"{p}_vareps"], [f"{p}_std"])
-        add("Shape", [f"{p}_mean"], [f"{p}_cshape"])
-        add("Reshape", [gamma, f"{p}_cshape"], [f"{p}_gamma"])
-        add("Reshape", [beta, f"{p}_cshape"], [f"{p}_beta"])
-        add("Div", [f"{p}_d", f"{p}_std"], [f"{p}_xhat"])
-        add("Mul", [f"{p}_xhat", f"{p}_gamma"], [f"{p}_scaled"])
-        add("Add", [f"{p}_scaled", f"{p}_beta"], [y])
-        add("Size", [x], [f"{p}_size"])
-        et = helper.np_dtype_to_tensor_dtype(np.dtype(ftype.get(node.name, np.float32)))
-        g.output.extend([helper.make_tensor_value_info(f"{p}_mean", et, None),
-                         helper.make_tensor_value_info(f"{p}_var", et, None),
-                         helper.make_tensor_value_info(f"{p}_size", onnx.TensorProto.INT64, [])])
-    return model
-
-
-def free_batch(model: onnx.ModelProto) -> bool:
-    """Make the batch dimension of a working copy dynamic when every input has the same static one (an export
-    with batch 1 would otherwise give the upstream BNs one sample's statistics): inputs' and outputs' first
-    dimension become a parameter and value_info is dropped. Returns True when something changed."""
-    inits = {t.name for t in model.graph.initializer}
-    inputs = [vi for vi in model.graph.input if vi.name not in inits]
-    firsts = {vi.type.tensor_type.shape.dim[0].dim_value if len(vi.type.tensor_type.shape.dim)
-              and vi.type.tensor_type.shape.dim[0].HasField("dim_value") else None for vi in inputs}
-    if not inputs or len(firsts) != 1 or None in firsts:
-        return False
-    batch = firsts.pop()
-    for vi in inputs + list(model.graph.output):
-        dims = vi.type.tensor_type.shape.dim
-        if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value == batch:
-            dims[0].dim_param = "onnxfp8_bn_batch"
-    del model.graph.value_info[:]
-    return True
 
 
 def evaluation_set(ctx: PassContext):
@@ -207,29 +97,14 @@ def evaluation_set(ctx: PassContext):
 
 def evaluate(graph: gs.Graph, ctx: PassContext, inputs, refs, labels) -> Dict[str, Any]:
     """Output SQNR (dB) per output against FP32 and, for classifier outputs ([N, C]), top-1 agreement with
-    FP32 and (with labels) accuracy, of ``graph`` on the evaluation samples."""
-    from onnxfp8.verify.compare import ClassifierStats, is_classifier
+    FP32 and (with labels) accuracy, of ``graph`` on the evaluation samples (verify/measure.measure_outputs,
+    the measurement quantize's summary makes too)."""
+    from onnxfp8.verify.measure import measure_outputs
 
-    sess = make_session(to_model(graph.copy()), level="basic", providers=ctx.config.providers,
-                        threads=ctx.config.threads)
-    names = [o.name for o in sess.get_outputs()]
-    stats = {n: ErrorStats() for n in names}
-    cls: Dict[str, ClassifierStats] = {}
-    start = 0
-    for feed, ref in zip(inputs, refs):
-        n_feed = next(iter(feed.values())).shape[0]
-        lab = labels[start:start + n_feed] if labels is not None else None
-        start += n_feed
-        for n, v in zip(names, sess.run(names, feed)):
-            if n not in ref:
-                continue
-            stats[n].update(ref[n], v)
-            if is_classifier(np.shape(v)):
-                cls.setdefault(n, ClassifierStats()).update(ref[n], v, lab)
-    out: Dict[str, Any] = {"sqnr": {n: s.sqnr_db for n, s in stats.items() if s.count}}
-    out["top1_agreement"] = {n: c.top1_agreement for n, c in cls.items()}
-    out["accuracy"] = {n: c.accuracy_quant for n, c in cls.items() if c.labelled}
-    return out
+    m = measure_outputs(to_model(graph.copy()), Samples(inputs, labels, what="evaluation samples"), refs,
+                        axes=getattr(ctx.calib, "axes", {}),
+                        providers=ctx.config.providers, threads=ctx.config.threads)
+    return {"sqnr": m.sqnr(), "top1_agreement": m.top1_agreement(), "accuracy": m.accuracy()}
 
 
 def worse(with_: Dict[str, Any], without: Dict[str, Any]) -> Optional[str]:
@@ -304,7 +179,7 @@ class RecalibrateBatchNorm(Pass):
             if freed:
                 notes.append(f"the model's static batch dimension was freed on the working copy: batches of "
                              f"{data.batch_size} sample(s)")
-        except _FreedBatchFailed as e:
+        except FreedBatchFailed as e:
             pooled, samples, batches, data, _ = self._collect(graphs, bns, ctx, hold_out, free=False)
             notes.append(f"the working copy does not run with a free batch dimension ({str(e).splitlines()[0][:120]}); "
                          f"recalibrated with the model's static batch of {data.batch_size}: upstream BatchNorms "
@@ -374,41 +249,17 @@ class RecalibrateBatchNorm(Pass):
 
     @staticmethod
     def _collect(graphs: List[gs.Graph], bns: List[gs.Node], ctx: PassContext, hold_out: int, free: bool):
-        """Run the training-mode working copies of ``graphs`` (the quantized graph, and in shift mode the
-        FP32 one) once per batch and pool their per-channel statistics. Returns (pooled per graph, samples,
-        batches, data, whether a static batch dimension was freed)."""
+        """The pooled moments of the BNs of ``graphs`` (the quantized graph, and in shift mode the FP32 one)
+        on the recalibration stream: training-mode working copies (calibrators/moments.py), a static batch
+        dimension freed when ``free``. Returns (pooled per graph, samples, batches, data, whether freed)."""
         cfg = ctx.config
         names = [n.name for n in bns]
         models = [training_mode_model(g, names) for g in graphs]
         freed = [free_batch(m) for m in models][0] if free else False
         data = recalibration_stream(models[0], cfg, ctx.calib, ctx.source, hold_out=hold_out)
-
-        def ort(fn, *args):
-            try:
-                return fn(*args)
-            except _ORT_ERRORS as e:
-                if freed:
-                    raise _FreedBatchFailed(str(e)) from e
-                raise
-
-        sessions = [ort(make_session, m, "basic", cfg.providers, cfg.threads) for m in models]
-        del models  # the sessions hold what they need
-        fetch = [f"{n.name}{SUFFIX}_{k}" for n in bns for k in ("mean", "var", "size")]
-        pooled = [{n.name: PooledMoments(int(np.size(n.inputs[3].values))) for n in bns} for _ in sessions]
-        samples = batches = 0
-        for batch in data.batches():
-            for sess, acc_of in zip(sessions, pooled):  # one run per batch (shift: and one of the FP32 copy)
-                values = ort(sess.run, fetch, batch)
-                for i, n in enumerate(bns):
-                    mean, var, size = values[3 * i], values[3 * i + 1], int(values[3 * i + 2])
-                    acc = acc_of[n.name]
-                    if mean.size != acc.mean.size:
-                        raise DataError(f"{ctx.source}: {n.name} has {acc.mean.size} channels but its input has "
-                                        f"{mean.size}")
-                    acc.update(size / mean.size, mean, var)
-            samples += next(iter(batch.values())).shape[0]
-            batches += 1
-        return pooled, samples, batches, data, freed
+        channels = {n.name: int(np.size(n.inputs[3].values)) for n in bns}
+        res = Calibration(cfg, data, source=ctx.source).moments(models, channels, freed=freed)
+        return res.pooled, res.samples, res.batches, data, freed
 
 
 class ApplyBatchNormStats(Pass):

@@ -10,9 +10,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxfp8 import names
-from onnxfp8.calibrators.collector import collect
+from onnxfp8.calibrators.calibration import Calibration
 from onnxfp8.calibrators.data import recalibration_stream
-from onnxfp8.calibrators.max import MaxCalibrator
 from onnxfp8.formats import get_format
 from onnxfp8.modelio import to_model
 from onnxfp8.pipeline import Pass, PassContext, PassResult
@@ -45,9 +44,8 @@ def remeasure(graph: gs.Graph, ctx: PassContext):
     if not probes:
         return "no activation range to re-measure", 0
     model = to_model(graph.copy())
-    res = collect(model, [src for src, _, _ in probes.values()], recalibration_stream(model, cfg, ctx.calib, ctx.source), MaxCalibrator(),
-                  providers=cfg.providers, threads=cfg.threads, max_memory_mb=cfg.max_memory_mb, level="basic")
-    minmax = res.max_calibrator.minmax()
+    stream = recalibration_stream(model, cfg, ctx.calib, ctx.source)
+    minmax = Calibration(cfg, stream, source=ctx.source).max_ranges(model, [src for src, _, _ in probes.values()])
     moved = []
     for k, (src, relu, scale_t) in probes.items():
         spec = ctx.plan.tensors[k]

@@ -285,12 +285,18 @@ class SmoothQuant(Pass):
                     continue
                 best, best_err = None, layer_error(rows, a, readers, np.ones(k), act_fmt, w_fmt, cfg.per_channel)
                 base = best_err
+                tried = {}
                 for alpha in ALPHAS:
                     e = layer_error(rows, a, readers, smoothing_scale(a, w, alpha), act_fmt, w_fmt, cfg.per_channel)
+                    tried[f"{alpha:g}"] = _db(e)
                     if e < best_err * (1 - 1e-3):
                         best, best_err = alpha, e
                 if best is None:
                     kept += 1
+                    records.append({"pass": "smoothquant", "kind": "left_alone", "tensor": name,
+                                    "readers": [r.name for r in readers], "error_db": {"none": _db(base), **tried},
+                                    "reason": "no alpha lowered the layers' own quantization error on "
+                                              f"{rows.shape[0]} sampled rows"})
                     continue
                 alpha = best
             else:
@@ -310,23 +316,25 @@ class SmoothQuant(Pass):
                    "alpha": alpha, "fold": f"{fold}:{target}", "scale": [float(v) for v in s]}
             if base is not None:
                 rec["error_db"] = {"none": _db(base), "smoothed": _db(best_err)}
+                rec["reason"] = f"alpha {alpha:g} lowered the layers' own quantization error the most"
             apply_smooth(graph, rec)
             tensors = graph.tensors()
             records.append(rec)
             alphas.append(alpha)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         ctx.plan.transforms.extend(records)
-        folded = len(records) - inserted
+        smoothed = [r for r in records if r["kind"] == "smooth"]
+        folded = len(smoothed) - inserted
         what = f"alpha {cfg.smoothquant}" if not auto else \
             ("alpha per layer from the data" + (f" ({', '.join(f'{a:g}' for a in sorted(set(alphas)))})" if alphas else ""))
-        notes.insert(0, f"smoothed {len(records)} of {len(groups)} MatMul/Gemm input(s), {what}: {folded} folded "
+        notes.insert(0, f"smoothed {len(smoothed)} of {len(groups)} MatMul/Gemm input(s), {what}: {folded} folded "
                         f"into the op before, {inserted} behind an inserted Mul")
         if kept:
             notes.append(f"{kept} input(s) left alone: no alpha lowered the layer's own quantization error")
-        for rec in records:
+        for rec in smoothed:
             if rec["fold"].startswith("insert:"):
                 notes.append(f"{rec['tensor']}: no op to fold 1/s into, Mul {rec['fold'][7:]} inserted")
-        return PassResult(bool(records), notes)
+        return PassResult(bool(smoothed), notes)
 
 
 def _db(rel: float) -> float:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
-from onnxfp8.config import AUTO_CANDIDATES, CALIBRATION_METHODS, SCHEMES, QuantConfig
+from onnxfp8.config import ALL_FORMATS, CALIBRATION_METHODS, SCHEMES, QuantConfig
 from onnxfp8.errors import ConfigError, OnnxFp8Error
 from onnxfp8.modelio import load_model, model_bytes
 from onnxfp8.plan import json_plain
@@ -37,18 +37,20 @@ class SweepRow:
     seconds: float = 0.0
     error: str = ""
     tuned: bool = False
+    transform: str = ""  # a transform row: equalize, smoothquant or bias_correction on (unguarded)
 
     @property
     def label(self) -> str:
         if self.tuned:
             return f"tuned ({self.scheme})"
-        return f"{self.format} {self.scheme} {self.calibration}"
+        return f"{self.format} {self.scheme} {self.calibration}" + (f" + {self.transform}" if self.transform else "")
 
     def to_dict(self) -> Dict[str, Any]:
         return json_plain({"label": self.label, "scheme": self.scheme, "format": self.format,
                            "calibration": self.calibration, **self.metrics, "size_bytes": self.size_bytes,
                            "quantized_layers": self.quantized_layers, "fallback": self.fallback, "met": self.met,
-                           "seconds": round(self.seconds, 3), "error": self.error, "tuned": self.tuned})
+                           "seconds": round(self.seconds, 3), "error": self.error, "tuned": self.tuned,
+                           "transform": self.transform})
 
 
 @dataclass
@@ -107,11 +109,40 @@ class SweepReport:
                  f"{self.criterion.describe()}; {self.seconds:.1f} s", "",
                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(r) + " |" for r in self.table_rows()]
+        lines += self.transform_table()
         if self.tuning is not None:
             lines += ["", "## tuning", "", "```", self.tuning.summary(), "```"]
         if self.sensitivity is not None:
             lines += ["", "## sensitivity", "", "```", self.sensitivity.summary(), "```"]
         return "\n".join(lines) + "\n"
+
+
+    def transform_table(self) -> List[str]:
+        """Format x transform: the output SQNR (dB) / cosine without and with each transform (the transform rows'
+        scheme and calibration method); ``n/a``: the transform changes nothing in this model."""
+        rows = [r for r in self.rows if r.transform]
+        if not rows:
+            return []
+        names = list(dict.fromkeys(r.transform for r in rows))
+        scheme, method = rows[0].scheme, rows[0].calibration
+        plain = {r.format: r for r in self.rows if not r.transform and not r.tuned and r.scheme == scheme
+                 and r.calibration == method}
+        by = {(r.format, r.transform): r for r in rows}
+
+        def cell(r: Optional[SweepRow]) -> str:
+            if r is None:
+                return "-"
+            if r.error:
+                return r.error if r.error == "n/a" else "error"
+            return (f"{_f(r.metrics.get('sqnr_db'), '{:.2f}')} / {_f(r.metrics.get('cosine'), '{:.5f}')}"
+                    + (" *" if r.met else ""))
+
+        head = ["format", "none"] + names
+        out = ["", f"## transforms ({scheme}, calibration {method}; SQNR dB / cosine, `*` meets "
+                   f"{self.criterion.describe()})", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for f in dict.fromkeys(r.format for r in rows):
+            out.append("| " + " | ".join([f, cell(plain.get(f))] + [cell(by.get((f, t))) for t in names]) + " |")
+        return out
 
 
 def _f(v, spec: str) -> str:
@@ -132,14 +163,16 @@ def default_criterion(labelled: bool) -> Target:
 
 
 def sweep(model, calib: Any, val: Any, config: Optional[QuantConfig] = None, *,
-          formats: Sequence[str] = AUTO_CANDIDATES + ("auto",), schemes: Sequence[str] = SCHEMES,
+          formats: Sequence[str] = ALL_FORMATS + ("auto",), schemes: Sequence[str] = SCHEMES,
           calibrations: Sequence[str] = CALIBRATION_METHODS, labels: Any = None, target: Optional[Target] = None,
           tune: bool = True, max_fallback=None, samples: Optional[int] = None, histograms: int = 4,
-          progress=None) -> SweepReport:
+          progress=None, transforms: Sequence[str] = ()) -> SweepReport:
     """Every (scheme, format, calibration) of ``model`` on ``val``, plus the tuned plan (``tune``); see the
     module docstring. ``target``: the pass criterion of the table and the tuner's target (default: the
     paper's criterion). ``histograms``: activation histograms kept for the report (the most sensitive layers'
-    inputs)."""
+    inputs). ``transforms``: equalize, smoothquant, bias_correction: per format a row with each on (unguarded;
+    config's scheme and calibration method; each its own calibration, since a transform rewrites the graph
+    and depends on the format), and the tuner tries them as steps."""
     from onnxfp8.tuning.tune import tune as run_tune
     from onnxfp8.verify.sensitivity import analyse
 
@@ -153,6 +186,9 @@ def sweep(model, calib: Any, val: Any, config: Optional[QuantConfig] = None, *,
             raise ConfigError(f"--calibrations: unknown method '{c}'; choose from {', '.join(CALIBRATION_METHODS)}")
     for f in formats:
         QuantConfig(format=f)  # unknown format: a one-line ConfigError
+    for t in transforms:
+        if t not in TRANSFORM_ON:
+            raise ConfigError(f"--transforms: unknown transform '{t}'; choose from {', '.join(TRANSFORM_ON)}")
     source = str(model) if not hasattr(model, "graph") else "model"
     fp32 = load_model(model)
     ev = Evaluator(model, val, labels, batch_size=config.batch_size, samples=samples, providers=config.providers,
@@ -195,11 +231,18 @@ def sweep(model, calib: Any, val: Any, config: Optional[QuantConfig] = None, *,
                         row.error = _one_line(e)
                     row.seconds = time.perf_counter() - t
                     report.rows.append(row)
+        if transforms and base_ws is not None:
+            t = time.perf_counter()
+            for f in formats:
+                for name in transforms:
+                    report.rows.append(_transform_row(base_ws, calib, ev, criterion, config, f, name, progress))
+            report.timings["transforms"] = time.perf_counter() - t
         if base_ws is not None:
             t = time.perf_counter()
             if tune:
-                res = run_tune(model, None, None, criterion, config, max_fallback=max_fallback, workspace=base_ws,
-                               evaluator=ev, progress=progress)
+                res = run_tune(model, calib if transforms else None, None, criterion, config,
+                               max_fallback=max_fallback, workspace=base_ws, evaluator=ev, progress=progress,
+                               transforms=tuple(transforms))
                 row = SweepRow(config.scheme, "tuned", res.config.calibration, tuned=True)
                 row.metrics = res.tuning.steps[res.tuning.best_step].evaluation
                 row.size_bytes = model_bytes(res.model)
@@ -213,7 +256,7 @@ def sweep(model, calib: Any, val: Any, config: Optional[QuantConfig] = None, *,
             report.timings["tuning"] = time.perf_counter() - t
             if report.sensitivity is None:
                 t = time.perf_counter()
-                fmts = [f for f in formats if f != "auto"] or list(AUTO_CANDIDATES)
+                fmts = [f for f in formats if f != "auto"] or list(ALL_FORMATS)
                 report.sensitivity = analyse(base_ws, ev.subset(16), fmts, config, bar=progress)
                 report.timings["sensitivity"] = time.perf_counter() - t
             report.histograms = _histograms(base_ws, report.sensitivity, histograms)
@@ -222,6 +265,35 @@ def sweep(model, calib: Any, val: Any, config: Optional[QuantConfig] = None, *,
             ws.close()
     report.seconds = time.perf_counter() - start
     return report
+
+
+TRANSFORM_ON = {"equalize": {"equalize": True, "bias_correction": False}, "smoothquant": {"smoothquant": "auto"},
+                "bias_correction": {"bias_correction": True}}
+
+
+def _transform_row(ws: Workspace, calib: Any, ev: Evaluator, criterion: Target, config: QuantConfig, fmt: str,
+                   name: str, progress) -> SweepRow:
+    """One format with one transform on: quantized with data (the transform measures it), scored like the others."""
+    from onnxfp8.quantize import quantize
+
+    t = time.perf_counter()
+    row = SweepRow(config.scheme, fmt, config.calibration, transform=name)
+    try:
+        cfg = config.replace(format=fmt, weights_format=None, activations_format=None, transform_guard=False,
+                             summary_samples=0, load_stats=None, save_stats=None, **TRANSFORM_ON[name])
+        res = quantize(ws.prepared, calib, cfg)
+        if not any(r.get("pass") == name and r.get("kind") != "left_alone" for r in res.plan.transforms):
+            row.error = "n/a"
+        else:
+            e = ev.evaluate(res.model, progress, f"sweep: {row.label}")
+            row.metrics = e.metrics()
+            row.size_bytes = model_bytes(res.model)
+            row.quantized_layers = len(res.plan.quantized_nodes())
+            row.met = criterion.met(e.value(criterion.metric))
+    except OnnxFp8Error as e:
+        row.error = _one_line(e)
+    row.seconds = time.perf_counter() - t
+    return row
 
 
 def _histograms(ws: Workspace, sens, limit: int) -> Dict[str, Dict[str, Any]]:

@@ -8,7 +8,12 @@ never on the calibration data. The search, in order, stopping at the first plan 
    per-layer formats from the sensitivity analysis (verify/sensitivity.py: one shared pass measures every
    layer's own SQNR in every candidate format; each layer gets the format that wins it), the best of these kept;
 3. **calibration**: the best plan so far with each other calibration method (mse, percentile, entropy...);
-4. **fallback**: the most sensitive layers (lowest own SQNR in their format) left in high precision, 1, 2, 4...
+4. **transforms**: SmoothQuant (alpha per layer), cross-layer equalization (with bias correction) and bias
+   correction alone (docs/transforms.md), each on top of the best plan so far; a transform rewrites the graph,
+   so each is calibrated in a Workspace of its own (one more pass over the calibration data each; skipped
+   when it changes nothing or with --load-stats only); unguarded: the validation data judges it; its plan
+   replays the transform, so it is rebuilt (and edited by the fallback) like any other;
+5. **fallback**: the most sensitive layers (lowest own SQNR in their format) left in high precision, 1, 2, 4...
    of them up to ``max_fallback``, then the smallest count that meets the target between the last two tried;
    each is the best plan so far edited (QuantPlan.keep_fp32) and rebuilt by onnxfp8.apply_plan.
 
@@ -41,10 +46,15 @@ from onnxfp8.verify.sensitivity import SensitivityReport, analyse, layer_tensors
 
 DEFAULT_MAX_FALLBACK = "10%"
 FALLBACK_PRECISIONS = ("auto", "fp32")
+AUTO_COLUMN = "auto"  # the sensitivity column of format auto's per-tensor choice
+# fallback ranking: this many layers (lowest own SQNR first) are scored alone in high precision
+RANK_POOL_MIN, RANK_POOL_FACTOR, RANK_POOL_MAX = 6, 2, 16
 SCREEN_SAMPLES = 16  # candidates are scored on this many validation samples first ...
 SCREEN_MARGIN_DB = 1.0  # ... and on the whole set only when within this of an SQNR target
-# function-preserving rewrites the "transforms" work adds as config keys; tried as a search step when present
-TRANSFORM_KEYS = ("smoothquant", "equalize")
+# the transforms (passes/equalize.py, passes/smoothquant.py) tried as search steps, each with the value it is
+# tried at, in this order, each on top of the best plan so far (docs/transforms.md)
+TRANSFORM_KEYS = ("smoothquant", "equalize", "bias_correction")
+TRANSFORM_VALUES = {"smoothquant": "auto", "equalize": True, "bias_correction": True}
 
 
 def parse_max_fallback(value: Union[str, int, float, None], layers: int) -> int:
@@ -167,6 +177,7 @@ class _Candidate:
     precision: Dict[str, str] = field(default_factory=dict)  # fallen-back node -> fp16 / fp32
     why: str = ""  # the step that made this plan
     per_layer: Dict[str, str] = field(default_factory=dict)  # node -> format, when formats come per layer
+    column: Optional[str] = None  # the sensitivity column of its layers when not per layer (AUTO_COLUMN: format auto)
     screened: Optional[Evaluation] = None  # on the screening subset (every candidate, when screening)
     full: bool = True  # ``evaluation`` is on the whole validation set
     step: int = 0
@@ -204,13 +215,14 @@ def tune(model, calib: Any, val: Any, target: Target, config: Optional[QuantConf
          formats: Optional[Sequence[str]] = None, methods: Optional[Sequence[str]] = None,
          samples: Optional[int] = None, sensitivity_samples: Optional[int] = 16, max_memory_mb: float = 64,
          progress=None, workspace: Optional[Workspace] = None, evaluator: Optional[Evaluator] = None,
-         outputs=None, fallback_precision: str = "auto", screen_samples: Optional[int] = SCREEN_SAMPLES
-         ) -> TuneResult:
+         outputs=None, fallback_precision: str = "auto", screen_samples: Optional[int] = SCREEN_SAMPLES,
+         transforms: Optional[Sequence[str]] = None) -> TuneResult:
     """Search plans for ``model`` until ``target`` holds on ``val``; see the module docstring. ``formats``:
     candidate formats (default config.formats); ``methods``: calibration methods tried (default every other
     one); ``samples``: at most this many validation samples; ``fallback_precision``: "auto" (FP16 where the layer
     is FP16-safe, else FP32) or "fp32"; ``screen_samples``: candidates are scored on this many validation samples
-    first and on the whole set only when the target is within reach (None / 0: every candidate on the whole set). Writes the chosen model to ``output`` when given
+    first and on the whole set only when the target is within reach (None / 0: every candidate on the whole set);
+    ``transforms``: the transform steps tried (default TRANSFORM_KEYS; ``()`` none). Writes the chosen model to ``output`` when given
     (``outputs``: an outputs.Outputs the caller commits, as quantize() takes; else written before returning)."""
     from onnxfp8.outputs import Outputs
 
@@ -235,9 +247,13 @@ def tune(model, calib: Any, val: Any, target: Target, config: Optional[QuantConf
     outs.add(output, "the output model (-o)", model=True)
     outs.validate()  # before any work
     try:
+        keys = TRANSFORM_KEYS if transforms is None else tuple(transforms)
+        bad = [k for k in keys if k not in TRANSFORM_KEYS]
+        if bad:
+            raise ConfigError(f"transforms: unknown transform '{bad[0]}' (known: {', '.join(TRANSFORM_KEYS)})")
         result = _tune(model, calib, val, target, config, labels, max_fallback, formats, methods, samples,
                        sensitivity_samples, max_memory_mb, progress, workspace, evaluator, timings,
-                       fallback_precision, screen_samples)
+                       fallback_precision, screen_samples, keys)
         if output:
             outs.write_model(output, result.model)
             result.output = output
@@ -253,8 +269,9 @@ def tune(model, calib: Any, val: Any, target: Target, config: Optional[QuantConf
 
 def _tune(model, calib, val, target, config, labels, max_fallback, formats, methods, samples, sensitivity_samples,
           max_memory_mb, progress, workspace, evaluator, timings, fallback_precision="auto",
-          screen_samples=SCREEN_SAMPLES) -> TuneResult:
+          screen_samples=SCREEN_SAMPLES, transforms=TRANSFORM_KEYS) -> TuneResult:
     own_ws = workspace is None
+    extra: List[Workspace] = []  # the transform steps' workspaces
     t = time.perf_counter()
     ws = workspace or Workspace(model, calib, config, progress=progress)
     timings["calibration"] = time.perf_counter() - t
@@ -267,8 +284,11 @@ def _tune(model, calib, val, target, config, labels, max_fallback, formats, meth
             raise ConfigError(f"{target.flag} needs labels: pass --labels FILE (or a 'label' key in the validation "
                               f"files)")
         result = _search(ws, ev, target, config, max_fallback, formats, methods, max_memory_mb, progress, timings,
-                         sensitivity_samples, fallback_precision, screen_samples)
+                         sensitivity_samples, fallback_precision, screen_samples, calib=calib,
+                         extra_workspaces=extra, transforms=transforms)
     finally:
+        for w in extra:
+            w.close()
         if own_ws:
             ws.close()
     return result
@@ -276,7 +296,9 @@ def _tune(model, calib, val, target, config, labels, max_fallback, formats, meth
 
 def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, max_fallback, formats, methods,
             max_memory_mb: float, bar, timings: Dict[str, float], sensitivity_samples: Optional[int] = 16,
-            fallback_precision: str = "auto", screen_samples: Optional[int] = SCREEN_SAMPLES) -> TuneResult:
+            fallback_precision: str = "auto", screen_samples: Optional[int] = SCREEN_SAMPLES, calib: Any = None,
+            extra_workspaces: Optional[List[Workspace]] = None, transforms: Sequence[str] = ()) -> TuneResult:
+    extra_workspaces = extra_workspaces if extra_workspaces is not None else []
     steps: List[Step] = []
     best: Optional[_Candidate] = None
     best_index = 0
@@ -297,7 +319,7 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
         return c.screened.key(target) > b.screened.key(target)  # the same samples for every candidate
 
     def attempt(name: str, tried: str, cfg: QuantConfig, result=None, fallback=(), per_layer=None,
-                precision=None) -> _Candidate:
+                precision=None, column: Optional[str] = None) -> _Candidate:
         nonlocal best, best_index
         t = time.perf_counter()
         result = result if result is not None else ws.realize(cfg)
@@ -309,7 +331,7 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
         e = ev.evaluate(result.model, bar, f"tuning: {name}") if full else es
         counts["full"] += int(full)
         cand = _Candidate(cfg, result, e, tuple(fallback), dict(precision or {}), tried, dict(per_layer or {}),
-                          screened=es, full=full)
+                          screened=es, full=full, column=column)
         v = e.value(target.metric)
         step = Step(name, tried, v, full and target.met(v), len(fallback), e.metrics(), time.perf_counter() - t,
                     samples=e.samples, screened=es.value(target.metric) if es is not None else None)
@@ -341,21 +363,31 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
                                                                                config.activations_auto):
         t = time.perf_counter()
         auto = config.replace(format="auto", weights_format=None, activations_format=None, formats=tuple(cands))
-        attempt("formats", "format auto (per tensor, from the calibration histograms)", auto)
+        auto_made = ws.realize(auto)
+        attempt("formats", "format auto (per tensor, from the calibration histograms)", auto, result=auto_made,
+                column=AUTO_COLUMN)
         timings["formats"] = time.perf_counter() - t
+    else:
+        auto = auto_made = None
     if not done():
         t = time.perf_counter()
         sub = ev.subset(sensitivity_samples) if sensitivity_samples else ev
-        made = {}  # the baseline's realisation serves its format (no second graph build)
+        made = {}  # the realisations made already serve their columns (no second graph build)
         if config.format != "auto" and not config.weights_format and not config.activations_format:
             made[config.format] = ws.first
-        sens = analyse(ws, sub, cands, config, top=0, max_memory_mb=max_memory_mb, bar=bar, results=made)
+        columns = list(cands)
+        if auto_made is not None:  # format auto's per-tensor choice is a column of its own: layer by layer,
+            made[AUTO_COLUMN] = auto_made  # the sensitivity then says where it beats one format and where not
+            columns.append(AUTO_COLUMN)
+        sens = analyse(ws, sub, columns, config, top=0, max_memory_mb=max_memory_mb, bar=bar, results=made)
+        auto_made = made = None  # the models go; the plans stay in the candidates
         timings["sensitivity"] = time.perf_counter() - t
     if not done() and len(cands) > 1:
         t = time.perf_counter()
         per_layer = {l.node: l.best_format for l in sens.layers if l.node in quantized}
         if set(per_layer.values()) - {sens.base_format}:
-            cfg = _with_formats(config, plan0, per_layer, sens)
+            use_auto = AUTO_COLUMN in per_layer.values()
+            cfg = _with_formats(auto if use_auto else config, plan0, per_layer, sens)
             attempt("formats", "per-layer formats from the sensitivity analysis ("
                     + ", ".join(f"{f} {k}" for f, k in _count(per_layer).items()) + ")", cfg, per_layer=per_layer)
         timings["formats"] = timings.get("formats", 0.0) + time.perf_counter() - t
@@ -367,20 +399,27 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
             if m == anchor.config.calibration:
                 continue
             attempt("calibration", f"{label}, calibration {m}", anchor.config.replace(calibration=m),
-                    per_layer=anchor.per_layer)
+                    per_layer=anchor.per_layer, column=anchor.column)
             if done():
                 break
         timings["calibration_methods"] = time.perf_counter() - t
-    for key in TRANSFORM_KEYS:  # hook: a transform the config knows (a key of QuantConfig) is a step of its own
-        if not done() and key in QuantConfig.__dataclass_fields__ and not getattr(best.config, key, None):
-            pass  # a transform rewrites the graph, so it needs its own calibration (a new Workspace): not wired yet
+    for key in transforms:  # each transform on top of the best plan so far; it rewrites the graph, so it
+        if done() or calib is None or getattr(best.config, key, None):  # calibrates a Workspace of its own
+            continue
+        t = time.perf_counter()
+        step = _transform_step(key, best, ws, calib, bar, extra_workspaces)
+        if step is not None:  # its plan replays the transform (apply_plan), so ws.apply rebuilds it like any other
+            cfg, tws, tried = step
+            attempt("transforms", tried, cfg, result=tws.first, per_layer=best.per_layer)
+        timings["transforms"] = timings.get("transforms", 0.0) + time.perf_counter() - t
     if not done() and budget > 0:
         t = time.perf_counter()
         anchor = best
         order = _fallback_order(sens, anchor, quantized)
         tried: Dict[int, _Candidate] = {}
+        pool = order[:min(len(order), max(RANK_POOL_MIN, RANK_POOL_FACTOR * budget), RANK_POOL_MAX)]
         t16 = time.perf_counter()
-        verdicts = _fp16_verdicts(ws, order[:min(budget, len(order))], fallback_precision, bar)
+        verdicts = _fp16_verdicts(ws, pool, fallback_precision, bar)
         timings["fp16_safety"] = time.perf_counter() - t16
         precision = {n: ("fp16" if v.safe else "fp32") for n, v in verdicts.items()}
 
@@ -392,12 +431,27 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
             return attempt(name, f"{k} most sensitive layer(s) in {_precision_words(nodes, prec)}{extra} "
                                  f"({', '.join(nodes)})",
                            _without(anchor.config, nodes, anchor.result.plan), result=ws.apply(plan),
-                           fallback=nodes, per_layer=anchor.per_layer, precision={n: prec[n] for n in nodes})
+                           fallback=nodes, per_layer=anchor.per_layer, precision={n: prec[n] for n in nodes},
+                           column=anchor.column)
 
         def fall(k: int) -> _Candidate:
             if k not in tried:
                 tried[k] = realise(tuple(order[:k]), precision)
             return tried[k]
+
+        # ranking by what a fallback buys at the output: the own SQNR ranks the pool, then each of its layers
+        # alone in high precision is scored (on the screening subset) and the pool is ordered by that
+        tr = time.perf_counter()
+        alone: Dict[str, _Candidate] = {}
+        if budget > 0 and len(pool) > 1:
+            for n in pool:
+                alone[n] = realise((n,), precision, extra=" alone (ranking the fallback by output gain)")
+                if done():
+                    break
+            gain = {n: (c.screened or c.evaluation).key(target) for n, c in alone.items()}
+            order = sorted(alone, key=lambda n: gain[n], reverse=True) + [n for n in order if n not in alone]
+            tried[1] = alone[order[0]]
+        timings["fallback_ranking"] = time.perf_counter() - tr
 
         ks, k = [], 1
         while k < min(budget, len(order)):
@@ -405,7 +459,7 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
             k *= 2
         ks.append(min(budget, len(order)))
         lo = 0
-        for k in ks:
+        for k in ks if not done() else []:
             if met(fall(k)):
                 hi = k
                 while hi - lo > 1:  # the smallest count that meets the target
@@ -447,6 +501,26 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
     return TuneResult(best.result.model, best.result.plan, best.result.report, report, best.config)
 
 
+def _transform_step(key: str, best: _Candidate, ws: Workspace, calib: Any, bar, extra: List[Workspace]):
+    """The best plan's configuration with transform ``key`` on (unguarded: the tuner judges on the validation
+    data), calibrated in a Workspace of its own; (config, workspace, what was tried), or None when the
+    transform changes nothing or cannot apply to this configuration."""
+    from onnxfp8.errors import OnnxFp8Error
+
+    value = TRANSFORM_VALUES[key]
+    cfg = best.config.replace(**{key: value}, transform_guard=False, load_stats=None, save_stats=None)
+    try:
+        tws = Workspace(ws.prepared, calib, cfg, progress=bar)
+    except OnnxFp8Error:  # e.g. per-tensor overrides naming a tensor the transform renamed: the step is skipped
+        return None
+    extra.append(tws)
+    if not any(r.get("pass") == key and r.get("kind") != "left_alone" for r in tws.first.plan.transforms):
+        return None
+    label = best.why.split(" (")[0] if best.why else _describe(best.config)
+    shown = f"{key} {value}" if not isinstance(value, bool) else key
+    return cfg, tws, f"{label} + {shown}"
+
+
 def _describe(cfg: QuantConfig) -> str:
     w, a = cfg.weights_format or cfg.format, cfg.activations_format or cfg.format
     f = w if w == a else f"weights {w}, activations {a}"
@@ -470,6 +544,8 @@ def _with_formats(config: QuantConfig, plan, per_layer: Dict[str, str], sens: Se
         if not readers or "format" in overrides.get(spec.tensor, {}):
             continue
         node = min(readers, key=lambda c: rank.get(c, 1 << 30))
+        if per_layer[node] == AUTO_COLUMN:  # format auto's own choice for this tensor (``config`` is auto)
+            continue
         overrides.setdefault(spec.tensor, {})["format"] = per_layer[node]
     return config.replace(overrides=overrides)
 
@@ -488,7 +564,8 @@ def _fallback_order(sens: Optional[SensitivityReport], cand: _Candidate, quantiz
     for l in sens.layers:
         if l.node not in q:
             continue
-        v = l.own.get(fmt_of.get(l.node, l.base_format), l.own_db)
+        col = cand.per_layer.get(l.node) or cand.column or fmt_of.get(l.node, l.base_format)
+        v = l.own.get(col, l.own.get(fmt_of.get(l.node, l.base_format), l.own_db))
         scored.append((v if not math.isnan(v) else math.inf, l.rank, l.node))
     ranked = [n for _, _, n in sorted(scored)]
     return ranked + [n for n in quantized if n not in set(ranked)]

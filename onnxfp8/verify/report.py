@@ -60,8 +60,9 @@ class QuantReport:
     def to_json(self, indent: int = 1) -> str:
         return json.dumps(json_plain(self.to_dict()), indent=indent, allow_nan=False)
 
-    def summary(self) -> str:
-        """The human summary the CLI prints."""
+    def summary(self, verbose: bool = False) -> str:
+        """The human summary the CLI prints; ``verbose`` (quantize -v): every node left FP32 and every tensor
+        format auto chose, nothing shortened."""
         lines = []
         by_op = self.plan.counts_by_op()
         total = sum(by_op.values())
@@ -79,12 +80,13 @@ class QuantReport:
         reasons: Dict[str, List[str]] = {}
         for d in skipped:
             reasons.setdefault(d.reason, []).append(d.node)
-        interesting = {r: n for r, n in reasons.items() if "is not quantized by this scheme" not in r}
+        interesting = {r: n for r, n in reasons.items() if verbose or "is not quantized by this scheme" not in r}
         plain = sum(len(n) for r, n in reasons.items() if r not in interesting)
         lines.append(f"left FP32: {len(skipped)} node(s)" + (f" ({plain} of op types outside the scheme)" if plain else ""))
         for r, names in sorted(interesting.items(), key=lambda kv: -len(kv[1])):
-            more = f" (+{len(names) - 4} more)" if len(names) > 4 else ""
-            lines.append(f"  {len(names):4d} x {r}: {', '.join(names[:4])}{more}")
+            show = names if verbose else names[:4]
+            more = f" (+{len(names) - 4} more)" if len(names) > len(show) else ""
+            lines.append(f"  {len(names):4d} x {r}: {', '.join(show)}{more}")
         matched = [m.describe() for m in self.patterns]
         if matched:  # what each node-name pattern matched (select_ops fails on a pattern matching nothing)
             lines.append("node patterns: " + "; ".join(matched))
@@ -101,13 +103,29 @@ class QuantReport:
                 top1 = f", top-1 agreement {100 * m['top1_agreement']:.1f}%" if "top1_agreement" in m else ""
                 lines.append(f"  {name}: SQNR {s}, cosine {m['cosine']:.6f}, max |err| {m['max_abs']:.4g}{top1}")
             lines.extend(check_defaults_lines(self.check_defaults, self.source, self.output))
+        lines.extend(transform_lines(self.plan))
         if self.batchnorm:
             lines.extend(batchnorm_lines(self.batchnorm))
         if self.how_to_run:
             lines.append(f"to compute it exactly: {self.how_to_run}")
-        lines.extend(auto_summary(self.plan) + dynamic_summary(self.plan))  # auto: what won where; dynamic
+        lines.extend(auto_summary(self.plan, limit=None if verbose else 8) + dynamic_summary(self.plan))  # auto: what won where; dynamic
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
+
+
+def transform_lines(plan) -> List[str]:
+    """What the transform guard kept and reverted (plan.transforms' ``transform_guard`` records), or the
+    transforms applied unguarded."""
+    guard = [r for r in plan.transforms if r.get("pass") == "transform_guard"]
+    if guard:
+        parts = []
+        for r in guard:
+            verdict = "kept" if r.get("kept") else ("no change" if r.get("with_db") is None else "reverted")
+            parts.append(f"{r['transform']} {verdict}" + (f" ({r['reason']})" if r.get("with_db") is not None else ""))
+        where = "held-out calibration" if guard[0].get("held_out") else "calibration"
+        return [f"transforms, measured on {guard[0].get('samples', 0)} {where} sample(s): " + "; ".join(parts)]
+    done = sorted({r.get("pass") for r in plan.transforms if r.get("kind") != "left_alone"})
+    return [f"transforms (unguarded): {', '.join(done)}"] if done else []
 
 
 def check_defaults_lines(cd: Dict[str, Any], source: str = "MODEL", output: Optional[str] = None) -> List[str]:
@@ -172,10 +190,10 @@ def _db(v: Any) -> str:
     return f"{v:.2f} dB" if isinstance(v, float) and math.isfinite(v) else str(v)
 
 
-def auto_summary(plan, limit: int = 8) -> List[str]:
+def auto_summary(plan, limit: Optional[int] = 8) -> List[str]:
     """What format auto chose, in words, for the CLI summary: the count per format, then the tensors where the
-    choice mattered most (largest margin between the best and the second-best candidate) with their notes
-    ('layer0/attn_ln/output (activation): this tensor has outliers (max/rms 25.3): E4M3 beats E3M4 by 6.1 dB
+    choice mattered most (largest margin between the best and the second-best candidate) with their reasons
+    (QuantSpec.auto_reason, a field: no note is parsed) ('layer0/attn_ln/output (activation): this tensor has outliers (max/rms 25.3): E4M3 beats E3M4 by 6.1 dB
     (SQNR ...)'). Every candidate's SQNR is in the plan (QuantSpec.candidates) and the JSON report."""
     specs = [s for s in plan.tensors.values() if len(s.candidates) > 1]
     if not specs:
@@ -196,10 +214,9 @@ def auto_summary(plan, limit: int = 8) -> List[str]:
         line += f"; INT8 wins {won['int8']} tensor(s)"
     lines = [line]
     for s in sorted(specs, key=margin, reverse=True)[:limit]:
-        note = next((n for n in s.notes if n.startswith("format auto: ")), "")
-        lines.append(f"  {s.tensor} ({s.role}): {note[len('format auto: '):]}")
-    if len(specs) > limit:
-        lines.append(f"  (+{len(specs) - limit} more; --plan and --report hold every candidate's SQNR)")
+        lines.append(f"  {s.tensor} ({s.role}): {s.auto_reason}")
+    if limit is not None and len(specs) > limit:
+        lines.append(f"  (+{len(specs) - limit} more; -v shows all; --plan and --report hold every candidate's SQNR)")
     return lines
 
 

@@ -131,10 +131,13 @@ def test_records_replay_without_data():
     model = bert(layers=1)
     graph, ctx, _ = _smoothed(model, _batches((8, 32)), "auto")
     plan = QuantPlan.from_json(ctx.plan.to_json())
-    assert all("alpha" in r and "error_db" in r for r in plan.transforms)
+    smoothed = [r for r in plan.transforms if r["kind"] == "smooth"]
+    assert smoothed and all("alpha" in r and "error_db" in r and "reason" in r for r in smoothed)
+    left = [r for r in plan.transforms if r["kind"] == "left_alone"]  # recorded with the errors tried, not replayed
+    assert all(r["reason"].startswith("no alpha lowered") and "none" in r["error_db"] for r in left)
     fresh = to_graph(prepare_model(model))
     Canonicalize().run(fresh, PassContext())
-    assert replay(fresh, plan.transforms) == len(plan.transforms)
+    assert replay(fresh, plan.transforms) == len(smoothed)
     a = {t.name: numpy_helper.to_array(t) for t in to_model(graph).graph.initializer}
     b = {t.name: numpy_helper.to_array(t) for t in to_model(fresh).graph.initializer}
     assert a.keys() == b.keys()

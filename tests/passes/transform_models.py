@@ -141,3 +141,42 @@ def absorb_cnn(seed=0):
 def image_batches(seed=1, n=64, shape=(3, 16, 16), batch=16):
     x = np.random.default_rng(seed).normal(0, 1, (n,) + tuple(shape)).astype(np.float32)
     return [{"x": x[i:i + batch]} for i in range(0, n, batch)]
+
+
+def se_cnn(seed=0):
+    """MobileNetV3 / EfficientNet-style block: Conv -> BatchNorm -> Relu -> depthwise Conv -> Relu -> SE (GAP
+    -> Conv 1x1 -> Relu -> Conv 1x1 -> HardSigmoid -> Mul) -> Conv 1x1 project -> residual Add -> Conv 1x1 ->
+    HardSwish -> GAP -> Flatten -> Gemm"""
+    rng = np.random.default_rng(seed)
+    inits = []
+    def c(name, v):
+        inits.append(numpy_helper.from_array(np.asarray(v, np.float32), name)); return name
+    def w(shape):
+        f = np.exp(rng.normal(0, 1.0, shape[0])).reshape((-1,) + (1,) * (len(shape) - 1))
+        return rng.normal(0, 1, shape) * f / np.sqrt(np.prod(shape[1:]))
+    N = [
+        helper.make_node("Conv", ["x", c("w0", w((16, 3, 3, 3)))], ["c0"], pads=[1, 1, 1, 1], name="stem"),
+        helper.make_node("BatchNormalization", ["c0", c("g0", rng.uniform(.5, 2, 16)), c("be0", rng.normal(0, .3, 16)),
+                                                c("m0", rng.normal(0, .2, 16)), c("v0", rng.uniform(.5, 2, 16))], ["n0"], name="bn0"),
+        helper.make_node("Relu", ["n0"], ["r0"], name="relu0"),
+        helper.make_node("Conv", ["r0", c("w1", w((16, 1, 3, 3))), c("b1", rng.normal(0, .3, 16))], ["c1"], pads=[1, 1, 1, 1], group=16, name="dw1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("GlobalAveragePool", ["r1"], ["s0"], name="se_pool"),
+        helper.make_node("Conv", ["s0", c("ws1", w((4, 16, 1, 1))), c("bs1", rng.normal(0, .3, 4))], ["s1"], name="se_reduce"),
+        helper.make_node("Relu", ["s1"], ["s2"], name="se_relu"),
+        helper.make_node("Conv", ["s2", c("ws2", w((16, 4, 1, 1))), c("bs2", rng.normal(0, .3, 16))], ["s3"], name="se_expand"),
+        helper.make_node("HardSigmoid", ["s3"], ["s4"], alpha=1 / 6, beta=0.5, name="se_gate"),
+        helper.make_node("Mul", ["r1", "s4"], ["e1"], name="se_scale"),
+        helper.make_node("Conv", ["e1", c("w2", w((16, 16, 1, 1))), c("b2", rng.normal(0, .3, 16))], ["c2"], name="project"),
+        helper.make_node("Add", ["c2", "r0"], ["a2"], name="residual"),
+        helper.make_node("Conv", ["a2", c("w3", w((24, 16, 1, 1))), c("b3", rng.normal(0, .3, 24))], ["c3"], name="head_conv"),
+        helper.make_node("HardSwish", ["c3"], ["h3"], name="hswish"),
+        helper.make_node("GlobalAveragePool", ["h3"], ["g3"], name="gap"),
+        helper.make_node("Flatten", ["g3"], ["f3"], name="flat"),
+        helper.make_node("Gemm", ["f3", c("w4", rng.normal(0, .3, (10, 24))), c("b4", rng.normal(0, .3, 10))], ["y"], transB=1, name="fc"),
+    ]
+    g = helper.make_graph(N, "se_cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
+    onnx.checker.check_model(m, full_check=True)
+    return m

@@ -76,3 +76,27 @@ def test_cli_sweep_bad_scheme(example_models, tmp_path):
     r = CliRunner().invoke(cli, ["sweep", str(ex["model"]), "--calib", str(ex["calib"]), "--val", str(ex["val"]),
                                  "--schemes", "fancy", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "unknown scheme 'fancy'" in r.output
+
+
+def test_transform_rows_and_table(example_models, tmp_path):
+    """Format x transform: each row is quantize() with the transform on (unguarded) checked on the validation
+    data; a transform that changes nothing is n/a."""
+    ex = example_models["cnn"]
+    rep = sweep(ex["model"], ex["calib"], ex["val"], formats=("e4m3", "int8"), schemes=("standard",),
+                calibrations=("max",), tune=False, transforms=("equalize", "smoothquant", "bias_correction"))
+    rows = {(r.format, r.transform): r for r in rep.rows}
+    assert set(rows) == {(f, t) for f in ("e4m3", "int8") for t in ("", "equalize", "smoothquant", "bias_correction")}
+    row = rows[("int8", "equalize")]
+    assert row.label == "int8 standard max + equalize" and not row.error
+    q = quantize(ex["model"], ex["calib"], QuantConfig(format="int8", equalize=True, bias_correction=False,
+                                                       transform_guard=False))
+    out = next(iter(check(ex["model"], q.model, ex["val"]).outputs.values()))
+    assert row.metrics["sqnr_db"] == pytest.approx(out.error.sqnr_db, abs=1e-6)
+    md = rep.to_markdown()
+    assert "## transforms (standard, calibration max" in md
+    assert "| format | none | equalize | smoothquant | bias_correction |" in md
+    line = next(l for l in md.splitlines() if l.startswith("| int8 |") and "/" in l)
+    assert f"{row.metrics['sqnr_db']:.2f}" in line
+    assert json.loads(rep.to_json())["rows"][-1]["transform"] == "bias_correction"
+    with pytest.raises(Exception, match="unknown transform 'cle'"):
+        sweep(ex["model"], ex["calib"], ex["val"], formats=("e4m3",), transforms=("cle",))

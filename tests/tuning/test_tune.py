@@ -90,7 +90,8 @@ def test_tune_falls_back_until_the_target_holds(example_models, tmp_path):
     ex = example_models["cnn"]
     target = Target("cosine", 0.9995)
     out = tmp_path / "tuned.onnx"
-    res = tune(ex["model"], ex["calib"], ex["val"], target, QuantConfig(), max_fallback=3, output=str(out))
+    res = tune(ex["model"], ex["calib"], ex["val"], target, QuantConfig(), max_fallback=3, output=str(out),
+               transforms=())  # equalization meets this target without fallback (test_tune_transforms.py)
     rep = res.tuning
     assert rep.met, rep.summary()
     names = [s.name for s in rep.steps]
@@ -108,6 +109,14 @@ def test_tune_falls_back_until_the_target_holds(example_models, tmp_path):
         assert ("FP16-safe on the calibration data" in d.reason) == (prec == "fp16")
     for d in res.plan.quantized_nodes():
         assert "tuning: " in d.reason
+    # the fallback ranking: layers alone in high precision, ordered by what each buys at the output; the first
+    # layer to fall back is the one that bought the most
+    ranking = [s for s in rep.steps if "ranking the fallback by output gain" in s.tried]
+    assert len(ranking) >= 2
+    score = {s.tried.rsplit("(", 1)[1].rstrip(")"): (s.screened if s.screened is not None else s.metric)
+             for s in ranking}
+    if not any(s.met for s in ranking):
+        assert rep.fallback[0] == max(score, key=score.get)
     # the fallback chosen is the smallest count that met the target among those tried
     fallbacks = [s for s in rep.steps if s.name == "fallback"]
     assert all(not s.met for s in fallbacks if s.fallback < len(rep.fallback))
