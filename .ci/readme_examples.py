@@ -13,7 +13,8 @@ What runs, in README order, in DIR (outside the source tree):
 The README's commands name files a reader has (model.onnx, data/, val/, labels.npy, bert.onnx, cnn.onnx...);
 DIR is first filled with them from the bundled examples (FIXTURES): the transformer example as model.onnx and
 bert.onnx, the digits CNN (trained, with BatchNorm) as cnn.onnx, the README's TOML block as my.toml. Every
-command must exit 0: a README example that does not run as written fails CI. Prints one line per command with
+command must exit 0, or the code its comment announces (`# expect exit 1: ...`, for an example that shows a
+gate failing): a README example that does not run as written fails CI. Prints one line per command with
 its exit code and time, and `N passed, N failed` at the end.
 """
 from __future__ import annotations
@@ -116,7 +117,8 @@ def run(cmd: str, cwd: Path, results: list, shown: str = "") -> None:
     t = time.perf_counter()
     p = subprocess.run(["bash", "-c", cmd], cwd=cwd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     took = time.perf_counter() - t
-    ok = p.returncode == 0
+    m = re.search(r"#\s*expect exit (\d+)", cmd)
+    ok = p.returncode == (int(m.group(1)) if m else 0)
     results.append(ok)
     print(f"{'ok  ' if ok else 'FAIL'} exit {p.returncode} {took:6.1f} s  {shown or cmd}", flush=True)
     if not ok:
