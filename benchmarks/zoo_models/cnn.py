@@ -36,8 +36,8 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 
 from . import ZooModel
-from .common import (batched, center_head, crops, export, settle_batchnorm, spread_bn_affine, to_fp16,
-                     threaded_build, write_batches)
+from .common import (batched, center_head, crops, export, fitted_head, settle_batchnorm, spread_bn_affine,
+                     to_fp16, threaded_build, write_batches)
 
 try:  # the family needs torch (the ``zoo`` extra); without it the module has no models
     import torch
@@ -614,18 +614,10 @@ def fit_head(model: nn.Module, head: nn.Linear, batch: np.ndarray, rng: np.rando
     finally:
         h.remove()
     x = torch.cat(feats).double().reshape(-1, head.in_features)
-    w = head.weight.detach().double()
-    _, s, vt = np.linalg.svd((x - x.mean(0)).numpy(), full_matrices=False)
-    r = int(min(8, (s > 1e-6 * s[0]).sum()))
-    mix = rng.standard_normal((w.shape[0], r)) @ vt[:r]
-    mix *= float(w.norm()) / max(float(np.linalg.norm(mix)), 1e-12)
-    w = torch.from_numpy(mix) + 0.1 * w
-    y = x @ w.T
-    scale = 2.0 / max(float((y - y.mean(0)).std()), 1e-6)
-    bias = -y.mean(0) * scale + 0.1 * torch.from_numpy(rng.standard_normal(y.shape[1]))
+    weight, bias = fitted_head(x, head.weight.detach().double(), rng)
     with torch.no_grad():
-        head.weight.copy_((w * scale).float())
-        head.bias.copy_(bias.float())
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
 
 
 # -- building ----------------------------------------------------------------------------------------
