@@ -16,6 +16,7 @@ line>`` (what the tool refuses, with why) or ``CRASH: <message>`` (exit 3, a tra
 exactly one line). Exits non-zero when anything crashed. Models are built into ``--zoo DIR`` (kept, reused).
 
     python benchmarks/bench_features.py --smoke
+    python benchmarks/bench_features.py --samples 8 --json matrix.json   # crash-freedom: few samples suffice
     python benchmarks/bench_features.py --only bert-small --defaults
 """
 from __future__ import annotations
@@ -68,6 +69,8 @@ def run_cli(args: List[str]) -> Tuple[str, str]:
         tb = "".join(traceback.format_exception(res.exception)).strip().splitlines()
         return "CRASH", f"{type(res.exception).__name__}: {str(res.exception).splitlines()[0] if str(res.exception) else ''} ({tb[-3].strip() if len(tb) > 2 else ''})"
     code = res.exit_code
+    if code in (130, 143):  # Ctrl-C / SIGTERM reached the in-process CLI, which ends the run: stop the bench too
+        raise SystemExit(code)
     if code == 0:
         return "ok", ""
     if code == 1:
@@ -89,24 +92,28 @@ def sqnr_of(check_json: str) -> Optional[float]:
     return min(vals) if vals else None
 
 
-def bench_model(model, folder: Path, work: Path, defaults: bool, smoke: bool = False
+def bench_model(model, folder: Path, work: Path, defaults: bool, smoke: bool = False, samples: Optional[int] = None
                 ) -> Tuple[Dict[str, Tuple[str, str]], Dict]:
     src, calib, val = str(folder / "model.onnx"), str(folder / "calib"), str(folder / "val")
     cells: Dict[str, Tuple[str, str]] = {}
     out = str(work / f"{model.name}.onnx")
+    few = ["--calib-samples", str(samples)] if samples else []  # quantize: at most N calibration samples
     for col, extra in features(model, smoke):
-        cells[col] = run_cli(["quantize", src, "-c", calib, "-o", out, "-q"] + extra)
+        if samples and "--bn-recalibrate" in extra:
+            extra = extra + ["--bn-samples", str(samples)]
+        cells[col] = run_cli(["quantize", src, "-c", calib, "-o", out, "-q"] + few + extra)
     default_out = str(work / f"{model.name}.default.onnx")
-    cells["quantize"] = run_cli(["quantize", src, "-c", calib, "-o", default_out, "-q"])
+    cells["quantize"] = run_cli(["quantize", src, "-c", calib, "-o", default_out, "-q"] + few)
     if cells["quantize"][0].startswith("ok"):
-        cells["check-layers"] = run_cli(["check", src, default_out, "--data", val, "--layers", "-q"])
+        cells["check-layers"] = run_cli(["check", src, default_out, "--data", val, "--layers", "-q"]
+                                        + (["--samples", str(samples)] if samples else []))
     else:
         cells["check-layers"] = ("-", "no default output")
     from onnxfp8.recipes import builtin_recipes
 
     for name in builtin_recipes():
         rout = str(work / f"{model.name}.{name}.onnx")
-        cells[f"recipe:{name}"] = run_cli(["quantize", src, "-c", calib, "-o", rout, "-q", "--recipe", name])
+        cells[f"recipe:{name}"] = run_cli(["quantize", src, "-c", calib, "-o", rout, "-q", "--recipe", name] + few)
         if name == "tensorrt":
             cells["lint-trt"] = (run_cli(["lint", rout, "--target", "tensorrt", "--strict"])
                                  if cells[f"recipe:{name}"][0].startswith("ok") else ("-", "no tensorrt output"))
@@ -132,7 +139,9 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="CI: the models tagged smoke, fewer format/style cells")
     ap.add_argument("--zoo", default=os.path.join(tempfile.gettempdir(), "onnxfp8-zoo"), help="where models are built")
     ap.add_argument("--defaults", action="store_true", help="also measure default vs plain scheme SQNR")
-    ap.add_argument("--json", help="write the matrix here")
+    ap.add_argument("--json", help="write the matrix here (rewritten after every model)")
+    ap.add_argument("--samples", type=int, help="at most N calibration / validation / BN samples per run (crash-freedom "
+                                               "needs few; the --defaults figures then use few too)")
     args = ap.parse_args(argv)
     from zoo_models import all_models
 
@@ -144,7 +153,8 @@ def main(argv=None) -> int:
         if bad:
             print(f"error: unknown zoo model(s) {', '.join(bad)}; known: {', '.join(sorted(known))}", file=sys.stderr)
             return 2
-        models = [m for m in models if m.name in want]
+        by_name = {m.name: m for m in models}
+        models = [by_name[n] for n in dict.fromkeys(want)]  # in the order given
     if args.smoke:
         models = [m for m in models if "smoke" in m.tags]
     zoo = Path(args.zoo)
@@ -163,8 +173,11 @@ def main(argv=None) -> int:
                     matrix[m.name] = {"build": ("CRASH", f"zoo build failed: {e}")}
                     crashed += 1
                     continue
-            cells, figs = bench_model(m, folder, Path(tmp), args.defaults, args.smoke)
+            cells, figs = bench_model(m, folder, Path(tmp), args.defaults, args.smoke, args.samples)
             matrix[m.name], figures[m.name] = cells, figs
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({"matrix": matrix, "defaults": figures, "partial": True}, f, indent=1)
             bad = [(c, d) for c, (v, d) in cells.items() if v == "CRASH"]
             crashed += len(bad)
             print(f"{m.name}: {sum(v.startswith('ok') for v, _ in cells.values())}/{len(cells)} ok, "

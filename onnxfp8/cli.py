@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional
 
 import click
 
+from onnxfp8.config import ALL_FORMATS
 from onnxfp8.errors import EXIT_CODES, EXIT_INTERNAL, OnnxFp8Error
 
 
@@ -104,10 +105,23 @@ def _split(values) -> tuple:
 
 
 def verbosity_options(fn):
-    """-q/--quiet and -v/--verbose, shared by every subcommand (each says what it prints more or less)."""
-    fn = click.option("--verbose", "-v", is_flag=True, help="Print more: every decision or finding in full.")(fn)
-    fn = click.option("--quiet", "-q", is_flag=True, help="Print only errors and failures.")(fn)
-    return fn
+    """-q/--quiet and -v/--verbose, on every subcommand (tests/test_cli_verbosity.py fails a command without
+    them), with one meaning: --quiet prints only errors and failures (nothing on success, no progress), --verbose
+    prints everything the default output shortens (every layer, node, tensor or setting in full). Both at once
+    is a usage error (exit 2)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if kwargs.get("quiet") and kwargs.get("verbose"):
+            raise click.UsageError("-q/--quiet and -v/--verbose contradict each other: give one",
+                                   ctx=click.get_current_context(silent=True))
+        return fn(*args, **kwargs)
+
+    wrapper = click.option("--verbose", "-v", is_flag=True,
+                           help="Print more: every layer, node, tensor or setting in full.")(wrapper)
+    wrapper = click.option("--quiet", "-q", is_flag=True,
+                           help="Print only errors and failures (nothing on success, no progress).")(wrapper)
+    return wrapper
 
 
 def config_options(fn):
@@ -248,21 +262,28 @@ def _pop_check_kw(kw: Dict[str, Any]) -> Dict[str, Any]:
 
 def _run_check(fp32, quant, data, ck: Dict[str, Any], json_path: Optional[str], quiet: bool, *, batch_size: int,
                samples: Optional[int], max_memory_mb: int, providers, threads: int,
-               quant_name: Optional[str] = None, outs=None) -> int:
+               quant_name: Optional[str] = None, outs=None, verbose: bool = False) -> int:
     """Run the check, print the table, stage the JSON report in ``outs``; return the exit code (0 pass,
-    1 fail)."""
+    1 fail). On a terminal (and without ``quiet``) a status line on stderr says what it is at (outputs, then
+    each chunk of --layers) and for how long."""
+    from onnxfp8.progress import status_for
     from onnxfp8.verify.check import check as run_check
 
-    report = run_check(fp32, quant, data, ck["thresholds"], labels=ck["labels"], layers=ck["check_layers"],
-                       batch_size=batch_size, samples=samples, reference=ck["reference"],
-                       reference_samples=ck["reference_samples"], max_memory_mb=max_memory_mb,
-                       providers=providers, threads=threads)
+    status = status_for(sys.stderr, quiet, "checking")
+    try:
+        report = run_check(fp32, quant, data, ck["thresholds"], labels=ck["labels"], layers=ck["check_layers"],
+                           batch_size=batch_size, samples=samples, reference=ck["reference"],
+                           reference_samples=ck["reference_samples"], max_memory_mb=max_memory_mb,
+                           providers=providers, threads=threads, progress=status)
+    finally:
+        if status is not None:
+            status.close()
     if quant_name:  # quantize --check hands over the model in memory: name the file it wrote
         report.quant = quant_name
     if json_path:
         outs.write_text(json_path, report.to_json())
     if not quiet:
-        click.echo(report.summary())
+        click.echo(report.summary(verbose=verbose))
     elif not report.passed:
         click.echo("\n".join(["FAIL:"] + [f"  {f}" for f in report.failures]), err=True)
     return report.exit_code
@@ -311,7 +332,8 @@ def _tuning_target(tk: Dict[str, Any], ck: Dict[str, Any], do_check: bool, val):
     return targets[0] if targets else None
 
 
-def _run_tuning(model, calib, output, plan_path, report_path, quiet, do_check, val, check_json, target, tk, ck, kw):
+def _run_tuning(model, calib, output, plan_path, report_path, quiet, do_check, val, check_json, target, tk, ck, kw,
+                verbose=False):
     """quantize --target-*: tune, write the chosen model, plan and report; exit 1 when the target is not met."""
     import json
 
@@ -344,12 +366,12 @@ def _run_tuning(model, calib, output, plan_path, report_path, quiet, do_check, v
             data["tuning"] = res.tuning.to_dict()
             outs.write_text(report_path, json.dumps(json_plain(data), indent=1, allow_nan=False))
         if not quiet:
-            click.echo(res.report.summary())
+            click.echo(res.report.summary(verbose=verbose))
             click.echo(res.tuning.summary())
         if do_check:
             code = _run_check(model, res.model, val, ck, check_json, quiet, batch_size=config.batch_size,
                               samples=None, max_memory_mb=check_memory, providers=config.providers,
-                              threads=config.threads, quant_name=str(output), outs=outs)
+                              threads=config.threads, quant_name=str(output), outs=outs, verbose=verbose)
         outs.commit()
     if not quiet:
         click.echo(f"wrote {output}")
@@ -369,10 +391,10 @@ def _run_tuning(model, calib, output, plan_path, report_path, quiet, do_check, v
 @click.option("--max-memory", "max_memory_mb", type=click.IntRange(min=1), default=32, show_default=True, help="MB of tensors exposed per onnxruntime run by --layers (more: larger runs and fewer passes, faster).")
 @click.option("--providers", multiple=True, help="onnxruntime execution providers (comma separated).")
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="onnxruntime intra-op threads (default: all cores).")
-@click.option("--quiet", "-q", is_flag=True, help="Print only the failures.")
 @check_options
+@verbosity_options
 @handle_errors
-def check(fp32, quant, data, samples, batch_size, json_path, max_memory_mb, providers, threads, quiet, **kw):
+def check(fp32, quant, data, samples, batch_size, json_path, max_memory_mb, providers, threads, quiet, verbose, **kw):
     """Check QUANT against FP32 on validation data: exit 0 when every threshold holds, 1 when one fails."""
     from onnxfp8.outputs import Outputs
 
@@ -386,7 +408,7 @@ def check(fp32, quant, data, samples, batch_size, json_path, max_memory_mb, prov
         outs.validate()
         code = _run_check(fp32, quant, data, ck, json_path, quiet, batch_size=batch_size, samples=samples,
                           max_memory_mb=max_memory_mb, providers=_split(providers) or ("CPUExecutionProvider",),
-                          threads=threads, outs=outs)
+                          threads=threads, outs=outs, verbose=verbose)
         outs.commit()
     sys.exit(code)
 
@@ -397,7 +419,6 @@ def check(fp32, quant, data, samples, batch_size, json_path, max_memory_mb, prov
 @click.option("--output", "-o", type=click.Path(), help="Output model (default: <model>.<format>.onnx beside the input).")
 @click.option("--plan", "plan_path", type=click.Path(), help="Write the quantization plan (JSON) here.")
 @click.option("--report", "report_path", type=click.Path(), help="Write the full report (JSON) here.")
-@click.option("--quiet", "-q", is_flag=True, help="Print only errors.")
 @click.option("--check", "do_check", is_flag=True, help="Then check the quantized model against MODEL on --val data (exit 1 when a threshold fails).")
 @click.option("--val", type=click.Path(), help="Validation data for --check (same formats as --calib).")
 @click.option("--check-json", type=click.Path(), help="With --check: write the check report (JSON) here.")
@@ -405,8 +426,10 @@ def check(fp32, quant, data, samples, batch_size, json_path, max_memory_mb, prov
 @click.option("--apply-plan", "apply_plan", type=click.Path(), help="Rebuild the quantized model from a plan written by --plan (possibly edited: formats, scales, nodes left FP32), without calibration data; the settings come from the plan (--style, --providers, --threads may change).")
 @check_options
 @config_options
+@verbosity_options
 @handle_errors
-def quantize(model, calib, output, plan_path, report_path, quiet, do_check, val, check_json, apply_plan, **kw):
+def quantize(model, calib, output, plan_path, report_path, quiet, verbose, do_check, val, check_json, apply_plan,
+             **kw):
     """Quantize MODEL to FP8 (or INT8) with calibration data (or from a saved plan: --apply-plan)."""
     from onnxfp8.errors import ConfigError
     from onnxfp8.quantize import default_output, quantize as run
@@ -418,7 +441,7 @@ def quantize(model, calib, output, plan_path, report_path, quiet, do_check, val,
         if apply_plan:
             raise ConfigError(f"{target.flag} searches plans from calibration data; --apply-plan applies a given one")
         return _run_tuning(model, calib, output, plan_path, report_path, quiet, do_check, val, check_json, target,
-                           tk, ck, kw)
+                           tk, ck, kw, verbose=verbose)
     unused = [f for f, k in (("--max-fallback", "max_fallback"), ("--tune-samples", "tune_samples"),
                              ("--fallback-precision", "fallback_precision")) if tk[k] is not None]
     if unused:
@@ -457,12 +480,12 @@ def quantize(model, calib, output, plan_path, report_path, quiet, do_check, val,
             outs.write_text(plan_path, result.plan.to_json())
         if report_path:
             outs.write_text(report_path, result.report.to_json())
-        if not quiet:
-            click.echo(result.report.summary())  # with what format auto chose where, and the dynamic scales
+        if not quiet:  # with what format auto chose where, and the dynamic scales
+            click.echo(result.report.summary(verbose=verbose))
         if do_check:
             code = _run_check(model, result.model, val, ck, check_json, quiet, batch_size=config.batch_size,
                               samples=None, max_memory_mb=check_memory, providers=config.providers,
-                              threads=config.threads, quant_name=str(output), outs=outs)
+                              threads=config.threads, quant_name=str(output), outs=outs, verbose=verbose)
         outs.commit()
     if not quiet:
         click.echo(f"wrote {output}")
@@ -506,14 +529,15 @@ def _plan_config(path: str, calib, kw: Dict[str, Any]):
 @click.option("--top", type=int, default=5, show_default=True, help="Also measure the model outputs with only / all but each of the N most sensitive layers quantized (two whole-model runs each; 0: none).")
 @click.option("--json", "json_path", type=click.Path(), help="Write the ranking (JSON) here.")
 @click.option("--plot", "plot_path", type=click.Path(), help="Write a PNG bar chart of the per-layer, per-format own SQNR here (needs matplotlib: the plots extra).")
-@click.option("--limit", type=int, default=20, show_default=True, help="Rows of the printed table.")
-@click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
+@click.option("--limit", type=int, default=20, show_default=True, help="Rows of the printed table (--verbose: all).")
 @config_options
+@verbosity_options
 @handle_errors
-def sensitivity(model, calib, val, labels, samples, top, json_path, plot_path, limit, quiet, **kw):
-    """Per quantized layer: its error alone in each format (E4M3/E3M4/E5M2/INT8: which wins, by how much), ranked
-    worst first, from shared passes over --val; the model outputs with only it quantized / only it in FP32 for
-    the --top most sensitive layers."""
+def sensitivity(model, calib, val, labels, samples, top, json_path, plot_path, limit, quiet, verbose, **kw):
+    """Per quantized layer: its error alone in each format (E4M3/E5M2/E3M4/INT8, all four unless --formats names
+    some: it measures, it does not ship; which wins, by how much), ranked worst first (in --format, default
+    E4M3), from shared passes over --val; the model outputs with only it quantized / only it in FP32 for the
+    --top most sensitive layers."""
     from onnxfp8.errors import ConfigError
     from onnxfp8.progress import progress_for
     from onnxfp8.verify.sensitivity import sensitivity as run
@@ -526,6 +550,11 @@ def sensitivity(model, calib, val, labels, samples, top, json_path, plot_path, l
         from onnxfp8.report.plots import require
 
         require()  # fail before the work, not after it
+    from onnxfp8.recipes import load_recipe, resolve_recipe
+
+    # --formats (or a recipe's formats) names the formats measured; else all four
+    named = bool(_split(kw.get("formats"))) or (bool(kw.get("recipe")) and "formats" in load_recipe(
+        resolve_recipe(kw["recipe"])))
     config = build_config(kw)
     from onnxfp8.outputs import Outputs
 
@@ -537,7 +566,8 @@ def sensitivity(model, calib, val, labels, samples, top, json_path, plot_path, l
         outs.add(json_path, "--json")
         outs.add(plot_path, "--plot")
         outs.validate()
-        report = run(model, calib, val, config, formats=config.formats, labels=labels, top=top, samples=samples,
+        report = run(model, calib, val, config, formats=config.formats if named else ALL_FORMATS, labels=labels,
+                     top=top, samples=samples,
                      progress=progress_for(sys.stderr, quiet))
         if json_path:
             outs.write_text(json_path, report.to_json())
@@ -548,7 +578,10 @@ def sensitivity(model, calib, val, labels, samples, top, json_path, plot_path, l
                 f.write(sensitivity_png(report))
         outs.commit()
     if not quiet:
-        click.echo(report.summary(limit=limit))
+        click.echo(report.summary(limit=len(report.layers) if verbose else limit))
+        if verbose:
+            click.echo("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in report.timings.items())
+                       + f"; total {report.seconds:.2f} s")
 
 
 @cli.command()
@@ -557,7 +590,7 @@ def sensitivity(model, calib, val, labels, samples, top, json_path, plot_path, l
 @click.option("--val", required=True, type=click.Path(), help="Validation data: every configuration is scored on it.")
 @click.option("--labels", type=click.Path(), help="A .npy of class labels for --val (accuracy; the criterion becomes < 1% relative accuracy loss).")
 @click.option("--out", "out_dir", type=click.Path(), help="Folder for sweep.md, sweep.json and sweep.html (default: <model>.sweep beside the model).")
-@click.option("--formats", "sweep_formats", default="e4m3,e3m4,e5m2,int8,auto", show_default=True, help="Formats to sweep (comma separated; auto: per tensor).")
+@click.option("--formats", "sweep_formats", default=",".join(ALL_FORMATS + ("auto",)), show_default=True, help="Formats to sweep (comma separated; default every format, E3M4 included: the sweep measures, it does not ship; auto: per tensor, from -f auto's default candidates e4m3,e5m2,int8).")
 @click.option("--schemes", default="standard,extended", show_default=True, help="Schemes to sweep.")
 @click.option("--calibrations", default="max,percentile,mse,entropy", show_default=True, help="Calibration methods to sweep.")
 @click.option("--transforms", "sweep_transforms", default="", help="Also each format with each of these transforms on (equalize, smoothquant, bias_correction, or all; comma separated): a format x transform table, and the tuner tries them. Each row calibrates anew (a transform rewrites the graph).")
@@ -569,10 +602,11 @@ def sensitivity(model, calib, val, labels, samples, top, json_path, plot_path, l
 @click.option("--samples", type=int, help="Use at most N validation samples.")
 @click.option("--calib-samples", type=int, help="Use at most N calibration samples.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Samples per onnxruntime run.")
-@click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
+@verbosity_options
 @handle_errors
 def sweep(model, calib, val, labels, out_dir, sweep_formats, schemes, calibrations, sweep_transforms, do_tune,
-          target_cosine, target_sqnr, max_accuracy_loss, max_fallback, samples, calib_samples, batch_size, quiet):
+          target_cosine, target_sqnr, max_accuracy_loss, max_fallback, samples, calib_samples, batch_size, quiet,
+          verbose):
     """The paper's table for MODEL: formats x schemes x calibration methods, plus the tuned result (SQNR, cosine,
     accuracy, size, layers in fallback), as markdown, JSON and one self-contained HTML report with plots."""
     from onnxfp8.config import QuantConfig
@@ -627,15 +661,26 @@ def sweep(model, calib, val, labels, out_dir, sweep_formats, schemes, calibratio
         outs.commit()
     if not quiet:
         click.echo(report.to_markdown().rstrip())
+        if verbose:  # the markdown shortens the sensitivity table to 20 layers and leaves times out
+            if report.sensitivity is not None and len(report.sensitivity.layers) > 20:
+                click.echo(report.sensitivity.summary(limit=len(report.sensitivity.layers)))
+            click.echo("time per configuration: " + ", ".join(f"{r.label} {r.seconds:.2f} s" for r in report.rows))
+            click.echo("time per phase: " + ", ".join(f"{k} {v:.2f} s" for k, v in report.timings.items()))
         click.echo("wrote " + ", ".join(paths.values()))
 
 
 @cli.command()
+@verbosity_options
 @handle_errors
-def formats():
-    """List the formats with their bits, bias, range and ONNX type."""
+def formats(quiet, verbose):
+    """List the formats with their bits, bias, range and ONNX type (--quiet: the names only; --verbose: also
+    what each is for and what runs it)."""
     from onnxfp8.formats import FORMATS
 
+    if quiet:
+        for name in FORMATS:
+            click.echo(name)
+        return
     header = f"{'format':7} {'bits':>5} {'bias':>4} {'max':>9} {'min normal':>12} {'min subnormal':>14} {'inf':>4} {'NaN':>20}  ONNX dtype"
     click.echo(header)
     for f in FORMATS.values():
@@ -648,21 +693,33 @@ def formats():
             dtype = onnx.TensorProto.DataType.Name(f.onnx_dtype)
         click.echo(f"{f.name:7} {bits:>5} {f.bias:>4} {f.max:>9g} {f.min_normal:>12.6g} {f.min_subnormal:>14.6g} "
                    f"{'yes' if f.has_inf else 'no':>4} {f.nan:>20}  {dtype}")
+    if verbose:
+        from onnxfp8.config import AUTO_CANDIDATES
+
+        for f in FORMATS.values():
+            runs = ("emulated in float ops (no runtime executes it as 8-bit kernels)" if f.emulated else
+                    "in -f auto's default candidates" if f.name in AUTO_CANDIDATES else "")
+            click.echo(f"{f.name}: {f.description}" + (f"; {runs}" if runs else ""))
 
 
 @cli.command()
 @click.option("--show", "show", metavar="NAME", help="Print one recipe's file (settings and where they come from).")
+@verbosity_options
 @handle_errors
-def recipes(show):
-    """List the built-in recipes (use them with quantize --recipe NAME)."""
-    from onnxfp8.recipes import builtin_recipes, resolve_recipe
+def recipes(show, quiet, verbose):
+    """List the built-in recipes (use them with quantize --recipe NAME; --quiet: the names only; --verbose:
+    also each recipe's settings)."""
+    from onnxfp8.recipes import builtin_recipes, load_recipe, resolve_recipe
 
     if show:
         with open(resolve_recipe(show), encoding="utf-8") as f:
             click.echo(f.read().rstrip())
         return
     for name, info in builtin_recipes().items():
-        click.echo(f"{name:10} {info.summary}")
+        click.echo(name if quiet else f"{name:10} {info.summary}")
+        if verbose:
+            settings = load_recipe(info.path)
+            click.echo("           " + ", ".join(f"{k} = {v!r}" for k, v in settings.items()))
 
 
 @cli.command()
@@ -671,9 +728,11 @@ def recipes(show):
               help="The runtime whose Q/DQ fusion rules to check.")
 @click.option("--json", "json_path", type=click.Path(), help="Write the findings (JSON) here.")
 @click.option("--strict", is_flag=True, help="Warnings fail too (exit 1).")
+@verbosity_options
 @handle_errors
-def lint(model, target, json_path, strict):
-    """Report Q/DQ placements in MODEL that TARGET cannot fuse into FP8/INT8 kernels (exit 1 when found)."""
+def lint(model, target, json_path, strict, quiet, verbose):
+    """Report Q/DQ placements in MODEL that TARGET cannot fuse into FP8/INT8 kernels (exit 1 when found;
+    --quiet: only the findings that fail, nothing when it passes; --verbose: also the Q/DQ nodes per type)."""
     from onnxfp8.outputs import Outputs
     from onnxfp8.verify.lint import lint_model
 
@@ -685,8 +744,14 @@ def lint(model, target, json_path, strict):
         if json_path:
             outs.write_text(json_path, report.to_json())
         outs.commit()
-    click.echo(report.summary())
-    sys.exit(report.exit_code(strict))
+    code = report.exit_code(strict)
+    if quiet:
+        failing = [f for f in report.findings if f.severity == "error" or strict]
+        if failing:
+            click.echo("\n".join(f.line() for f in failing), err=True)
+    else:
+        click.echo(report.summary(verbose=verbose))
+    sys.exit(code)
 
 
 @cli.command()

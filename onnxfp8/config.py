@@ -26,6 +26,9 @@ AUTO = "auto"
 # format auto's default candidates: formats a runtime executes (onnxruntime runs E4M3, E5M2 and INT8 Q/DQ; TensorRT
 # E4M3 and INT8). E3M4 has no ONNX type (always emulated): opt-in with --formats e4m3,e3m4,...
 AUTO_CANDIDATES = ("e4m3", "e5m2", "int8")
+# every format onnxfp8 quantizes to (formats.FORMATS): what sweep and sensitivity measure by default (they measure,
+# they do not ship, so E3M4 is in); -f auto and the tuner pick from AUTO_CANDIDATES (what they choose is deployed)
+ALL_FORMATS = ("e4m3", "e5m2", "e3m4", "int8")
 SUMMARY_MIN, SUMMARY_MAX = 8, 64  # the summary's sample count when summary_samples is None (auto)
 GRANULARITIES = ("tensor", "token")
 LEVELS = ("disable", "basic", "extended", "all")

@@ -139,6 +139,8 @@ class Pipeline:
         for p in self.passes:
             start = time.perf_counter()
             stage = "requires"
+            if ctx.progress is not None and hasattr(ctx.progress, "phase"):
+                ctx.progress.phase(f"quantizing: {p.name}")  # what runs between bars (progress.ProgressBar)
             try:
                 p.requires(graph, ctx)
                 stage = "run"

@@ -8,11 +8,18 @@ The collector calls the bar as ``bar(samples_done_in_this_pass, pass_number)`` a
 ``bar.set_passes(n)`` once it knows how many passes over the data it will make (one max pass, then one per
 group of histogrammed tensors). ``bar.begin(label, total)`` gives the number of samples per pass (from the
 array headers, see :func:`count_samples`), which the ETA needs; without it the bar shows the rate only.
+
+Between bars, ``bar.phase(text)`` says what the run is doing (``measuring output error: creating the session``):
+a :class:`StatusLine`, the text and the time it has taken so far, redrawn twice a second by a daemon thread so a
+long silent step (onnx.checker, an onnxruntime session on a large model) still moves; the next bar or
+``close()`` clears it. ``check`` reports its progress as text (``outputs: 64 sample(s)``, ``layers: chunk 2/5
+...``): :func:`status_for` gives it a StatusLine on a terminal, None otherwise.
 """
 from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 import zipfile
 from contextlib import contextmanager
@@ -28,6 +35,83 @@ def _fmt_time(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
+
+
+STATUS_INTERVAL = 0.2  # seconds between two draws of a StatusLine (a draw per batch would flood a slow terminal)
+
+
+class StatusLine:
+    """``checking: layers: chunk 2/5 (12 layer(s)), 96/360 samples  0:41`` on one line, redrawn in place.
+
+    Call it with the current text (throttled to one draw per ``min_interval``); a daemon thread redraws the
+    elapsed time every ``tick`` seconds (``tick=None``: no thread). ``close()`` clears the line (the result that
+    follows is printed in its place)."""
+
+    def __init__(self, stream: Optional[TextIO] = None, prefix: str = "", min_interval: Optional[float] = None,
+                 tick: Optional[float] = 0.5, clock: Callable[[], float] = time.monotonic) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.prefix = prefix
+        self.min_interval = STATUS_INTERVAL if min_interval is None else min_interval
+        self.clock = clock
+        self.text = ""
+        self._start = clock()
+        self._last_draw = -1e9
+        self._drawn = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        if tick:
+            self._thread = threading.Thread(target=self._tick, args=(tick,), daemon=True, name="onnxfp8-status")
+            self._thread.start()
+
+    def __call__(self, text: str) -> None:
+        with self._lock:
+            self.text = str(text)
+            now = self.clock()
+            if now - self._last_draw >= self.min_interval:
+                self._draw(now)
+
+    def line(self, now: Optional[float] = None) -> str:
+        now = self.clock() if now is None else now
+        head = f"{self.prefix}: " if self.prefix and self.text else self.prefix
+        return f"{head}{self.text}  {_fmt_time(now - self._start)}"
+
+    def _draw(self, now: float) -> None:
+        if self._stop.is_set():
+            return
+        text = self.line(now)
+        self.stream.write("\r" + text + " " * max(0, self._drawn - len(text)))
+        self.stream.flush()
+        self._drawn = len(text)
+        self._last_draw = now
+
+    def _tick(self, every: float) -> None:
+        while not self._stop.wait(every):
+            with self._lock:
+                if self.text or self.prefix:
+                    try:
+                        self._draw(self.clock())
+                    except (ValueError, OSError):  # the stream was closed under us
+                        return
+
+    def close(self) -> None:
+        """Stop the thread and clear the line (nothing when nothing was drawn)."""
+        with self._lock:
+            self._stop.set()
+            if self._drawn:
+                self.stream.write("\r" + " " * self._drawn + "\r")
+                self.stream.flush()
+                self._drawn = 0
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=1.0)
+
+
+def status_for(stream: Optional[TextIO] = None, quiet: bool = False, prefix: str = "") -> Optional[StatusLine]:
+    """A StatusLine on ``stream`` (stderr) when it is a terminal and not ``quiet``; else None (no output)."""
+    stream = stream if stream is not None else sys.stderr
+    if quiet or not is_terminal(stream) or os.environ.get("TERM") == "dumb":
+        return None
+    return StatusLine(stream, prefix)
 
 
 class ProgressBar:
@@ -50,10 +134,28 @@ class ProgressBar:
         self._drawn = 0  # length of the line on screen
         self._base = 0  # samples done at the first report
         self._pending: Optional[float] = None  # time of a report not drawn yet
+        self._status: Optional[StatusLine] = None  # the phase() line shown between bars
+        self.phases: list = []  # every phase() text, in order
+
+    # -- between bars
+    def phase(self, text: str) -> None:
+        """Say what the run does now (no sample count): a finished bar stays above it, the next bar or
+        ``close()`` clears it."""
+        self.phases.append(text)
+        if self._start is not None:  # a bar is on screen: keep it, the phase goes below
+            self.close()
+        self._end_phase()  # each phase counts its own time
+        self._status = StatusLine(self.stream, tick=0.5 if is_terminal(self.stream) else None, clock=self.clock)
+        self._status(text)
+
+    def _end_phase(self) -> None:
+        if self._status is not None:
+            self._status.close()
+            self._status = None
 
     # -- what the runner tells us
     def begin(self, label: str, total: Optional[int]) -> None:
-        self.label = label
+        self.label = label  # a phase line stays until the first report draws the bar (a session may take long)
         self.total = total if total and total > 0 else None
         self.passes = 1
         self._start = None
@@ -64,6 +166,7 @@ class ProgressBar:
         self.passes = max(int(passes), self._pass)
 
     def __call__(self, samples: int, pass_no: int = 1) -> None:
+        self._end_phase()
         now = self.clock()
         if self._start is None:  # the rate counts from the first report (session creation excluded)
             self._start = now
@@ -111,7 +214,9 @@ class ProgressBar:
         self._pending = None
 
     def close(self) -> None:
-        """Draw the last report if it was throttled, and end the line (nothing when nothing was drawn)."""
+        """Draw the last report if it was throttled, and end the line (nothing when nothing was drawn); clear
+        a phase line."""
+        self._end_phase()
         if self._start is not None:
             if self._pending is not None:  # the last report was throttled: show it (as of its own time)
                 self._draw(self._pending)

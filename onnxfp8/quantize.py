@@ -444,8 +444,10 @@ def _finish(pipe: Pipeline, graph: gs.Graph, ctx: PassContext, prep: Prepared, c
     if require_some and not ctx.plan.quantized_nodes() and not config.allow_empty:
         raise ModelError(f"{source}: nothing to quantize: {_why_empty(ctx.plan, control_flow)}; "
                          f"--allow-empty (allow_empty=True) writes the model unchanged")
+    _phase(ctx, "exporting the quantized model")
     out_model = to_model(graph, like=prep.proto)
     if check_model:
+        _phase(ctx, "checking the quantized model (onnx.checker)")
         try:
             modelio.check_model(out_model)
         except onnx.checker.ValidationError as e:
@@ -465,9 +467,18 @@ def _finish(pipe: Pipeline, graph: gs.Graph, ctx: PassContext, prep: Prepared, c
         report.check_defaults["try"] = what_to_try(config, has_batchnorm=any(
             n.op_type == "BatchNormalization" for n in prep.proto.graph.node))
     if output:
+        _phase(ctx, f"writing {output}")
         ctx.outputs.write_model(output, out_model)
+    if ctx.progress is not None and hasattr(ctx.progress, "close"):
+        ctx.progress.close()  # clears the last phase line: the summary is printed next
     report.seconds = time.perf_counter() - start
     return QuantResult(out_model, ctx.plan, report, output)
+
+
+def _phase(ctx: PassContext, text: str) -> None:
+    """Tell the progress bar what runs now (a step without a sample count); see progress.ProgressBar.phase."""
+    if ctx.progress is not None and hasattr(ctx.progress, "phase"):
+        ctx.progress.phase(text)
 
 
 def _measure(model: onnx.ModelProto, ctx: PassContext, report: QuantReport, config: QuantConfig) -> None:
@@ -481,7 +492,8 @@ def _measure(model: onnx.ModelProto, ctx: PassContext, report: QuantReport, conf
     from onnxfp8.progress import stage
     from onnxfp8.verify.measure import measure_outputs
 
-    with stage(ctx.progress, "measuring the quantized model", want) as bar:
+    _phase(ctx, "measuring output error: creating the onnxruntime session")  # until the first batch is drawn
+    with stage(ctx.progress, "measuring output error", want) as bar:
         m = measure_outputs(model, Samples(inputs, what="captured calibration samples"), refs, samples=want, axes=getattr(ctx.calib, "axes", {}),
                             out_axes=output_batch_axes(model, ctx.calib), providers=config.providers,
                             threads=config.threads, progress=bar)

@@ -50,7 +50,9 @@ class Captured:
 
     @property
     def samples(self) -> int:
-        return sum(next(iter(f.values())).shape[0] for f in self.inputs if f)
+        from onnxfp8.calibrators.data import batch_size  # along each input's batch axis (a state [2, batch, C])
+
+        return sum(batch_size(f) for f in self.inputs if f)
 
     def __bool__(self) -> bool:
         return bool(self.inputs)

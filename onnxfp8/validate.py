@@ -8,9 +8,11 @@ failed"). What is checked, in order:
   function defines, cannot run;
 * already quantized models (Q/DQ, onnxruntime's QLinear / Integer ops, Cast-based FP8 fake quantization,
   8-bit weights decoded by Cast or Gather): quantizing again would stack a second quantization;
-* non-finite weights (a NaN or Inf initializer poisons every output);
+* non-finite weights (a NaN initializer poisons every output; an Inf is refused only in a tensor read as a
+  weight, whose scale it would break: elsewhere it is a mask, as FP16 exports write them);
 * onnx.checker with full_check (topological order, arity, types, SSA names, strict shape inference), on a
   light copy (modelio.check_model: any size);
+* bfloat16 models with only onnxruntime's CPU provider, which has no bfloat16 kernels for the ops that matter;
 * a first onnxruntime session on the FP32 model (what onnxruntime alone refuses).
 
 ``control_flow_nodes`` lists the nodes inside If / Loop / Scan bodies (which onnxfp8 leaves FP32) for the
@@ -150,9 +152,23 @@ def check_not_quantized(model: onnx.ModelProto, source: str) -> None:
         raise ModelError(f"{source}: already quantized: {what}; quantize the FP32 model instead")
 
 
-def nonfinite_weights(model: onnx.ModelProto) -> List[Tuple[str, int, int]]:
-    """(tensor, non-finite count, size) of every float initializer / Constant holding NaN or Inf."""
+# (op type, input index) whose constant input is quantized as a weight, with a scale from its range
+_SCALED_WEIGHT_INPUTS = {("Conv", 1), ("ConvTranspose", 1), ("Gemm", 0), ("Gemm", 1), ("MatMul", 0), ("MatMul", 1),
+                         ("Gather", 0)}
+
+
+def scaled_weight_names(model: onnx.ModelProto) -> set:
+    """Names of the constants a weighted op reads where a weight scale would be computed from them."""
+    return {n.input[i] for n in model.graph.node for op, i in _SCALED_WEIGHT_INPUTS
+            if n.op_type == op and len(n.input) > i and n.input[i]}
+
+
+def nonfinite_weights(model: onnx.ModelProto) -> List[Tuple[str, int, int, str]]:
+    """(tensor, count, size, "NaN" | "Inf") of every float initializer / Constant holding NaN, or Inf where a
+    weight scale would be computed from it. An Inf elsewhere is a mask (FP16 exports fill attention masks with
+    -inf) and is no error."""
     out = []
+    scaled = None
     for t in _all_tensors(model.graph):
         if t.data_type not in FLOAT_TYPES or t.data_location == TensorProto.EXTERNAL:
             continue
@@ -161,19 +177,27 @@ def nonfinite_weights(model: onnx.ModelProto) -> List[Tuple[str, int, int]]:
         except Exception:
             continue
         if a.size and not np.isfinite(a.sum(dtype=np.float64)):  # one reduction; count only when it fails
-            bad = int(np.count_nonzero(~np.isfinite(a.astype(np.float32, copy=False))))
-            if bad:
-                out.append((t.name, bad, int(a.size)))
+            a32 = a.astype(np.float32, copy=False)
+            nan = int(np.count_nonzero(np.isnan(a32)))
+            if nan:
+                out.append((t.name, nan, int(a.size), "NaN"))
+                continue
+            if scaled is None:
+                scaled = scaled_weight_names(model)
+            inf = int(np.count_nonzero(np.isinf(a32)))
+            if inf and t.name in scaled:
+                out.append((t.name, inf, int(a.size), "Inf"))
     return out
 
 
 def check_weights(model: onnx.ModelProto, source: str) -> None:
     bad = nonfinite_weights(model)
     if bad:
-        name, n, size = bad[0]
+        name, n, size, kind = bad[0]
         more = f" (and {len(bad) - 1} more tensor(s))" if len(bad) > 1 else ""
-        raise ModelError(f"{source}: weight '{name}' holds {n} NaN/Inf value(s) of {size}{more}: every output "
-                         f"depends on it; fix the model")
+        why = ("every output depends on it" if kind == "NaN" else
+               "it is read as a weight, and no quantization scale covers an infinity")
+        raise ModelError(f"{source}: weight '{name}' holds {n} {kind} value(s) of {size}{more}: {why}; fix the model")
 
 
 def check_onnx(model: onnx.ModelProto, source: str) -> None:
@@ -202,6 +226,32 @@ def session(model, source: str, **kwargs):
         raise
 
 
+def bfloat16_tensors(model: onnx.ModelProto) -> List[str]:
+    """Names of the main graph's inputs, outputs, initializers and typed values that are bfloat16, and of the
+    Cast nodes casting to it: where the model computes in bfloat16."""
+    g = model.graph
+    out = [v.name for v in list(g.input) + list(g.output) + list(g.value_info)
+           if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type == TensorProto.BFLOAT16]
+    out += [t.name for t in g.initializer if t.data_type == TensorProto.BFLOAT16]
+    out += [n.name or n.op_type for n in g.node if n.op_type == "Cast" and any(
+        a.name == "to" and a.i == TensorProto.BFLOAT16 for a in n.attribute)]
+    return out
+
+
+def check_bfloat16(model: onnx.ModelProto, source: str, providers: Sequence[str]) -> None:
+    """Refuse a bfloat16 model when only onnxruntime's CPU provider would run it: that provider has no
+    bfloat16 kernel for MatMul, Gemm, Conv, Add, Mul, Relu or Softmax (measured with onnxruntime 1.32), and its
+    Python API cannot feed a bfloat16 array, so neither calibration nor the check could run it; one line and
+    exit 2 instead of an internal error. (Other providers are left to onnxruntime's own refusal.)"""
+    if any(p != "CPUExecutionProvider" for p in providers):
+        return
+    bf16 = bfloat16_tensors(model)
+    if bf16:
+        raise ModelError(f"{source}: a bfloat16 model ('{bf16[0]}' is bfloat16): onnxruntime's CPU provider has no "
+                         f"bfloat16 kernels for MatMul/Gemm/Conv/Add and cannot be fed bfloat16 data, so it cannot be "
+                         f"calibrated or checked; export the model in float32 or float16")
+
+
 def validate_model(model: onnx.ModelProto, source: str = "model", *, quantized_ok: bool = False,
                    run_session: bool = True, providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
     """Every check above (``quantized_ok``: skip the already-quantized one, for ``check``'s second model)."""
@@ -210,6 +260,8 @@ def validate_model(model: onnx.ModelProto, source: str = "model", *, quantized_o
     if not quantized_ok:
         check_not_quantized(model, source)
     check_weights(model, source)
+    if run_session:
+        check_bfloat16(model, source, providers)
     try:
         check_onnx(model, source)
     except ModelError as e:
@@ -246,7 +298,7 @@ def control_flow_nodes(model: onnx.ModelProto, op_types: Optional[Iterable[str]]
 def first_nonfinite(model: onnx.ModelProto, batch: Dict[str, np.ndarray], arrays=None,
                     providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0
                     ) -> Optional[Tuple[str, str, str]]:
-    """(tensor, node, op type) of the first tensor in graph order that is NaN/Inf on ``batch`` (an input of
+    """(tensor, node, op type) of the first tensor in graph order that is NaN on ``batch`` (an input of
     the batch itself is reported with node ''), or None. Runs ``model`` once with every float tensor exposed,
     on the first sample alone when the batch axis is free, else on the whole batch: only called when the
     calibration pass has seen a non-finite value, to name where it starts."""
@@ -257,7 +309,7 @@ def first_nonfinite(model: onnx.ModelProto, batch: Dict[str, np.ndarray], arrays
 
     for name, v in batch.items():
         v = np.asarray(v)
-        if v.dtype.kind == "f" and not np.isfinite(v).all():
+        if v.dtype.kind == "f" and np.isnan(v).any():
             return name, "", "input"
     types = tensor_types(model)
     order: List[Tuple[str, str, str]] = []
@@ -280,7 +332,7 @@ def first_nonfinite(model: onnx.ModelProto, batch: Dict[str, np.ndarray], arrays
         values = sess.run(names, feed)
         for (o, node, op), v in zip(order, values):
             v = np.asarray(v)
-            if v.dtype.kind == "f" and v.size and not np.isfinite(v).all():
+            if v.dtype.kind == "f" and v.size and np.isnan(v).any():
                 return o, node, op
         if feed is batch:
             break
@@ -290,8 +342,9 @@ def first_nonfinite(model: onnx.ModelProto, batch: Dict[str, np.ndarray], arrays
 
 def refuse_nonfinite(nonfinite: Dict[str, int], model: onnx.ModelProto, data, source: str, arrays=None,
                      providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0) -> None:
-    """Raise a DataError naming the first tensor that goes NaN/Inf when the calibration pass saw any
-    (``nonfinite``: CollectResult.nonfinite)."""
+    """Raise a DataError naming the first tensor that goes NaN when the calibration pass saw any
+    (``nonfinite``: CollectResult.nonfinite). An infinity is not refused: FP16 exports write attention masks as
+    -inf; the calibrators count it as the type's extreme value and its readers stay FP32 (assign_formats)."""
     from onnxfp8.errors import DataError
 
     if not nonfinite:
@@ -311,5 +364,5 @@ def refuse_nonfinite(nonfinite: Dict[str, int], model: onnx.ModelProto, data, so
     at = (f"tensor '{t}' (output of {op} '{node}')" if node else
           f"input '{t}'" if op == "input" else f"tensor '{t}'")
     out_note = "" if t in outputs else (" and reaches the outputs" if outputs & set(nonfinite) else "")
-    raise DataError(f"{source}: the FP32 model produces NaN/Inf on the calibration data (batch {first_batch}): "
+    raise DataError(f"{source}: the FP32 model produces NaN on the calibration data (batch {first_batch}): "
                     f"first at {at}{out_note}; quantizing would hide it: fix the model or the data")

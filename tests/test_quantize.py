@@ -22,12 +22,14 @@ from onnxfp8.verify.compare import sqnr_db
 MEASURED_SQNR = {
     ("cnn", "e4m3"): 14.235, ("cnn", "e5m2"): 9.642, ("cnn", "e3m4"): 20.677, ("cnn", "int8"): 27.012,
     ("mlp", "e4m3"): 23.264, ("mlp", "e5m2"): 17.262, ("mlp", "e3m4"): 28.509, ("mlp", "int8"): 33.050,
-    ("transformer", "e4m3"): 25.915, ("transformer", "e5m2"): 18.906, ("transformer", "e3m4"): 31.510,
-    ("transformer", "int8"): 31.234,
+    # transformer: embedding table FP32 by default (with it quantized: 25.915, 18.906, 31.510, 31.234)
+    ("transformer", "e4m3"): 27.464, ("transformer", "e5m2"): 20.533, ("transformer", "e3m4"): 32.567,
+    ("transformer", "int8"): 31.729,
 }
 TOLERANCE_DB = 0.5
-# quantized / FP32 serialized size for E4M3 (measured: cnn 0.258, mlp 0.278, transformer 0.315)
-MAX_SIZE_RATIO = {"cnn": 0.27, "mlp": 0.29, "transformer": 0.33}
+# quantized / FP32 serialized size for E4M3 (measured: cnn 0.258, mlp 0.278, transformer 0.709: its embedding
+# table, most of its weights, stays FP32 by default - rules.DefaultEmbeddingRule; 0.315 with it quantized)
+MAX_SIZE_RATIO = {"cnn": 0.27, "mlp": 0.29, "transformer": 0.72}
 
 MODELS = ("cnn", "mlp", "transformer")
 FORMATS = ("e4m3", "e5m2", "e3m4", "int8")
@@ -108,8 +110,9 @@ def test_e4m3_file_shrinks(name, quantized, example_models, tmp_path):
 def test_quantized_ops_and_skips_reported(quantized):
     res = quantized("transformer", "e4m3", "qdq")
     counts = res.plan.counts_by_op()
-    assert counts.get("Gather") == 1 and counts.get("MatMul", 0) >= 4
+    assert "Gather" not in counts and counts.get("MatMul", 0) >= 4
     skipped = res.plan.skipped_nodes()
+    assert any(d.reason.startswith("embedding Gather kept FP32 by default") for d in skipped if d.op_type == "Gather")
     assert skipped and all(d.reason for d in skipped)
     assert any("two activations" in d.reason for d in skipped if d.op_type == "MatMul")
     summary = res.report.summary()

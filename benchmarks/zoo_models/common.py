@@ -362,3 +362,21 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.t0
+
+
+def fitted_head(x, w, rng: np.random.Generator):
+    """A trained classifier's head for features ``x`` [samples, in] (float64 torch) and a random weight ``w``
+    [out, in]: the weight reads the directions in which the features vary across samples (a random mix of their
+    top 8 principal directions plus 10 % of ``w``), scaled so the logits vary by ~2 across samples; the bias
+    centres every class (+ N(0, 0.1) priors). Returns (weight, bias) as float32 torch tensors."""
+    import torch
+
+    _, s, vt = np.linalg.svd((x - x.mean(0)).numpy(), full_matrices=False)
+    r = int(min(8, (s > 1e-6 * s[0]).sum()))
+    mix = rng.standard_normal((w.shape[0], r)) @ vt[:r]
+    mix *= float(w.norm()) / max(float(np.linalg.norm(mix)), 1e-12)
+    w = torch.from_numpy(mix) + 0.1 * w
+    y = x @ w.T
+    scale = 2.0 / max(float((y - y.mean(0)).std()), 1e-6)
+    bias = -y.mean(0) * scale + 0.1 * torch.from_numpy(rng.standard_normal(y.shape[1]))
+    return (w * scale).float(), bias.float()

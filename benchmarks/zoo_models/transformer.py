@@ -67,6 +67,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from zoo_models import ZooModel
+from zoo_models.common import fitted_head
 
 OPSET = 17
 SEQ = 64            # text batches are padded to this many tokens
@@ -279,21 +280,11 @@ def settle(model, feeds: Dict[str, "object"], rng: np.random.Generator, head: Op
 
     def head_hook(mod, args):
         x = args[0].detach().double().reshape(-1, args[0].shape[-1])
-        w = mod.weight.detach().double()
-        # a trained classifier reads the directions in which its features vary across inputs: the weight is
-        # a random mix of the features' top principal directions, plus 10 % of the random weight
-        _, s, vt = np.linalg.svd((x - x.mean(0)).numpy(), full_matrices=False)
-        r = int(min(8, (s > 1e-6 * s[0]).sum()))
-        mix = rng.standard_normal((w.shape[0], r)) @ vt[:r]
-        mix *= float(w.norm()) / max(float(np.linalg.norm(mix)), 1e-12)
-        w = torch.from_numpy(mix) + 0.1 * w
-        y = x @ w.T
-        scale = 2.0 / max(float((y - y.mean(0)).std()), 1e-6)
-        bias = -y.mean(0) * scale + 0.1 * torch.from_numpy(rng.standard_normal(y.shape[1]))
+        weight, bias = fitted_head(x, mod.weight.detach().double(), rng)  # a trained classifier's head
         with torch.no_grad():
-            mod.weight.copy_((w * scale).float())
+            mod.weight.copy_(weight)
             if mod.bias is not None:
-                mod.bias.copy_(bias.float())
+                mod.bias.copy_(bias)
 
     for name, mod in model.named_modules():
         if _is_norm(mod):

@@ -75,10 +75,12 @@ class CollectResult:
     sizes: Dict[str, int] = field(default_factory=dict)  # tensor -> elements per batch (largest seen)
     min_bounded: List[str] = field(default_factory=list)  # non-negative tensors: min is the bound 0.0
     max_calibrator: Optional[MaxCalibrator] = None  # the max statistics (always collected or given)
-    # tensors (reduced ones and graph outputs) seen NaN/Inf -> index of the first batch where they were: the
-    # reductions carry Inf, and NaN when onnxruntime's max/min propagate it (not always); the graph outputs,
-    # fetched anyway, are checked whole
+    # tensors (reduced ones and graph outputs) seen NaN -> index of the first batch where they were: the
+    # reductions carry NaN when onnxruntime's max/min propagate it (not always); the graph outputs, fetched
+    # anyway, are checked whole. An infinity is no error (a mask: FP16 exports write -inf into attention scores)
     nonfinite: Dict[str, int] = field(default_factory=dict)
+    # reduced tensors seen +-Inf -> first batch: their range counts the infinity as the type's extreme value
+    infinite: Dict[str, int] = field(default_factory=dict)
 
 
 # -- graph analysis ------------------------------------------------------------------------------------
@@ -270,10 +272,18 @@ def collect(model: onnx.ModelProto, tensors: Sequence[str], data: DataSource, ca
             for t, hi_i, lo_i, size_i in slots:
                 hi = float(values[hi_i])
                 lo = float(values[lo_i]) if lo_i is not None else min(0.0, hi)
-                if t in update and np.isfinite(hi) and np.isfinite(lo):
-                    max_cal.observe_reduced(t, hi, lo)
-                elif not (np.isfinite(hi) and np.isfinite(lo)):
+                if np.isnan(hi) or np.isnan(lo):
                     result.nonfinite.setdefault(t, result.batches)
+                    continue
+                if np.isinf(hi) or np.isinf(lo):
+                    # an infinity is a mask (FP16 exports write masked attention scores as -inf): it counts as
+                    # the tensor type's extreme finite value, which assign_formats treats as a mask value
+                    # (its readers stay FP32), so it breaks no scale
+                    big = float(np.finfo(np.asarray(values[hi_i]).dtype).max)
+                    hi, lo = float(np.clip(hi, -big, big)), float(np.clip(lo, -big, big))
+                    result.infinite.setdefault(t, result.batches)
+                if t in update:
+                    max_cal.observe_reduced(t, hi, lo)
                 if size_i is not None:
                     result.sizes[t] = max(result.sizes.get(t, 0), int(values[size_i]))
             note_nonfinite(result, out_names, values[:k])
@@ -332,7 +342,7 @@ def collect(model: onnx.ModelProto, tensors: Sequence[str], data: DataSource, ca
 def note_nonfinite(result: CollectResult, names: Sequence[str], values: Sequence[Any]) -> None:
     for name, v in zip(names, values):
         v = np.asarray(v)
-        if name not in result.nonfinite and v.dtype.kind == "f" and v.size and not np.isfinite(v).all():
+        if name not in result.nonfinite and v.dtype.kind == "f" and v.size and np.isnan(v).any():
             result.nonfinite[name] = result.batches
 
 

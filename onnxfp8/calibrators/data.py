@@ -344,9 +344,8 @@ class CalibrationData:
             arr = np.asarray(item[name])
             arr = self._check_shape(where, spec, arr)
             arr = _cast(arr, spec, where)
-            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-                bad = "NaN" if np.isnan(arr).any() else "Inf"
-                raise DataError(f"{where}: input '{name}' contains {bad} values")
+            if arr.dtype.kind == "f" and np.isnan(arr).any():  # an Inf is a mask value (an additive -inf mask)
+                raise DataError(f"{where}: input '{name}' contains NaN values")
             ax = spec.batch_axis
             if ax is None:
                 pass  # fed as it is (a scalar, a table): it does not count samples
@@ -566,29 +565,53 @@ class HeldOut:
         self.specs, self.batch_size = data.specs, data.batch_size
 
     def batches(self, with_labels: bool = False):
+        # cut and joined along each input's batch axis (batch_axes: a state [2, batch, C] on axis 1); an input
+        # without one (a scalar) is the same for every sample and kept whole
         skip, bs = self.skip, self.batch_size
         buf: List[Any] = []  # (batch, labels) parts, all of one sample shape
 
+        def axis(part, k):
+            return getattr(part, "axes", {}).get(k, 0)
+
+        def join(parts, k):
+            ax = axis(parts[0], k)
+            if len(parts) == 1 or ax is None or np.ndim(parts[0][k]) <= ax:
+                return parts[0][k]
+            return np.concatenate([b[k] for b in parts], axis=ax)
+
         def emit(n):
             nonlocal buf
-            batch = {k: np.concatenate([b[k] for b, _ in buf]) for k in buf[0][0]}
+            parts = [b for b, _ in buf]
+            batch = Batch({k: join(parts, k) for k in parts[0]}, getattr(parts[0], "axes", {}))
             labels = None if any(lab is None for _, lab in buf) else np.concatenate([lab for _, lab in buf])
-            rest = {k: v[n:] for k, v in batch.items()}
-            buf = [(rest, labels[n:] if labels is not None else None)] if len(next(iter(rest.values()))) else []
-            out = ({k: v[:n] for k, v in batch.items()}, labels[:n] if labels is not None else None)
+            total = batch_size(batch)
+            rest = take_samples(batch, total, n)
+            buf = [(rest, labels[n:] if labels is not None else None)] if total > n else []
+            out = (take_samples(batch, n), labels[:n] if labels is not None else None)
             return out if with_labels else out[0]
 
-        count = lambda: sum(len(next(iter(b.values()))) for b, _ in buf)  # noqa: E731
+        def same_shape(a, b):
+            for k in b:
+                ax = axis(b, k)
+                sa, sb = np.shape(a[k]), np.shape(b[k])
+                if ax is None or len(sb) <= ax:
+                    if sa != sb:
+                        return False
+                elif sa[:ax] + sa[ax + 1:] != sb[:ax] + sb[ax + 1:]:
+                    return False
+            return True
+
+        count = lambda: sum(batch_size(b) for b, _ in buf)  # noqa: E731
         for batch, labels in self.data.batches(with_labels=True):
-            n = len(next(iter(batch.values())))
+            n = batch_size(batch)
             if skip >= n:
                 skip -= n
                 continue
             if skip:
-                batch = {k: v[skip:] for k, v in batch.items()}
+                batch = take_samples(batch, n, skip)
                 labels = labels[skip:] if labels is not None else None
                 skip = 0
-            if buf and any(buf[0][0][k].shape[1:] != v.shape[1:] for k, v in batch.items()):
+            if buf and not same_shape(buf[0][0], batch):
                 yield emit(count())
             buf.append((batch, labels))
             while count() >= bs:

@@ -31,6 +31,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 
+from onnxfp8.calibrators.data import batch_size
 from onnxfp8.errors import DataError
 from onnxfp8.modelio import make_session, to_model
 
@@ -181,6 +182,6 @@ def pooled_moments(models: Sequence[onnx.ModelProto], channels: Dict[str, int], 
                 if mean.size != acc.mean.size:
                     raise DataError(f"{source}: {n} has {acc.mean.size} channels but its input has {mean.size}")
                 acc.update(size / mean.size, mean, var)
-        out.samples += next(iter(batch.values())).shape[0]
+        out.samples += batch_size(batch)  # along each input's batch axis (a state [2, batch, C] on axis 1)
         out.batches += 1
     return out

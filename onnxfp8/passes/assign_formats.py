@@ -158,7 +158,7 @@ class AssignFormats(Pass):
             if spec.scale is not None and (amax == 0.0 or not np.isfinite(amax)):
                 spec.notes.append(f"range {amax}: safe scale {scale}")
             plan.tensors[name] = spec
-        notes.extend(_keep_mask_values_fp32(plan, tensors, cfg))
+        notes.extend(_keep_mask_values_fp32(plan, tensors, cfg, ctx.stats))
         unknown = sorted(set(cfg.overrides) - set(plan.tensors))
         if unknown:
             raise ConfigError(f"{ctx.source}: override for '{unknown[0]}', which is not a quantized tensor")
@@ -176,12 +176,16 @@ class AssignFormats(Pass):
         return PassResult(False, notes)
 
 
-def _keep_mask_values_fp32(plan, tensors, cfg) -> List[str]:
+def _keep_mask_values_fp32(plan, tensors, cfg, stats=None) -> List[str]:
     """Leave FP32 the nodes that read an activation holding a mask value: exporters write attention masks as
-    the float type's lowest value (-3.4e38, or -65504 in FP16) added to the scores, so a calibrated range
-    of half the type's max or more is a sentinel, not data. One per-tensor scale covering it rounds every
-    real value to zero (a transformers BERT export, extended scheme: logits cosine 0.21)."""
+    the float type's lowest value (-3.4e38, or -65504 in FP16) or as -inf added to the scores, so a calibrated
+    range of half the type's max or more is a sentinel, not data (the collector counts an infinity as the
+    type's extreme value). One per-tensor scale covering it rounds every real value to zero (a transformers
+    BERT export, extended scheme: logits cosine 0.21); one scale for the real values turns -inf into a finite
+    value and unmasks. The observed min/max count too, so a percentile / MSE / entropy range that left the
+    mask value out still keeps the readers FP32."""
     notes: List[str] = []
+    stats = stats or {}
     for name, spec in list(plan.tensors.items()):
         if spec.role != "activation" or spec.dynamic is not None or name in cfg.overrides:
             continue
@@ -189,6 +193,9 @@ def _keep_mask_values_fp32(plan, tensors, cfg) -> List[str]:
         dtype = np.dtype(t.dtype) if t is not None and t.dtype is not None and np.dtype(t.dtype).kind == "f" \
             else np.dtype(np.float32)
         amax = float(spec.amax) if isinstance(spec.amax, (int, float)) else 0.0
+        st = stats.get(name, {})
+        seen = [abs(float(st[k])) for k in ("min", "max") if isinstance(st.get(k), (int, float))]
+        amax = max([amax] + [v for v in seen if np.isfinite(v)])
         if not amax >= float(np.finfo(dtype).max) / 2:
             continue
         reason = (f"reads '{name}', whose range ({amax:.3g}) is a mask value of {dtype.name}: one scale for it "

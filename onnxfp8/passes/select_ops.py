@@ -2,7 +2,8 @@
 
 The rules come from the config (op types of the scheme, --exclude-op, --include-node / --exclude-node globs
 and regexes, --keep-first-last) plus the structural SupportRule (a Conv needs a constant weight, a Gather
-must be an embedding lookup...). A name pattern that matches no node is an error: it is almost always a
+must be an embedding lookup...). With the scheme's own op types (no --op-types), embedding Gathers stay FP32
+(rules.DefaultEmbeddingRule: quantizing them made the default less accurate than the plain scheme). A name pattern that matches no node is an error: it is almost always a
 typo or a renamed export."""
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from onnxfp8.errors import ConfigError
 from onnxfp8.pipeline import Pass, PassContext, PassResult
 from onnxfp8.plan import NodeDecision
 from onnxfp8.state import PatternMatch
-from onnxfp8.rules import (ExcludeOpRule, FirstLastRule, GraphInfo, NodeNameRule, NodeRule, OpTypeRule,
-                           SupportRule, select)
+from onnxfp8.rules import (DefaultEmbeddingRule, ExcludeOpRule, FirstLastRule, GraphInfo, NodeNameRule, NodeRule,
+                           OpTypeRule, SupportRule, select)
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -30,6 +31,8 @@ def build_rules(ctx: PassContext) -> List[NodeRule]:
     rules.append(OpTypeRule(cfg.selected_op_types))
     if cfg.exclude_ops:
         rules.append(ExcludeOpRule(cfg.exclude_ops))
+    if cfg.op_types is None:
+        rules.append(DefaultEmbeddingRule())  # embedding tables stay FP32 unless Gather is asked for by name
     if cfg.keep_first_last:
         rules.append(FirstLastRule())
     rules.append(SupportRule(activation_matmul=cfg.scheme == "extended"))

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
-from onnxfp8.config import AUTO_CANDIDATES, CALIBRATION_METHODS, SCHEMES, QuantConfig
+from onnxfp8.config import ALL_FORMATS, CALIBRATION_METHODS, SCHEMES, QuantConfig
 from onnxfp8.errors import ConfigError, OnnxFp8Error
 from onnxfp8.modelio import load_model, model_bytes
 from onnxfp8.plan import json_plain
@@ -163,7 +163,7 @@ def default_criterion(labelled: bool) -> Target:
 
 
 def sweep(model, calib: Any, val: Any, config: Optional[QuantConfig] = None, *,
-          formats: Sequence[str] = AUTO_CANDIDATES + ("auto",), schemes: Sequence[str] = SCHEMES,
+          formats: Sequence[str] = ALL_FORMATS + ("auto",), schemes: Sequence[str] = SCHEMES,
           calibrations: Sequence[str] = CALIBRATION_METHODS, labels: Any = None, target: Optional[Target] = None,
           tune: bool = True, max_fallback=None, samples: Optional[int] = None, histograms: int = 4,
           progress=None, transforms: Sequence[str] = ()) -> SweepReport:
@@ -256,7 +256,7 @@ def sweep(model, calib: Any, val: Any, config: Optional[QuantConfig] = None, *,
             report.timings["tuning"] = time.perf_counter() - t
             if report.sensitivity is None:
                 t = time.perf_counter()
-                fmts = [f for f in formats if f != "auto"] or list(AUTO_CANDIDATES)
+                fmts = [f for f in formats if f != "auto"] or list(ALL_FORMATS)
                 report.sensitivity = analyse(base_ws, ev.subset(16), fmts, config, bar=progress)
                 report.timings["sensitivity"] = time.perf_counter() - t
             report.histograms = _histograms(base_ws, report.sensitivity, histograms)

@@ -303,8 +303,11 @@ class CheckReport:
     def to_json(self, indent: int = 1) -> str:
         return json.dumps(json_plain(self.to_dict()), indent=indent, allow_nan=False)
 
-    def summary(self, max_layers: int = 10) -> str:
-        """The compact table the CLI prints."""
+    def summary(self, max_layers: Optional[int] = 10, verbose: bool = False) -> str:
+        """The compact table the CLI prints; ``verbose`` (check -v): every layer, and the thresholds each output
+        was judged by, with the time taken."""
+        if verbose:
+            max_layers = None
         head = ["output", "SQNR dB", "cosine", "rel L2", "NaN/Inf fp32/q", "max|err|", "mean|err|", "top-1", "top-5", "acc fp32>q",
                 "acc loss", ""]
         rows = []
@@ -339,11 +342,20 @@ class CheckReport:
             lrows = [[l.node, l.op_type, _fmt_value("min_sqnr", l.own_sqnr_db), _fmt_value("min_sqnr", l.cumulative_sqnr_db),
                       f"{l.cumulative.rel_l2:.3g}", l.output] for l in self.layers[:max_layers]]
             lines += ["  " + s for s in _table(["layer", "op", "own dB", "cumul. dB", "cumul. rel L2", "output"], lrows)]
-            if len(self.layers) > max_layers:
+            if max_layers is not None and len(self.layers) > max_layers:
                 lines.append(f"  ... {len(self.layers) - max_layers} more in the JSON report")
         if self.layers is not None:
             for s in self.layers_skipped:
                 lines.append(f"  not compared: {s['node']}: {s['reason']}")
+        if verbose:
+            for name in self.outputs:
+                t = self.thresholds.for_output(name)
+                lines.append(f"thresholds for {name}: " + ", ".join(
+                    f"{k} {_fmt_value(k, v)}" for k, v in t.items() if v is not None)
+                    + (f", min_layer_sqnr {self.thresholds.min_layer_sqnr:g}" if self.thresholds.min_layer_sqnr
+                       is not None else ""))
+            lines.append(f"time: {self.seconds:.2f} s ({self.batches} batch(es) at batch size "
+                         f"{self.runtime.get('batch_size', '?')})")
         if self.passed:
             lines.append("PASS: every threshold holds")
         else:
@@ -438,6 +450,12 @@ def check(fp32: ModelLike, quant: ModelLike, data: Any, thresholds: Optional[Thr
     quant_src = quant if isinstance(quant, (str, os.PathLike)) else quant_model
     if not (layers or reference):
         del fp32_model, quant_model
+    total = None
+    if progress:
+        from onnxfp8.progress import count_samples
+
+        total = count_samples(dataset)
+        progress("outputs: creating the sessions")
     ref_sess = make_session(fp32_src, level="basic", providers=providers, threads=threads)
     q_sess = make_session(quant_src, level="basic", providers=providers, threads=threads)
     del fp32_src, quant_src
@@ -486,7 +504,7 @@ def check(fp32: ModelLike, quant: ModelLike, data: Any, thresholds: Optional[Thr
         seen += n
         batches += 1
         if progress:
-            progress(f"outputs: {seen} sample(s)")
+            progress(f"outputs: {seen}{f'/{total}' if total else ''} sample(s)")
     # with --samples N the first N labels are used; otherwise labels and samples must pair up one to one
     if label_array is not None and (label_array.shape[0] < seen or (samples is None and label_array.shape[0] != seen)):
         raise DataError(f"{label_source}: holds {label_array.shape[0]} labels for {seen} samples")

@@ -455,7 +455,15 @@ def compare_layers(fp32: onnx.ModelProto, quant: onnx.ModelProto, data, *, max_m
     opts = shrinking_run_options()
     cum = {l.node: ErrorStats() for l in layers}
     own = {l.node: ErrorStats() for l in layers}
+    total = None
+    if progress:
+        from onnxfp8.progress import count_samples
+
+        total = count_samples(data)
     for gi, group in enumerate(groups):
+        where = f"layers: chunk {gi + 1}/{len(groups)} ({len(group)} layer(s))"
+        if progress:
+            progress(f"{where}, creating the sessions")
         outs = [l.output for l in group]
         bounds = sorted({b for l in group for b in l.boundaries})
         run.bytes_per_batch = max(run.bytes_per_batch, sum(3 * nbytes.get(o, 0) for o in outs)
@@ -465,6 +473,7 @@ def compare_layers(fp32: onnx.ModelProto, quant: onnx.ModelProto, data, *, max_m
         q_sess = make_session(expose(quant, outs, types), level="basic", providers=providers, threads=threads)
         own_sess = make_session(own_model(quant, group, types), level="basic", providers=providers, threads=threads)
         own_outs = [LOCAL_PREFIX + o for o in outs]
+        seen = 0
         for batch in micro_batches(data.batches(), m):
             ref = dict(zip(ref_fetch, fp32_sess.run(ref_fetch, batch, opts)))
             feed = {b: (batch[b] if b in batch else ref[b]) for b in bounds}
@@ -478,10 +487,11 @@ def compare_layers(fp32: onnx.ModelProto, quant: onnx.ModelProto, data, *, max_m
                 cum[l.node].update(ref[l.output], v)
             del got, ref
             release_memory()
+            if progress:
+                seen += batch_size(batch)
+                progress(f"{where}, {seen}{f'/{total}' if total else ''} sample(s)")
         del fp32_sess, q_sess, own_sess
         run.passes += 1
-        if progress:
-            progress(f"layers: chunk {gi + 1}/{len(groups)} ({len(group)} layer(s))")
     run.results = sorted((LayerResult(l.node, l.op_type, l.output, l.quantized_inputs, cum[l.node], own[l.node])
                           for l in layers), key=LayerResult.sort_key)
     return run

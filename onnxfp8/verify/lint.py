@@ -75,6 +75,7 @@ class LintReport:
     target: str
     findings: List[Finding] = field(default_factory=list)
     qdq_nodes: int = 0
+    qdq_types: Dict[str, int] = field(default_factory=dict)  # Q/DQ nodes per quantized type (lint -v)
 
     @property
     def errors(self) -> List[Finding]:
@@ -97,8 +98,11 @@ class LintReport:
     def to_json(self, indent: int = 1) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
-    def summary(self) -> str:
+    def summary(self, verbose: bool = False) -> str:
         lines = [f.line() for f in self.findings]
+        if verbose:
+            lines.append("Q/DQ nodes by quantized type: " + (", ".join(
+                f"{k} {v}" for k, v in sorted(self.qdq_types.items())) or "none"))
         verdict = "clean" if not self.findings else f"{len(self.errors)} error(s), {len(self.warnings)} warning(s)"
         lines.append(f"{self.source}: {self.qdq_nodes} Q/DQ node(s) checked for {self.target}: {verdict}")
         return "\n".join(lines)
@@ -213,6 +217,8 @@ def lint_model(model: Union[str, os.PathLike, onnx.ModelProto], target: str = "t
         name = _label(n)
         # dtype
         t = _qdq_type(g, n)
+        kind = TensorProto.DataType.Name(t) if t is not None else "unknown"
+        rep.qdq_types[kind] = rep.qdq_types.get(kind, 0) + 1
         if t is not None and t not in ALLOWED_TYPES:
             what = TensorProto.DataType.Name(t)
             why = ("TensorRT's FP8 is FLOAT8E4M3FN only" if t in FP8_TYPES else

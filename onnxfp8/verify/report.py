@@ -60,8 +60,9 @@ class QuantReport:
     def to_json(self, indent: int = 1) -> str:
         return json.dumps(json_plain(self.to_dict()), indent=indent, allow_nan=False)
 
-    def summary(self) -> str:
-        """The human summary the CLI prints."""
+    def summary(self, verbose: bool = False) -> str:
+        """The human summary the CLI prints; ``verbose`` (quantize -v): every node left FP32 and every tensor
+        format auto chose, nothing shortened."""
         lines = []
         by_op = self.plan.counts_by_op()
         total = sum(by_op.values())
@@ -79,12 +80,13 @@ class QuantReport:
         reasons: Dict[str, List[str]] = {}
         for d in skipped:
             reasons.setdefault(d.reason, []).append(d.node)
-        interesting = {r: n for r, n in reasons.items() if "is not quantized by this scheme" not in r}
+        interesting = {r: n for r, n in reasons.items() if verbose or "is not quantized by this scheme" not in r}
         plain = sum(len(n) for r, n in reasons.items() if r not in interesting)
         lines.append(f"left FP32: {len(skipped)} node(s)" + (f" ({plain} of op types outside the scheme)" if plain else ""))
         for r, names in sorted(interesting.items(), key=lambda kv: -len(kv[1])):
-            more = f" (+{len(names) - 4} more)" if len(names) > 4 else ""
-            lines.append(f"  {len(names):4d} x {r}: {', '.join(names[:4])}{more}")
+            show = names if verbose else names[:4]
+            more = f" (+{len(names) - 4} more)" if len(names) > len(show) else ""
+            lines.append(f"  {len(names):4d} x {r}: {', '.join(show)}{more}")
         matched = [m.describe() for m in self.patterns]
         if matched:  # what each node-name pattern matched (select_ops fails on a pattern matching nothing)
             lines.append("node patterns: " + "; ".join(matched))
@@ -106,7 +108,7 @@ class QuantReport:
             lines.extend(batchnorm_lines(self.batchnorm))
         if self.how_to_run:
             lines.append(f"to compute it exactly: {self.how_to_run}")
-        lines.extend(auto_summary(self.plan) + dynamic_summary(self.plan))  # auto: what won where; dynamic
+        lines.extend(auto_summary(self.plan, limit=None if verbose else 8) + dynamic_summary(self.plan))  # auto: what won where; dynamic
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
 
@@ -188,7 +190,7 @@ def _db(v: Any) -> str:
     return f"{v:.2f} dB" if isinstance(v, float) and math.isfinite(v) else str(v)
 
 
-def auto_summary(plan, limit: int = 8) -> List[str]:
+def auto_summary(plan, limit: Optional[int] = 8) -> List[str]:
     """What format auto chose, in words, for the CLI summary: the count per format, then the tensors where the
     choice mattered most (largest margin between the best and the second-best candidate) with their reasons
     (QuantSpec.auto_reason, a field: no note is parsed) ('layer0/attn_ln/output (activation): this tensor has outliers (max/rms 25.3): E4M3 beats E3M4 by 6.1 dB
@@ -213,8 +215,8 @@ def auto_summary(plan, limit: int = 8) -> List[str]:
     lines = [line]
     for s in sorted(specs, key=margin, reverse=True)[:limit]:
         lines.append(f"  {s.tensor} ({s.role}): {s.auto_reason}")
-    if len(specs) > limit:
-        lines.append(f"  (+{len(specs) - limit} more; --plan and --report hold every candidate's SQNR)")
+    if limit is not None and len(specs) > limit:
+        lines.append(f"  (+{len(specs) - limit} more; -v shows all; --plan and --report hold every candidate's SQNR)")
     return lines
 
 

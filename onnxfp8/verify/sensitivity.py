@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import onnx
 
-from onnxfp8.config import AUTO_CANDIDATES, QuantConfig
+from onnxfp8.config import ALL_FORMATS, QuantConfig
 from onnxfp8.modelio import ModelLike, load_model, make_session
 from onnxfp8.plan import json_plain
 from onnxfp8.verify.compare import ErrorStats
@@ -213,7 +213,7 @@ def layer_tensors(plan, node: str) -> List[str]:
     return [s.tensor for s in plan.tensors.values() if node in s.consumers]
 
 
-def analyse(workspace, evaluator, formats: Sequence[str] = AUTO_CANDIDATES, base: Optional[QuantConfig] = None, *,
+def analyse(workspace, evaluator, formats: Sequence[str] = ALL_FORMATS, base: Optional[QuantConfig] = None, *,
             top: int = 0, model_metrics: bool = False, max_memory_mb: float = 32,
             progress: Optional[Callable[[str], None]] = None, bar=None, results: Optional[Dict[str, Any]] = None
             ) -> SensitivityReport:
@@ -288,7 +288,7 @@ class _Batches:
 
 
 def sensitivity(model: ModelLike, calib: Any, val: Any, config: Optional[QuantConfig] = None, *,
-                formats: Sequence[str] = AUTO_CANDIDATES, labels: Any = None, top: int = 0,
+                formats: Sequence[str] = ALL_FORMATS, labels: Any = None, top: int = 0,
                 samples: Optional[int] = None, model_metrics: bool = True, max_memory_mb: float = 32,
                 progress=None) -> SensitivityReport:
     """Per-layer sensitivity of ``model`` quantized with ``config`` (its format ranks the layers): calibrate

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 import onnxfp8
 from onnxfp8.calibrators.data import CalibrationData, InputSpec
-from onnxfp8.progress import ProgressBar, count_samples, progress_for
+from onnxfp8.progress import ProgressBar, StatusLine, count_samples, progress_for, status_for
 
 
 class FakeTTY(io.StringIO):
@@ -103,8 +103,48 @@ def test_quantize_drives_the_bar(example_models):
     assert bar.calls == [(8, 1), (16, 1), (24, 1), (32, 1), (8, 2), (16, 2), (24, 2), (32, 2), (8, 1)]
     lines = [seg.split("\r")[-1] for seg in out.getvalue().rstrip("\n").split("\n")]
     assert lines[0].startswith("calibrating  [########################]  32/32 samples  pass 2/2  32.0 samples/s  ETA 0:00")
-    assert lines[-1].startswith("measuring the quantized model  [########################]  8/8 samples")
+    assert lines[-1].startswith("measuring output error  [########################]  8/8 samples")
     assert out.getvalue().endswith("\n")
+    # between the bars a phase line says what runs (it sat at 100 % for seconds without a word): every pass,
+    # the export, onnx.checker, the session of the summary; each is cleared by what comes next
+    assert bar.phases[0] == "quantizing: canonicalize" and "quantizing: calibrate" in bar.phases
+    tail = bar.phases[bar.phases.index("quantizing: calibrate") + 1:]
+    assert tail[-3:] == ["exporting the quantized model", "checking the quantized model (onnx.checker)",
+                         "measuring output error: creating the onnxruntime session"]
+    assert "\rmeasuring output error: creating the onnxruntime session  0:00" in out.getvalue()
+
+
+def test_status_line_redraws_in_place_and_clears():
+    out, clock = FakeTTY(), Clock()
+    st = StatusLine(out, "checking", min_interval=1.0, tick=None, clock=clock)
+    st("outputs: 16/64 sample(s)")
+    clock.t += 0.5
+    st("outputs: 32/64 sample(s)")  # throttled: within min_interval of the last draw
+    clock.t += 61.0
+    st("layers: chunk 1/2 (3 layer(s)), 16/64 sample(s)")
+    assert out.getvalue() == ("\rchecking: outputs: 16/64 sample(s)  0:00"
+                              "\rchecking: layers: chunk 1/2 (3 layer(s)), 16/64 sample(s)  1:02")
+    st.close()
+    assert out.getvalue().endswith("\r" + " " * len("checking: layers: chunk 1/2 (3 layer(s)), 16/64 sample(s)  1:02") + "\r")
+    st("late")  # after close: nothing more
+    assert not out.getvalue().endswith("late  1:02")
+    assert status_for(io.StringIO()) is None and status_for(FakeTTY(), quiet=True) is None
+    live = status_for(FakeTTY(), prefix="checking")
+    assert isinstance(live, StatusLine)
+    live.close()
+
+
+def test_status_line_ticks_while_a_step_is_silent():
+    out = FakeTTY()
+    st = StatusLine(out, "quantizing", tick=0.02)
+    st("checking the model")
+    import time
+
+    deadline = time.monotonic() + 5
+    while out.getvalue().count("\r") < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    st.close()
+    assert out.getvalue().count("\rquantizing: checking the model  0:0") >= 2  # redrawn without a call
 
 
 @pytest.mark.parametrize("quiet", [False, True])

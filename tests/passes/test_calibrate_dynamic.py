@@ -131,9 +131,9 @@ def test_dynamic_token_falls_back_to_tensor_for_other_consumers():
 
 
 # measured logits SQNR (dB) on the example transformer (32 calibration / 32 validation samples, the validation
-# set run as one batch, E4M3, standard scheme): static 25.92, dynamic per tensor 24.74 (one scale for the
-# whole batch, set by its largest outlier), per token 26.86; bounds ~0.3 dB below
-DYN_BOUNDS = {"static": 25.6, "tensor": 24.4, "token": 26.5}
+# set run as one batch, E4M3, standard scheme, embedding table FP32 by default): static 27.46, dynamic per
+# tensor 26.06 (one scale for the whole batch, set by its largest outlier), per token 28.03; bounds ~0.3 dB below
+DYN_BOUNDS = {"static": 27.1, "tensor": 25.7, "token": 27.7}
 
 
 def test_dynamic_vs_static_on_the_transformer(example_models, load_feeds):

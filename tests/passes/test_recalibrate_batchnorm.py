@@ -476,3 +476,62 @@ def test_static_batch_falls_back_when_the_model_needs_it(case):
     # bn1 has no BN upstream: its pooled statistics do not depend on the batching
     dynamic = onnxfp8.quantize(model, calib, config=cfg, check_model=False).report.batchnorm.to_dict()
     np.testing.assert_allclose(bn["layers"]["bn1"]["var_after"], dynamic["layers"]["bn1"]["var_after"], rtol=1e-5)
+
+
+# -- inputs batched on another axis than 0 (a streaming model's state [2, batch, C]) and a scalar -----------
+def _stateful_bn_model():
+    """state [2, batch, C1] (batch on axis 1), x [batch, CIN, HW, HW], a scalar gain: Conv -> BN -> + mean of the
+    state over its first axis -> Relu -> y, and the next state = 0.5 * state * gain. The state input comes first,
+    so a reader that took axis 0 of the first input as the batch would count 2 samples per batch."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(0, 0.5, (C1, CIN, 3, 3)).astype(np.float32)
+    inits = {"w": w, "b": rng.normal(0, 0.3, C1), "g": rng.uniform(0.5, 1.5, C1), "be": rng.normal(0, 0.2, C1),
+             "m": rng.normal(0, 0.5, C1), "v": rng.uniform(0.5, 2.0, C1), "half": np.array(0.5),
+             "ax0": np.array([0], np.int64), "ax23": np.array([2, 3], np.int64)}
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "g", "be", "m", "v"], ["n"], name="bn", epsilon=EPS),
+             helper.make_node("ReduceMean", ["state", "ax0"], ["sm"], name="state_mean", keepdims=0),
+             helper.make_node("Unsqueeze", ["sm", "ax23"], ["s4"], name="state_4d"),
+             helper.make_node("Add", ["n", "s4"], ["a"], name="add_state"),
+             helper.make_node("Relu", ["a"], ["y"], name="relu"),
+             helper.make_node("Mul", ["state", "half"], ["sh"], name="decay"),
+             helper.make_node("Mul", ["sh", "gain"], ["new_state"], name="gain_mul")]
+    f = onnx.TensorProto.FLOAT
+    g = helper.make_graph(nodes, "stateful_bn",
+                          [helper.make_tensor_value_info("state", f, [2, "batch", C1]),
+                           helper.make_tensor_value_info("x", f, ["batch", CIN, HW, HW]),
+                           helper.make_tensor_value_info("gain", f, [])],
+                          [helper.make_tensor_value_info("y", f, ["batch", C1, HW, HW]),
+                           helper.make_tensor_value_info("new_state", f, [2, "batch", C1])],
+                          [numpy_helper.from_array(np.asarray(v, np.float32 if k not in ("ax0", "ax23") else np.int64), k)
+                           for k, v in inits.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
+
+
+def test_held_out_and_recalibration_follow_the_batch_axis_of_each_input():
+    model = _stateful_bn_model()
+    rng = np.random.default_rng(4)
+    n = 96
+    x = rng.normal(0.3, 1.0, (n, CIN, HW, HW)).astype(np.float32)
+    state = rng.normal(0, 0.5, (2, n, C1)).astype(np.float32)
+    files = [{"state": state[:, i:i + 16], "x": x[i:i + 16], "gain": np.array(0.9, np.float32)}
+             for i in range(0, n, 16)]
+    data = as_data(files, model, batch_size=40)
+    held = HeldOut(data, 20)
+    got = list(held.batches())
+    assert [b["x"].shape[0] for b in got] == [40, 36] and [b["state"].shape[1] for b in got] == [40, 36]
+    np.testing.assert_array_equal(np.concatenate([b["state"] for b in got], axis=1), state[:, 20:])
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in got]), x[20:])
+    assert all(b["gain"].shape == () for b in got)
+    # end to end: recalibration runs, counts samples along each input's batch axis and holds out the
+    # evaluation samples (the first captured ones), judged on both outputs
+    res = onnxfp8.quantize(model, files, config=QuantConfig(format="int8", bn_recalibrate=True, bn_mode="replace",
+                                                             bn_guard=False, summary_samples=16))
+    bn = res.report.batchnorm.to_dict()
+    assert bn["eval_samples"] == 16 and bn["eval_held_out"] is True and bn["samples"] == n - 16
+    assert set(bn["sqnr_with"]) == {"y", "new_state"}
+    # the recalibrated statistics are the quantized Conv output's over the held-out samples, along axis 0 of x
+    spec = res.plan.tensors["w"]
+    assert spec.role == "weight"
+    stats = res.plan.batchnorm["bn"]
+    assert len(stats.mean) == C1 and np.isfinite(stats.mean).all() and np.isfinite(stats.var).all()

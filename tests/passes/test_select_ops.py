@@ -116,3 +116,94 @@ def test_pattern_matching_nothing_is_config_error(run_passes, key, pattern):
     with pytest.raises(ConfigError, match="matches no node") as e:
         _select(run_passes, **{key: (pattern,)})
     assert pattern in str(e.value) and "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# embedding Gathers: FP32 by default (issue 11 item 5: the default never worse than the plain scheme)
+# --------------------------------------------------------------------------------------------------
+def _embedding_model():
+    """ids -> word + position embedding lookups (Gather on constant 2-D tables) -> Add -> MatMul head, plus a
+    Gather on a shape (int64, never quantized). Tables with heavy-tailed rows, as trained embeddings have."""
+    text = """<ir_version: 8, opset_import: ["" : 19]>
+    g (int64[N,6] ids) => (float[N,6,5] y, int64 s) {
+        e = Gather (emb, ids)
+        p = Gather (pos, pids)
+        x = Add (e, p)
+        y = MatMul (x, w)
+        sh = Shape (ids)
+        s = Gather <axis = 0> (sh, one)
+    }"""
+    m = onnx.parser.parse_model(text)
+    for n, name in zip(m.graph.node, ["word_emb", "pos_emb", "add", "head", "shape", "shape_gather"]):
+        n.name = name
+    r = np.random.default_rng(11)
+    emb = r.standard_t(3, (50, 8)).astype(np.float32)
+    inits = {"emb": emb, "pos": r.normal(0, 0.1, (6, 8)).astype(np.float32),
+             "w": r.normal(0, 1, (8, 5)).astype(np.float32), "pids": np.arange(6, dtype=np.int64),
+             "one": np.array(1, dtype=np.int64)}
+    m.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in inits.items())
+    return m
+
+
+def _ids(n, seed):
+    return [{"ids": np.random.default_rng(seed + i).integers(0, 50, (4, 6)).astype(np.int64)} for i in range(n)]
+
+
+@pytest.mark.parametrize("scheme", ["standard", "extended"])
+def test_embedding_gather_fp32_by_default_with_reason(scheme):
+    import onnxfp8
+
+    res = onnxfp8.quantize(_embedding_model(), _ids(4, 0), config=QuantConfig(scheme=scheme))
+    d = res.plan.nodes["word_emb"]
+    assert not d.quantized and d.reason.startswith("embedding Gather kept FP32 by default")
+    assert "--op-types" in d.reason
+    assert not res.plan.nodes["pos_emb"].quantized and res.plan.nodes["head"].quantized
+    assert "emb" not in res.plan.tensors and "pos" not in res.plan.tensors
+    # the tables are stored as they were: FP32 initializers read by the Gathers
+    tables = {t.name: t.data_type for t in res.model.graph.initializer}
+    assert tables["emb"] == onnx.TensorProto.FLOAT and tables["pos"] == onnx.TensorProto.FLOAT
+    assert "shape_gather" in res.plan.nodes and not res.plan.nodes["shape_gather"].quantized
+
+
+def test_embedding_gather_quantized_when_asked_by_op_types():
+    import onnxfp8
+
+    res = onnxfp8.quantize(_embedding_model(), _ids(4, 0),
+                           config=QuantConfig(op_types=("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")))
+    assert res.plan.nodes["word_emb"].quantized
+    # constant indices (position ids folded by the exporter): a constant, not a lookup
+    assert res.plan.nodes["pos_emb"].reason == "Gather is not an embedding lookup on a constant 2-D table"
+    assert res.plan.tensors["emb"].role == "weight" and res.plan.tensors["emb"].axis == 0
+    assert not res.plan.nodes["shape_gather"].quantized  # an int64 shape: never, whatever the op types
+
+
+def test_exclude_op_gather_reason_wins_over_the_default():
+    import onnxfp8
+
+    res = onnxfp8.quantize(_embedding_model(), _ids(4, 0), config=QuantConfig(exclude_ops=("Gather",)))
+    assert "--exclude-op" in res.plan.nodes["word_emb"].reason
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2", "e3m4", "int8"])
+def test_default_is_the_plain_scheme_on_a_model_with_embeddings(fmt):
+    """Issue 11 item 5 by construction: on a model whose only quantizable ops are embedding lookups and GEMMs,
+    the default's quantized model computes exactly what the plain scheme's does (Conv/ConvTranspose/Gemm/MatMul,
+    per-channel weights, max-calibrated per-tensor activations); the tables, asked for by op types, quantize."""
+    import onnxfp8
+    from onnxfp8.modelio import make_session
+    from onnxfp8.verify.compare import sqnr_db
+
+    model = _embedding_model()
+    calib, val = _ids(4, 0), _ids(4, 100)
+    plain = QuantConfig(format=fmt, op_types=("Conv", "ConvTranspose", "Gemm", "MatMul"), per_channel=True,
+                        calibration="max")
+    runs = {name: onnxfp8.quantize(model, calib, config=cfg).model
+            for name, cfg in (("default", QuantConfig(format=fmt)), ("plain", plain),
+                              ("tables", plain.replace(op_types=plain.op_types + ("Gather",))))}
+    ref = make_session(model)
+    outs = {name: [make_session(m, level="basic").run(["y"], v)[0] for v in val] for name, m in runs.items()}
+    for a, b in zip(outs["default"], outs["plain"]):
+        np.testing.assert_array_equal(a, b)
+    fp32 = np.concatenate([ref.run(["y"], v)[0].ravel() for v in val])
+    sq = {name: sqnr_db(fp32, np.concatenate([o.ravel() for o in os_])) for name, os_ in outs.items()}
+    assert sq["default"] == sq["plain"] and np.isfinite(sq["tables"]) and sq["tables"] != sq["default"]

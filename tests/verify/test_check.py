@@ -258,7 +258,7 @@ def test_broken_scale_is_the_worst_layer(examples, layered, name):
     good = layered(name)
     bad = onnxfp8.check(model, break_scale(q, BROKEN[name]), [val], GATE, layers=True)
     assert good.passed
-    assert len(bad.layers) == len(good.layers) == {"cnn": 6, "mlp": 3, "transformer": 8}[name]
+    assert len(bad.layers) == len(good.layers) == {"cnn": 6, "mlp": 3, "transformer": 7}[name]
     top = bad.layers[0]
     assert top.node == BROKEN[name]
     assert top.own_sqnr_db < 1.0  # saturated: measured -3.1 dB (cnn), 0.03 dB (mlp, transformer)
@@ -302,8 +302,9 @@ def test_layer_exposure_is_bounded_and_does_not_change_results(examples):
     The figures stay the same."""
     model, q, val = examples["transformer"]
     one = onnxfp8.check(model, q, [val], layers=True, batch_size=8, max_memory_mb=64)
-    # the 8 layers expose 2.3 MB per run of 8 samples (3 copies of each output: FP32, quantized, own)
-    assert (one.layer_passes, one.layer_batch, one.layer_bytes_per_batch) == (1, 8, 2429888)
+    # the 7 layers (the embedding Gather stays FP32 by default) expose 2.1 MB per run of 8 samples (3 copies of
+    # each output: FP32, quantized, own)
+    assert (one.layer_passes, one.layer_batch, one.layer_bytes_per_batch) == (1, 8, 2231232)
     small = onnxfp8.check(model, q, [val], layers=True, batch_size=8, max_memory_mb=1.0)
     assert (small.layer_passes, small.layer_batch) == (1, 3) and small.layer_bytes_per_batch <= 2**20
     tiny = onnxfp8.check(model, q, [val], layers=True, batch_size=8, max_memory_mb=0.2)
