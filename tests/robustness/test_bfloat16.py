@@ -250,6 +250,14 @@ def test_cli_quantize_and_check_a_bfloat16_model(runner, tmp_path):
     r = runner.invoke(cli, ["check", str(path), str(out), "--data", str(tmp_path / "val")])
     assert r.exit_code in (0, 1), r.output
     assert "float32 twin of the bfloat16 model" in r.output
+    # the tuner (validation data for the bfloat16 input, fed float32 to the twin) writes a bfloat16 model too
+    tuned = tmp_path / "t.onnx"
+    r = runner.invoke(cli, ["quantize", str(path), "-c", str(tmp_path / "calib"), "--val", str(tmp_path / "val"),
+                            "--target-cosine", "0.9999", "-o", str(tuned)])
+    assert r.exit_code in (0, 1), r.output
+    q = onnx.load(tuned)
+    onnx.checker.check_model(q, full_check=True)
+    assert all(t.data_type == BF for t in _qdq_scales(q)) and q.graph.output[0].type.tensor_type.elem_type == BF
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
