@@ -190,6 +190,12 @@ def default_minus_plain(by: Dict[Tuple[str, str], Cell], model: str, fmt: str) -
     return d.sqnr_db - p.sqnr_db
 
 
+def families(models: Sequence[str]) -> Dict[str, str]:
+    """Each model's zoo family (benchmarks/zoo_models); "other" for a name the registry does not know."""
+    known = {zm.name: zm.family for zm in zoo.select()}
+    return {n: known.get(n, "other") for n in models}
+
+
 def markdown(cells: Sequence[Cell], models: Sequence[str], modes: Sequence[str], meta: Dict[str, Any]) -> str:
     by = {(c.model, c.mode): c for c in cells}
     cov = coverage(cells, models, modes)
@@ -200,6 +206,18 @@ def markdown(cells: Sequence[Cell], models: Sequence[str], modes: Sequence[str],
     lines += _table(["mode", "models meeting", "coverage", "failed (exit 2 / crash)"],
                     [[m, f"{cov[m]['meets']} / {cov[m]['models']}", f"{cov[m]['coverage_pct']:.1f} %",
                       str(cov[m]["failed"])] for m in modes])
+    fam = families(models)
+    if len(set(fam.values())) > 1:
+        order = list(dict.fromkeys(fam[n] for n in models))
+        lines += ["", "### Coverage per family (models meeting the criterion / models in the family)", ""]
+        rows = []
+        for m in modes:
+            row = [m]
+            for f in order:
+                members = [n for n in models if fam[n] == f]
+                row.append(f"{sum(1 for n in members if by.get((n, m)) and by[(n, m)].meets)} / {len(members)}")
+            rows.append(row)
+        lines += _table(["mode"] + order, rows)
     fmts = [f for f in FORMATS if f in modes and f"plain-{f}" in modes]
     if fmts:
         lines += ["", "### Default minus plain scheme, output SQNR (dB; issue 11 item 5 wants >= -0.5)", ""]

@@ -516,6 +516,9 @@ def apply_plan(model: Union[ModelLike, Prepared], plan: Union[QuantPlan, str, os
         plan = QuantPlan.load(plan_source)
     if config is None:
         config = QuantConfig.from_dict(plan.config, source=f"{plan_source} (config)") if plan.config else QuantConfig()
+    # applying a plan calibrates nothing: a statistics file the plan was made with (a tuned plan names the
+    # tuner's temporary one) is neither read nor written
+    config = config.replace(load_stats=None, save_stats=None)
     from onnxfp8.passes import plan_pipeline
     from onnxfp8.passes.use_plan import UsePlan
 

@@ -259,3 +259,15 @@ class Calibration:
         res = collect(model, list(tensors), self.data, MaxCalibrator(), providers=cfg.providers, threads=cfg.threads,
                       max_memory_mb=cfg.max_memory_mb, level=level)
         return res.max_calibrator.minmax()
+
+    # -- per-channel statistics (equalize, bias correction, smoothquant)
+    def channel_stats(self, model: Any, requests: Dict[str, Any], *, arrays: Optional[Dict[str, Any]] = None,
+                      rank: Optional[Dict[str, int]] = None, level: str = "all") -> Dict[str, Dict[str, Any]]:
+        """Per-channel statistics of ``model``'s tensors named in ``requests`` (tensor -> collector.ChannelRequest)
+        over the data in one pass, reduced inside onnxruntime (collector.channel_stats)."""
+        from onnxfp8.calibrators.collector import channel_stats
+
+        cfg = self.config
+        return channel_stats(model, requests, self.data, providers=cfg.providers, threads=cfg.threads, level=level,
+                             arrays=arrays, rank=rank)
+

@@ -563,7 +563,8 @@ def pair_statistics(graph: gs.Graph, pairs: Sequence[Pair], ctx: PassContext) ->
     """Per pair (by first layer): ``"range"`` max |x| per channel of the tensor the second layers read and
     ``"min"`` the per-channel minimum of the first layer's output, over the calibration data (one pass, reduced
     in onnxruntime)."""
-    from onnxfp8.calibrators.collector import ChannelRequest, channel_stats
+    from onnxfp8.calibrators.calibration import Calibration
+    from onnxfp8.calibrators.collector import ChannelRequest
 
     requests: Dict[str, ChannelRequest] = {}
     ranks: Dict[str, int] = {}
@@ -577,9 +578,8 @@ def pair_statistics(graph: gs.Graph, pairs: Sequence[Pair], ctx: PassContext) ->
             if _rank(t):
                 ranks[t.name] = _rank(t)
     model, arrays = light_model(graph)
-    cfg = ctx.config
-    got = channel_stats(model, requests, ctx.calib, providers=cfg.providers, threads=cfg.threads, arrays=arrays,
-                        rank=ranks)
+    got = Calibration(ctx.config, ctx.calib, source=ctx.source).channel_stats(model, requests, arrays=arrays,
+                                                                               rank=ranks)
     out = {}
     for p in pairs:
         a, m = got.get(p.between, {}), got.get(p.first.out.name, {})
@@ -925,7 +925,8 @@ class BiasCorrection(Pass):
         # a copy of the graph with a dW-layer beside every layer: their per-channel means are E[dW x]
         work = graph.copy()
         wby = nodes_by_name(work)
-        from onnxfp8.calibrators.collector import ChannelRequest, channel_stats
+        from onnxfp8.calibrators.calibration import Calibration
+        from onnxfp8.calibrators.collector import ChannelRequest
         from onnxfp8.modelio import to_light_model
 
         requests: Dict[str, ChannelRequest] = {}
@@ -942,8 +943,8 @@ class BiasCorrection(Pass):
             elif layer.node.op == "Gemm":
                 ranks[out.name] = 2
         model, arrays = to_light_model(work)
-        got = channel_stats(model, requests, ctx.calib, providers=cfg.providers, threads=cfg.threads,
-                            arrays=arrays, rank=ranks)
+        got = Calibration(cfg, ctx.calib, source=ctx.source).channel_stats(model, requests, arrays=arrays,
+                                                                            rank=ranks)
         records = []
         shifts = []
         for layer, dw in layers:

@@ -28,7 +28,7 @@ format with the range the smoothed tensor will have, times the smoothed weights 
 weight format, against ``X W`` in FP32. A layer where no alpha helps is left alone.
 
 Per-channel statistics come from one pass over the calibration data reduced inside onnxruntime
-(calibrators/collector.py ``channel_stats``). Only quantized MatMul/Gemm inputs are smoothed (the pass runs
+(``Calibration.channel_stats``, calibrators/collector.py). Only quantized MatMul/Gemm inputs are smoothed (the pass runs
 after ``select_ops``); every change is recorded in ``plan.transforms`` (``smoothquant.smooth``: the tensor,
 its readers, alpha, ``s``, where ``1/s`` went) and ``replay`` redoes it without data.
 """
@@ -246,7 +246,8 @@ class SmoothQuant(Pass):
                 groups[x.name] = readers
         if not groups:
             return PassResult(False, ["no quantized MatMul/Gemm with a constant weight to smooth"])
-        from onnxfp8.calibrators.collector import ChannelRequest, channel_stats
+        from onnxfp8.calibrators.calibration import Calibration
+        from onnxfp8.calibrators.collector import ChannelRequest
         from onnxfp8.passes.equalize import light_model
 
         auto = cfg.smoothquant == "auto"
@@ -261,8 +262,8 @@ class SmoothQuant(Pass):
             ranks[name] = r
             requests[name] = ChannelRequest(-1, ("absmax",), ROWS if auto else 0)
         model, arrays = light_model(graph)
-        stats = channel_stats(model, requests, ctx.calib, providers=cfg.providers, threads=cfg.threads,
-                              arrays=arrays, rank=ranks)
+        stats = Calibration(cfg, ctx.calib, source=ctx.source).channel_stats(model, requests, arrays=arrays,
+                                                                              rank=ranks)
         act_fmt = get_format(cfg.activation_format)
         w_fmt = get_format(cfg.weight_format)
         records = []

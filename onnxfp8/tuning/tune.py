@@ -22,6 +22,14 @@ onnxruntime pass over the validation data. When no plan meets the target the bes
 ``met = False``. The returned plan says for every quantized or fallen-back layer why (NodeDecision.reason,
 QuantSpec.notes), and the report lists every step: what was tried and the metric it reached.
 
+Candidate formats (``formats``, default ``config.formats``: ``--formats`` on the command line): by default
+config.AUTO_CANDIDATES, E4M3, E5M2 and INT8, the formats a runtime executes (onnxruntime runs their Q/DQ, TensorRT
+E4M3 and INT8), because the tuned model is meant to be deployed. E3M4 has no ONNX type and no runtime executes it:
+a model with E3M4 tensors computes their numerics in float ops (passes/emulate.py), which measures what an E3M4
+kernel would compute but runs slower than FP32. It is a candidate only when named (``--formats
+e4m3,e5m2,e3m4,int8``); the report then lists it among the candidates, says how many tensors of the chosen plan are
+in it, and every layer in it says in the plan that it is emulate-only.
+
 Fallback precision (``fallback_precision``): "auto" (default) runs a fallen-back layer as an FP16 island
 (passes/fp16_fallback.py) when it is FP16-safe on the calibration data (tuning/fp16.py: ranges of its inputs
 and output within FP16's with headroom, finite, weights that round to FP16 cleanly; one max pass of the FP32
@@ -49,6 +57,9 @@ FALLBACK_PRECISIONS = ("auto", "fp32")
 AUTO_COLUMN = "auto"  # the sensitivity column of format auto's per-tensor choice
 # fallback ranking: this many layers (lowest own SQNR first) are scored alone in high precision
 RANK_POOL_MIN, RANK_POOL_FACTOR, RANK_POOL_MAX = 6, 2, 16
+# MB of tensors the sensitivity pass exposes per onnxruntime run: a chunk of layers costs one FP32 run over the
+# samples, so a small budget multiplies them (zoo-sized ResNet-50 at 224 px: 506 s = 5x the FP32 floor at 64 MB)
+SENSITIVITY_MEMORY_MB = 1024
 SCREEN_SAMPLES = 16  # candidates are scored on this many validation samples first ...
 SCREEN_MARGIN_DB = 1.0  # ... and on the whole set only when within this of an SQNR target
 # the transforms (passes/equalize.py, passes/smoothquant.py) tried as search steps, each with the value it is
@@ -113,6 +124,25 @@ class TuneReport:
     seconds: float = 0.0
     timings: Dict[str, float] = field(default_factory=dict)
     val_samples: int = 0
+    candidates: List[str] = field(default_factory=list)  # the candidate formats searched
+    emulated: Dict[str, int] = field(default_factory=dict)  # emulate-only format -> tensors of the chosen plan in it
+
+    def _emulation(self) -> str:
+        """What the candidates and the chosen plan say about emulate-only formats (E3M4: no runtime executes it)."""
+        from onnxfp8.formats import get_format
+
+        opted = [f for f in self.candidates if get_format(f).emulated]
+        if not opted:
+            if self.met or not self.candidates:
+                return ""
+            return ("; E3M4 was not searched (emulate-only, no runtime executes it): --formats "
+                    f"{','.join(self.candidates + ['e3m4'])} adds it")
+        used = ", ".join(f"{n} tensor(s) in {f.upper()}" for f, n in self.emulated.items() if n)
+        names = "/".join(f.upper() for f in opted)
+        if used:
+            return (f"; {used}: emulate-only (no ONNX type, no runtime executes it as 8-bit kernels; "
+                    f"the model computes its numerics in float ops), opted in with --formats")
+        return f"; {names} among the candidates (emulate-only, opted in with --formats) but not chosen"
 
     @property
     def message(self) -> str:
@@ -120,10 +150,10 @@ class TuneReport:
         if self.met:
             return (f"target {self.target.describe()} met: {self.target.fmt(self.reached)} on {self.val_samples} "
                     f"validation sample(s) ({best.tried}; {len(self.fallback)} of {self.quantized_layers} layer(s) "
-                    f"in fallback{self._precisions()})")
+                    f"in fallback{self._precisions()}){self._emulation()}")
         return (f"target {self.target.describe()} ({self.target.flag}) not met within the fallback budget of "
                 f"{self.max_fallback} layer(s): best reached {self.target.fmt(self.reached)} ({best.tried}); "
-                f"wrote the best model found")
+                f"wrote the best model found{self._emulation()}")
 
     def _precisions(self) -> str:
         n16 = sum(1 for p in self.fallback_precision.values() if p == "fp16")
@@ -136,6 +166,7 @@ class TuneReport:
                            "message": self.message, "best_step": self.best_step,
                            "quantized_layers": self.quantized_layers, "fallback": self.fallback,
                            "max_fallback": self.max_fallback, "val_samples": self.val_samples,
+                           "candidates": self.candidates, "emulated": self.emulated,
                            "fallback_precision": self.fallback_precision,
                            "fp16": {k: v.to_dict() for k, v in self.fp16.items()},
                            "seconds": round(self.seconds, 3),
@@ -144,7 +175,8 @@ class TuneReport:
                            "sensitivity": self.sensitivity.to_dict() if self.sensitivity else None})
 
     def summary(self) -> str:
-        lines = [f"tuning to {self.target.describe()} on {self.val_samples} validation sample(s):"]
+        lines = [f"tuning to {self.target.describe()} on {self.val_samples} validation sample(s)"
+                 + (f", candidate formats {','.join(self.candidates)}" if self.candidates else "") + ":"]
         for i, s in enumerate(self.steps):
             mark = "*" if i == self.best_step else " "
             lines.append(f" {mark} {i + 1:2d}. {s.name:11s} {s.tried}: {self.target.fmt(s.metric)}"
@@ -200,20 +232,32 @@ def _screen(ev: Evaluator, target: Target, samples: Optional[int]) -> Optional[E
     return sub if sub.samples < ev.samples else None
 
 
-def _promising(target: Target, v: Optional[float]) -> bool:
-    """Whether a screening figure leaves the target within reach on the whole set (cosine: within half the
-    gap to 1; SQNR: within 1 dB)."""
+def _promising(target: Target, v: Optional[float], offset: float = 0.0) -> bool:
+    """Whether a screening figure, less ``offset`` (how much the screening samples overstated the whole set so
+    far), leaves the target within reach on the whole set (cosine: within a quarter of the gap to 1; SQNR: within
+    1 dB)."""
     if v is None or math.isnan(v):
         return False
+    v = v - offset
     if target.metric == "cosine":
-        return v >= target.value - max(0.5 * (1.0 - target.value), 1e-4)
+        return v >= target.value - max(0.25 * (1.0 - target.value), 1e-4)
     return v >= target.value - SCREEN_MARGIN_DB
+
+
+# the calibration methods in the order tried: the least clipping first (entropy, the most clipping and the
+# slowest to realise from histograms, only after a clipping method helped)
+_METHOD_ORDER = tuple(m for m in ("max", "mse", "percentile", "entropy") if m in CALIBRATION_METHODS) + tuple(
+    m for m in CALIBRATION_METHODS if m not in ("max", "mse", "percentile", "entropy"))
+
+
+def _improved(anchor: "_Candidate", best: "_Candidate") -> bool:
+    return best is not anchor and best.config.calibration != anchor.config.calibration
 
 
 def tune(model, calib: Any, val: Any, target: Target, config: Optional[QuantConfig] = None, *,
          labels: Any = None, max_fallback: Union[str, int, None] = None, output: Optional[str] = None,
          formats: Optional[Sequence[str]] = None, methods: Optional[Sequence[str]] = None,
-         samples: Optional[int] = None, sensitivity_samples: Optional[int] = 16, max_memory_mb: float = 64,
+         samples: Optional[int] = None, sensitivity_samples: Optional[int] = 16, max_memory_mb: float = SENSITIVITY_MEMORY_MB,
          progress=None, workspace: Optional[Workspace] = None, evaluator: Optional[Evaluator] = None,
          outputs=None, fallback_precision: str = "auto", screen_samples: Optional[int] = SCREEN_SAMPLES,
          transforms: Optional[Sequence[str]] = None) -> TuneResult:
@@ -305,6 +349,14 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
 
     screen = _screen(ev, target, screen_samples)
     counts = {"screen": 0, "full": 0}
+    every: List[_Candidate] = []
+    pairs: List[Tuple[float, float]] = []  # (screening, whole-set) metric of the candidates scored on both
+
+    def offset() -> float:
+        """How much the screening samples overstate the whole set, from the candidates scored on both (0 before
+        any; never negative: a screening set that understates keeps the plain margin)."""
+        d = [a - b for a, b in pairs if math.isfinite(a) and math.isfinite(b)]
+        return max(0.0, sum(d) / len(d)) if d else 0.0
 
     def met(c: Optional[_Candidate]) -> bool:
         return c is not None and c.full and target.met(c.evaluation.value(target.metric))
@@ -314,7 +366,7 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
             return True
         if met(b) and not met(c):
             return False
-        if met(c) and met(b) or screen is None:
+        if met(c) and met(b) or screen is None or (c.full and b.full):  # whole-set figures where both have them
             return c.evaluation.key(target) > b.evaluation.key(target)
         return c.screened.key(target) > b.screened.key(target)  # the same samples for every candidate
 
@@ -327,9 +379,11 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
         if screen is not None:  # a quarter of the cost: the whole validation set only for a plan that may meet
             es = screen.evaluate(result.model, bar, f"tuning: {name} (screening)")
             counts["screen"] += 1
-        full = es is None or _promising(target, es.value(target.metric))
+        full = es is None or _promising(target, es.value(target.metric), offset())
         e = ev.evaluate(result.model, bar, f"tuning: {name}") if full else es
         counts["full"] += int(full)
+        if full and es is not None:
+            pairs.append((es.value(target.metric), e.value(target.metric)))
         cand = _Candidate(cfg, result, e, tuple(fallback), dict(precision or {}), tried, dict(per_layer or {}),
                           screened=es, full=full, column=column)
         v = e.value(target.metric)
@@ -337,6 +391,7 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
                     samples=e.samples, screened=es.value(target.metric) if es is not None else None)
         steps.append(step)
         cand.step = len(steps) - 1
+        every.append(cand)
         if better(cand, best):
             if best is not None:
                 best.result = _Lazy(best.result.plan)  # only the best plan keeps its model in memory
@@ -357,6 +412,12 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
     verdicts: Dict[str, Any] = {}
     timings["baseline"] = time.perf_counter() - t
     cands = [f for f in (formats or config.formats) if f != "auto"]
+    try:
+        from onnxfp8.formats import get_format
+
+        cands = list(dict.fromkeys(get_format(f).name for f in cands))
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ConfigError(f"formats: {e}") from None
     if config.target == "tensorrt":
         cands = [f for f in cands if f in ("e4m3", "int8")]
     if not done() and len(cands) > 1 and config.target != "tensorrt" and not (config.weights_auto and
@@ -395,8 +456,14 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
         t = time.perf_counter()
         anchor = best
         label = anchor.why.split(" (")[0] if anchor.config is not config else _describe(config).split(", calib")[0]
-        for m in (methods if methods is not None else CALIBRATION_METHODS):
-            if m == anchor.config.calibration:
+        given = methods is not None
+        todo = [m for m in (methods if given else _METHOD_ORDER) if m != anchor.config.calibration]
+        for m in todo:
+            if not given and m == "entropy" and not _improved(anchor, best):
+                # the most clipping method, and the slowest to realise: tried only when a clipping method
+                # (mse, percentile) did better than the anchor's ranges
+                steps.append(Step("calibration", f"{label}, calibration entropy: skipped (neither mse nor "
+                                  f"percentile improved on {anchor.config.calibration})", None, False, 0, {}, 0.0))
                 continue
             attempt("calibration", f"{label}, calibration {m}", anchor.config.replace(calibration=m),
                     per_layer=anchor.per_layer, column=anchor.column)
@@ -489,6 +556,12 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
         st.metric, st.met, st.evaluation, st.samples = (e.value(target.metric), target.met(e.value(target.metric)),
                                                         e.metrics(), e.samples)
         st.seconds += time.perf_counter() - t
+    if not met(best):  # not met: the best whole-set figure of every candidate scored on the whole set
+        top = max((c for c in every if c.full), key=lambda c: c.evaluation.key(target))
+        if top is not best:
+            best, best_index = top, top.step
+            if isinstance(best.result, _Lazy):
+                best.result = ws.apply(best.result.plan)
     steps[best_index].kept = True
     met = target.met(best.evaluation.value(target.metric))
     timings["evaluations_screening"] = float(counts["screen"])
@@ -496,7 +569,8 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
     _annotate(best, base, sens, target, quantized, verdicts)
     report = TuneReport(target, met, best.evaluation.value(target.metric), steps, best_index, len(quantized),
                         list(best.fallback), budget, best.config.to_dict(), sens, timings=timings,
-                        val_samples=ev.samples, fallback_precision=dict(best.precision), fp16=verdicts)
+                        val_samples=ev.samples, fallback_precision=dict(best.precision), fp16=verdicts,
+                        candidates=list(cands), emulated=_emulated_tensors(best.result.plan))
     best.result.report.plan = best.result.plan
     return TuneResult(best.result.model, best.result.plan, best.result.report, report, best.config)
 
@@ -519,6 +593,24 @@ def _transform_step(key: str, best: _Candidate, ws: Workspace, calib: Any, bar, 
     label = best.why.split(" (")[0] if best.why else _describe(best.config)
     shown = f"{key} {value}" if not isinstance(value, bool) else key
     return cfg, tws, f"{label} + {shown}"
+
+
+def _is_emulated(name: str) -> bool:
+    from onnxfp8.formats import get_format
+
+    try:
+        return get_format(name).emulated
+    except ValueError:
+        return False
+
+
+def _emulated_tensors(plan) -> Dict[str, int]:
+    """Emulate-only format (E3M4) -> how many of the plan's tensors are in it."""
+    out: Dict[str, int] = {}
+    for spec in plan.tensors.values():
+        if spec.format and _is_emulated(spec.format):
+            out[spec.format] = out.get(spec.format, 0) + 1
+    return out
 
 
 def _describe(cfg: QuantConfig) -> str:
@@ -644,6 +736,10 @@ def _annotate(best: _Candidate, base: _Candidate, sens: Optional[SensitivityRepo
             why = f"tuning: {f} ({best.why.split(', calibration')[0] if best.why else 'the configured format'})"
         if l is not None and not best.per_layer:
             why += f"; own SQNR {l.own_db:.1f} dB in {l.base_format}"
+        emulated = [x for x in fmts if _is_emulated(x)]
+        if emulated:
+            why += (f"; {'/'.join(x.upper() for x in emulated)} is emulate-only (no ONNX type, no runtime executes "
+                    f"it as 8-bit kernels), a candidate only because --formats named it")
         d.reason = f"{d.reason}; {why}"
     for spec in plan.tensors.values():
         spec.notes.append(f"tuning: kept in the plan that {'met' if target.met(best.evaluation.value(target.metric)) else 'came closest to'} "

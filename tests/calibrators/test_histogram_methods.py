@@ -204,15 +204,6 @@ def test_nan_inf_ignored_zero_tensor_and_late_nonzero():
         assert 0 < z.result()["late"] <= np.abs(x).max()
 
 
-def test_observe_is_fast():
-    x = _gauss(1_000_000)
-    cal = _feed(make_calibrator("mse"), "t", x)
-    t = time.perf_counter()
-    for _ in range(5):
-        cal.observe("t", x)
-    assert (time.perf_counter() - t) / 5 < 0.05  # ~3 ms measured; generous for loaded machines
-
-
 # ----------------------------------------------------------------------------------------- state, merge
 
 
@@ -352,17 +343,6 @@ def test_mse_relu_like_and_saturated():
             assert 0 < r <= np.abs(x).max()
             assert _real_mse(x, fmt, r) <= _real_mse(x, fmt, float(np.abs(x).max())) * 1.001
         assert _feed(make_calibrator("mse", format=fmt), "t", relu6).result()["t"] == pytest.approx(6.0, rel=0.01)
-
-
-def test_mse_result_is_fast_enough():
-    rng = np.random.default_rng(0)
-    cal = make_calibrator("mse", format="e4m3")
-    for i in range(40):
-        d = rng.standard_normal(20_000).astype(np.float32) * (1 + i)
-        _feed(cal, f"t{i}", d)
-    t = time.perf_counter()
-    cal.result()
-    assert time.perf_counter() - t < 2.0  # ~0.2 s measured (~5 ms per tensor)
 
 
 # --------------------------------------------------------------------------------------------- entropy
