@@ -133,7 +133,7 @@ def config_options(fn):
         click.option("--format", "-f", "format_", help="Format of weights and activations: e4m3 (default), e5m2, e3m4, int8, or auto (per tensor, the candidate of --formats with the least error on the data)."),
         click.option("--weights-format", help="Format of weights (overrides --format; auto allowed)."),
         click.option("--activations-format", help="Format of activations (overrides --format; auto allowed)."),
-        click.option("--formats", multiple=True, help="Candidates for --format auto (comma separated, default e4m3,e5m2,int8: formats a runtime executes; add e3m4, emulation-only, explicitly; the first is the fallback)."),
+        click.option("--formats", multiple=True, help="Candidates for --format auto and for tuning (--target-*) (comma separated, default e4m3,e5m2,int8: formats a runtime executes; add e3m4, emulate-only, explicitly, e.g. e4m3,e5m2,e3m4,int8; the first is the fallback)."),
         click.option("--scheme", type=click.Choice(["standard", "extended"]), help="standard (default): Conv/Gemm/MatMul/embeddings; extended: also LayerNorm, BatchNorm, Add/Mul, MatMul between activations, Softmax, pooling, Resize, Concat."),
         click.option("--dynamic/--static", default=None, help="Activation scales computed in the graph at run time (no activation calibration) or calibrated (default)."),
         click.option("--dynamic-granularity", type=click.Choice(["tensor", "token"]), help="With --dynamic: one scale per tensor (default) or per row/token of MatMul/Gemm inputs."),

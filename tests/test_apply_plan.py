@@ -85,6 +85,25 @@ def test_cli_apply_plan_writes_the_same_file(example_models, tmp_path):
     assert not any(n.op_type == "QuantizeLinear" for n in onnx.load(str(emu)).graph.node)
 
 
+def test_apply_plan_neither_reads_nor_writes_the_plans_statistics_file(example_models, tmp_path):
+    """A plan made with --save-stats (a tuned plan names the tuner's temporary file, gone after tuning) applies
+    without that file: applying a plan calibrates nothing."""
+    ex = example_models["cnn"]
+    runner = CliRunner()
+    first, second, plan, stats = (tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "plan.json",
+                                  tmp_path / "tmp" / "stats.json")
+    stats.parent.mkdir()
+    r = runner.invoke(cli, ["quantize", str(ex["model"]), "-c", str(ex["calib"]), "-o", str(first), "--plan",
+                            str(plan), "--save-stats", str(stats), "-q"])
+    assert r.exit_code == 0, r.output
+    stats.unlink()
+    stats.parent.rmdir()
+    r = runner.invoke(cli, ["quantize", str(ex["model"]), "--apply-plan", str(plan), "-o", str(second), "-q"])
+    assert r.exit_code == 0, r.output
+    assert first.read_bytes() == second.read_bytes()
+    assert not stats.parent.exists()
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--format", "e5m2"], "--format: the plan"),
     (["-c", "CALIB"], "--calib:"),

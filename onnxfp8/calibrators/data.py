@@ -29,6 +29,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
+import ml_dtypes
 import numpy as np
 import onnx
 
@@ -483,6 +484,8 @@ def _cast(arr: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:
     want = np.dtype(spec.dtype)
     if arr.dtype == want:
         return arr
+    if want == np.float32 and arr.dtype == np.dtype(ml_dtypes.bfloat16):
+        return arr.astype(np.float32)  # bfloat16 data for a bfloat16 model's float32 twin (exact)
     if arr.dtype.kind == want.kind or (arr.dtype.kind in "iu" and want.kind in "iu"):
         cast = arr.astype(want)
         if arr.dtype.kind in "iu" and not np.array_equal(cast, arr):

@@ -7,8 +7,8 @@
   (``apply``: nodes left in high precision, formats per tensor). A realisation is a graph build, not a
   calibration: 0.06-0.2 s on the example transformer.
 * ``Evaluator`` runs the FP32 model over the validation data once, keeps its outputs, and then scores each
-  candidate with one onnxruntime pass of the quantized model (the level where Q/DQ numerics are exact): per
-  output SQNR and cosine (verify/compare.ErrorStats), top-1 agreement and, with labels, the relative accuracy
+  candidate with one onnxruntime pass of the quantized model (the level where Q/DQ numerics are exact), through
+  verify/measure.measure_outputs (the measurement quantize and BatchNorm recalibration use): per output SQNR and cosine (verify/compare.ErrorStats), top-1 agreement and, with labels, the relative accuracy
   loss (ClassifierStats).
 * ``Target``: what "good enough" means (``cosine`` / ``sqnr`` at least a value, or ``accuracy_loss`` at most
   one), judged on the validation data, never on the calibration data.
@@ -187,29 +187,23 @@ class Evaluator:
         self.evaluations = 0
 
     def evaluate(self, quant: ModelLike, progress=None, label: str = "evaluating") -> Evaluation:
+        """Score ``quant`` on the stored batches against the FP32 outputs through verify/measure.measure_outputs
+        (the one output measurement quantize's summary and BatchNorm recalibration's guard use)."""
+        from onnxfp8.verify.measure import measure_outputs
+
         start = time.perf_counter()
-        sess = make_session(quant, level="basic", providers=self.providers, threads=self.threads)
-        outs = {n: ErrorStats() for n in self.names}
-        cls = {n: ClassifierStats() for n in self.classifier_outputs}
+        # outputs that are not numbers (strings...) are not compared
+        refs = [{n: r for n, r in zip(self.names, rs) if r.dtype.kind in "fiub"} for _, rs, _ in self.batches]
         if progress is not None:
             progress.begin(label, self.samples)
-        done = 0
         try:
-            for batch, refs, lab in self.batches:
-                got = sess.run(self.names, batch)
-                for name, r, q in zip(self.names, refs, got):
-                    if r.dtype.kind not in "fiub":
-                        continue
-                    q = np.asarray(q)
-                    outs[name].update(r, q)
-                    if name in cls:
-                        cls[name].update(r, q, lab)
-                done += next(iter(batch.values())).shape[0]
-                if progress is not None:
-                    progress(done)
+            m = measure_outputs(quant, _Stored(self.batches), refs, providers=self.providers, threads=self.threads,
+                                progress=progress)
         finally:
             if progress is not None:
                 progress.close()
+        outs = {n: m.outputs.get(n, ErrorStats()) for n in self.names}
+        cls = {n: m.classifiers.get(n, ClassifierStats()) for n in self.classifier_outputs}
         self.evaluations += 1
         return Evaluation(outs, cls, self.samples, time.perf_counter() - start)
 
@@ -225,6 +219,17 @@ class Evaluator:
             seen += next(iter(b[0].values())).shape[0]
         sub.batches, sub.samples, sub.evaluations = keep, seen, 0
         return sub
+
+
+class _Stored:
+    """The Evaluator's stored batches as a DataSource for measure_outputs: each batch with its labels."""
+
+    def __init__(self, batches):
+        self._batches = batches
+
+    def batches(self, with_labels: bool = False):
+        for batch, _, lab in self._batches:
+            yield (batch, lab) if with_labels else batch
 
 
 class Workspace:

@@ -17,10 +17,22 @@ never on the calibration data. The search, in order, stopping at the first plan 
    of them up to ``max_fallback``, then the smallest count that meets the target between the last two tried;
    each is the best plan so far edited (QuantPlan.keep_fp32) and rebuilt by onnxfp8.apply_plan.
 
+A candidate whose graph is the same as one scored already (tune._graph_digest: per-layer formats that repeat
+format auto's choices, say) takes that one's scores without another onnxruntime pass; a transform the best plan
+has already (bias correction comes with equalize) is not tried again.
+
 Every step is a plan realised from the one set of statistics (no calibration data read again) and one
 onnxruntime pass over the validation data. When no plan meets the target the best one found is returned with
 ``met = False``. The returned plan says for every quantized or fallen-back layer why (NodeDecision.reason,
 QuantSpec.notes), and the report lists every step: what was tried and the metric it reached.
+
+Candidate formats (``formats``, default ``config.formats``: ``--formats`` on the command line): by default
+config.AUTO_CANDIDATES, E4M3, E5M2 and INT8, the formats a runtime executes (onnxruntime runs their Q/DQ, TensorRT
+E4M3 and INT8), because the tuned model is meant to be deployed. E3M4 has no ONNX type and no runtime executes it:
+a model with E3M4 tensors computes their numerics in float ops (passes/emulate.py), which measures what an E3M4
+kernel would compute but runs slower than FP32. It is a candidate only when named (``--formats
+e4m3,e5m2,e3m4,int8``); the report then lists it among the candidates, says how many tensors of the chosen plan are
+in it, and every layer in it says in the plan that it is emulate-only.
 
 Fallback precision (``fallback_precision``): "auto" (default) runs a fallen-back layer as an FP16 island
 (passes/fp16_fallback.py) when it is FP16-safe on the calibration data (tuning/fp16.py: ranges of its inputs
@@ -116,6 +128,25 @@ class TuneReport:
     seconds: float = 0.0
     timings: Dict[str, float] = field(default_factory=dict)
     val_samples: int = 0
+    candidates: List[str] = field(default_factory=list)  # the candidate formats searched
+    emulated: Dict[str, int] = field(default_factory=dict)  # emulate-only format -> tensors of the chosen plan in it
+
+    def _emulation(self) -> str:
+        """What the candidates and the chosen plan say about emulate-only formats (E3M4: no runtime executes it)."""
+        from onnxfp8.formats import get_format
+
+        opted = [f for f in self.candidates if get_format(f).emulated]
+        if not opted:
+            if self.met or not self.candidates:
+                return ""
+            return ("; E3M4 was not searched (emulate-only, no runtime executes it): --formats "
+                    f"{','.join(self.candidates + ['e3m4'])} adds it")
+        used = ", ".join(f"{n} tensor(s) in {f.upper()}" for f, n in self.emulated.items() if n)
+        names = "/".join(f.upper() for f in opted)
+        if used:
+            return (f"; {used}: emulate-only (no ONNX type, no runtime executes it as 8-bit kernels; "
+                    f"the model computes its numerics in float ops), opted in with --formats")
+        return f"; {names} among the candidates (emulate-only, opted in with --formats) but not chosen"
 
     @property
     def message(self) -> str:
@@ -123,10 +154,10 @@ class TuneReport:
         if self.met:
             return (f"target {self.target.describe()} met: {self.target.fmt(self.reached)} on {self.val_samples} "
                     f"validation sample(s) ({best.tried}; {len(self.fallback)} of {self.quantized_layers} layer(s) "
-                    f"in fallback{self._precisions()})")
+                    f"in fallback{self._precisions()}){self._emulation()}")
         return (f"target {self.target.describe()} ({self.target.flag}) not met within the fallback budget of "
                 f"{self.max_fallback} layer(s): best reached {self.target.fmt(self.reached)} ({best.tried}); "
-                f"wrote the best model found")
+                f"wrote the best model found{self._emulation()}")
 
     def _precisions(self) -> str:
         n16 = sum(1 for p in self.fallback_precision.values() if p == "fp16")
@@ -139,6 +170,7 @@ class TuneReport:
                            "message": self.message, "best_step": self.best_step,
                            "quantized_layers": self.quantized_layers, "fallback": self.fallback,
                            "max_fallback": self.max_fallback, "val_samples": self.val_samples,
+                           "candidates": self.candidates, "emulated": self.emulated,
                            "fallback_precision": self.fallback_precision,
                            "fp16": {k: v.to_dict() for k, v in self.fp16.items()},
                            "seconds": round(self.seconds, 3),
@@ -147,7 +179,8 @@ class TuneReport:
                            "sensitivity": self.sensitivity.to_dict() if self.sensitivity else None})
 
     def summary(self) -> str:
-        lines = [f"tuning to {self.target.describe()} on {self.val_samples} validation sample(s):"]
+        lines = [f"tuning to {self.target.describe()} on {self.val_samples} validation sample(s)"
+                 + (f", candidate formats {','.join(self.candidates)}" if self.candidates else "") + ":"]
         for i, s in enumerate(self.steps):
             mark = "*" if i == self.best_step else " "
             lines.append(f" {mark} {i + 1:2d}. {s.name:11s} {s.tried}: {self.target.fmt(s.metric)}"
@@ -322,6 +355,7 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
     counts = {"screen": 0, "full": 0}
     every: List[_Candidate] = []
     pairs: List[Tuple[float, float]] = []  # (screening, whole-set) metric of the candidates scored on both
+    seen: Dict[bytes, _Candidate] = {}  # graph digest -> the first candidate scored with that graph
 
     def offset() -> float:
         """How much the screening samples overstate the whole set, from the candidates scored on both (0 before
@@ -346,15 +380,21 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
         nonlocal best, best_index
         t = time.perf_counter()
         result = result if result is not None else ws.realize(cfg)
-        es = None
-        if screen is not None:  # a quarter of the cost: the whole validation set only for a plan that may meet
-            es = screen.evaluate(result.model, bar, f"tuning: {name} (screening)")
-            counts["screen"] += 1
-        full = es is None or _promising(target, es.value(target.metric), offset())
-        e = ev.evaluate(result.model, bar, f"tuning: {name}") if full else es
-        counts["full"] += int(full)
-        if full and es is not None:
-            pairs.append((es.value(target.metric), e.value(target.metric)))
+        digest = _graph_digest(result.model)
+        twin = seen.get(digest) if digest is not None else None
+        if twin is not None:  # the same graph as a candidate scored already (e.g. per-layer formats that are
+            es, e, full = twin.screened, twin.evaluation, twin.full  # format auto's choices): its scores hold
+            tried = f"{tried} (the same model as step {twin.step + 1}: its scores reused)"
+        else:
+            es = None
+            if screen is not None:  # a quarter of the cost: the whole validation set only for a plan that may meet
+                es = screen.evaluate(result.model, bar, f"tuning: {name} (screening)")
+                counts["screen"] += 1
+            full = es is None or _promising(target, es.value(target.metric), offset())
+            e = ev.evaluate(result.model, bar, f"tuning: {name}") if full else es
+            counts["full"] += int(full)
+            if full and es is not None:
+                pairs.append((es.value(target.metric), e.value(target.metric)))
         cand = _Candidate(cfg, result, e, tuple(fallback), dict(precision or {}), tried, dict(per_layer or {}),
                           screened=es, full=full, column=column)
         v = e.value(target.metric)
@@ -363,6 +403,8 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
         steps.append(step)
         cand.step = len(steps) - 1
         every.append(cand)
+        if digest is not None and twin is None:
+            seen[digest] = cand
         if better(cand, best):
             if best is not None:
                 best.result = _Lazy(best.result.plan)  # only the best plan keeps its model in memory
@@ -383,6 +425,12 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
     verdicts: Dict[str, Any] = {}
     timings["baseline"] = time.perf_counter() - t
     cands = [f for f in (formats or config.formats) if f != "auto"]
+    try:
+        from onnxfp8.formats import get_format
+
+        cands = list(dict.fromkeys(get_format(f).name for f in cands))
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ConfigError(f"formats: {e}") from None
     if config.target == "tensorrt":
         cands = [f for f in cands if f in ("e4m3", "int8")]
     if not done() and len(cands) > 1 and config.target != "tensorrt" and not (config.weights_auto and
@@ -435,8 +483,12 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
             if done():
                 break
         timings["calibration_methods"] = time.perf_counter() - t
+    from onnxfp8.passes import requested_transforms
+
     for key in transforms:  # each transform on top of the best plan so far; it rewrites the graph, so it
-        if done() or calib is None or getattr(best.config, key, None):  # calibrates a Workspace of its own
+        # calibrates a Workspace of its own: skipped when the best plan has it already (bias correction comes
+        # with equalize: a second calibration for the same model cost ResNet-50 at 224 px ~190 s under load)
+        if done() or calib is None or key in requested_transforms(best.config):
             continue
         t = time.perf_counter()
         step = _transform_step(key, best, ws, calib, bar, extra_workspaces)
@@ -534,7 +586,8 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
     _annotate(best, base, sens, target, quantized, verdicts)
     report = TuneReport(target, met, best.evaluation.value(target.metric), steps, best_index, len(quantized),
                         list(best.fallback), budget, best.config.to_dict(), sens, timings=timings,
-                        val_samples=ev.samples, fallback_precision=dict(best.precision), fp16=verdicts)
+                        val_samples=ev.samples, fallback_precision=dict(best.precision), fp16=verdicts,
+                        candidates=list(cands), emulated=_emulated_tensors(best.result.plan))
     best.result.report.plan = best.result.plan
     return TuneResult(best.result.model, best.result.plan, best.result.report, report, best.config)
 
@@ -557,6 +610,44 @@ def _transform_step(key: str, best: _Candidate, ws: Workspace, calib: Any, bar, 
     label = best.why.split(" (")[0] if best.why else _describe(best.config)
     shown = f"{key} {value}" if not isinstance(value, bool) else key
     return cfg, tws, f"{label} + {shown}"
+
+
+def _graph_digest(model) -> Optional[bytes]:
+    """A digest of the model's graph (nodes, initializers, inputs, outputs): two candidates with the same digest
+    compute the same function (same prepared model, same opsets), so the second is not scored again. Hashed
+    piece by piece (no 2 GB protobuf limit); None when a piece cannot be serialised."""
+    import hashlib
+
+    h = hashlib.sha1()
+    try:
+        g = model.graph
+        for part in (g.input, g.output, g.initializer, g.node, g.sparse_initializer):
+            for item in part:
+                h.update(item.SerializeToString())
+            h.update(b"|")
+        for o in model.opset_import:
+            h.update(o.SerializeToString())
+    except Exception:  # noqa: BLE001 - an unserialisable piece: no deduplication, every candidate scored
+        return None
+    return h.digest()
+
+
+def _is_emulated(name: str) -> bool:
+    from onnxfp8.formats import get_format
+
+    try:
+        return get_format(name).emulated
+    except ValueError:
+        return False
+
+
+def _emulated_tensors(plan) -> Dict[str, int]:
+    """Emulate-only format (E3M4) -> how many of the plan's tensors are in it."""
+    out: Dict[str, int] = {}
+    for spec in plan.tensors.values():
+        if spec.format and _is_emulated(spec.format):
+            out[spec.format] = out.get(spec.format, 0) + 1
+    return out
 
 
 def _describe(cfg: QuantConfig) -> str:
@@ -682,6 +773,10 @@ def _annotate(best: _Candidate, base: _Candidate, sens: Optional[SensitivityRepo
             why = f"tuning: {f} ({best.why.split(', calibration')[0] if best.why else 'the configured format'})"
         if l is not None and not best.per_layer:
             why += f"; own SQNR {l.own_db:.1f} dB in {l.base_format}"
+        emulated = [x for x in fmts if _is_emulated(x)]
+        if emulated:
+            why += (f"; {'/'.join(x.upper() for x in emulated)} is emulate-only (no ONNX type, no runtime executes "
+                    f"it as 8-bit kernels), a candidate only because --formats named it")
         d.reason = f"{d.reason}; {why}"
     for spec in plan.tensors.values():
         spec.notes.append(f"tuning: kept in the plan that {'met' if target.met(best.evaluation.value(target.metric)) else 'came closest to'} "
