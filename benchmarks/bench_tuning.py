@@ -94,6 +94,7 @@ def bench_one(name: str, folder: Path, batch_size: int, calib_samples=None, val_
                         "quantized_layers": rep.quantized_layers, "steps": len(rep.steps),
                         "fallback_pct": 100.0 * len(rep.fallback) / max(rep.quantized_layers, 1),
                         "how": rep.steps[rep.best_step].tried, "timings": rep.timings,
+                        "formats": _format_counts(res.plan), "candidates": rep.candidates,
                         "path": [(s.name, s.tried, s.metric, s.samples) for s in rep.steps]}
     except Exception as exc:  # the model does not quantize at all: every mode fails with this reason
         reason = str(exc).splitlines()[0][:160]
@@ -119,6 +120,14 @@ def bench_one(name: str, folder: Path, batch_size: int, calib_samples=None, val_
     return row
 
 
+def _format_counts(plan) -> dict:
+    """The tuned plan's tensors per format (weights and activations), most first."""
+    out: dict = {}
+    for spec in plan.tensors.values():
+        out[spec.format] = out.get(spec.format, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def _v(m: dict) -> str:
     if "error" in m:
         return "error"
@@ -136,7 +145,9 @@ def markdown(rows) -> str:
         lines.append("| " + " | ".join([r["model"], r["criterion"]] + [_v(r["modes"][m]) for m in MODES] + [
             _v(t), f"{t.get('fallback', '-')}/{t.get('quantized_layers', '-')}"
             + (f" ({t['fallback_fp16']} FP16)" if t.get("fallback_fp16") else ""), f"{r['tune_s']:.1f} s",
-            f"{r['tune_x_floor']:.1f}x", t.get("how", t.get("error", ""))]) + " |")
+            f"{r['tune_x_floor']:.1f}x", t.get("how", t.get("error", ""))
+            + (" [" + ", ".join(f"{f} {n}" for f, n in t["formats"].items()) + "]" if t.get("formats") else "")])
+            + " |")
     n = len(rows)
     cov = {m: sum(r["modes"][m]["met"] for r in rows) for m in MODES}
     cov["tuned"] = sum(r["tuned"]["met"] for r in rows)

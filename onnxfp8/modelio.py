@@ -437,7 +437,8 @@ def make_session(model: Union[onnx.ModelProto, str], level: str = "basic",
     Quantized models are always run at ``basic`` inside onnxfp8: at ENABLE_ALL onnxruntime fuses Q/DQ around
     Conv/Gemm into kernels the CPU lacks for FP8 and drops a Relu feeding an FP8 QuantizeLinear (see
     tests/test_runtime_levels.py); ENABLE_BASIC, without the optimizers in DISABLED_OPTIMIZERS, computes what
-    onnx.reference computes."""
+    onnx.reference computes. A bfloat16 ModelProto runs as its float32 twin (bfloat16.py: onnxruntime's CPU
+    provider has no bfloat16 kernels): feed it float32, it returns float32."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -452,6 +453,10 @@ def make_session(model: Union[onnx.ModelProto, str], level: str = "basic",
 
         raise ConfigError(f"execution provider(s) {', '.join(unknown)} not available; available: {', '.join(available)}")
     kwargs = dict(providers=list(providers), disabled_optimizers=list(DISABLED_OPTIMIZERS))
+    if isinstance(model, onnx.ModelProto) and not arrays:
+        from onnxfp8.bfloat16 import runnable
+
+        model = runnable(model)  # a bfloat16 model runs as its float32 twin (bfloat16.py)
     if isinstance(model, onnx.ModelProto):
         light, heavy = light_copy(model)
         if arrays:
@@ -478,4 +483,12 @@ def make_session(model: Union[onnx.ModelProto, str], level: str = "basic",
         sess = ort.InferenceSession(light.SerializeToString(), so, **kwargs)
         sess._onnxfp8_buffers = (keep, values)  # onnxruntime reads them in place: they live as long as the session
         return sess
-    return ort.InferenceSession(os.fspath(model), so, **kwargs)
+    try:
+        return ort.InferenceSession(os.fspath(model), so, **kwargs)
+    except Exception:
+        from onnxfp8.bfloat16 import is_bfloat16
+
+        proto = onnx.load(os.fspath(model))  # a bfloat16 file onnxruntime refused: run its float32 twin
+        if not is_bfloat16(proto):
+            raise
+        return make_session(proto, level=level, providers=providers, threads=threads)

@@ -54,6 +54,7 @@ class PassContext:
     fp32_weights: Dict[str, Any] = field(default_factory=dict)  # BN recalibration: FP32 weights feeding a BN
     fp32_graph: Optional[gs.Graph] = None  # BN recalibration (mode shift): the FP32 reference graph
     bn_recalibration: Optional[BatchNormReport] = None  # what BN recalibration changed
+    twin_of: str = ""  # "bfloat16": the graph is a bfloat16 model's float32 twin (bfloat16.py): scales bf16-exact
 
 
 class Pass:

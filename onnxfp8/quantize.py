@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxfp8.bfloat16 import TWIN_NOTE, Bfloat16Model, float32_twin, is_bfloat16
 from onnxfp8.calibrators.data import Samples, as_data, batch_size, input_specs, output_batch_axes, take_samples
 from onnxfp8.config import QuantConfig
 from onnxfp8.errors import ModelError
@@ -47,11 +48,18 @@ class Prepared:
     opset: int = 19
     external: List[str] = field(default_factory=list)  # the input's external-data files (protected from -o)
     control_flow: List[dict] = field(default_factory=list)  # nodes inside If/Loop/Scan bodies (left FP32)
+    # a bfloat16 model: ``graph`` / ``proto`` are its float32 twin, this writes the result back (bfloat16.py)
+    bfloat16: Optional[Bfloat16Model] = None
 
     def working_graph(self) -> gs.Graph:
         g = self.graph.copy()
         g.producer_name, g.producer_version = self.graph.producer_name, self.graph.producer_version  # copy() drops them
         return g
+
+    @property
+    def twin_of(self) -> str:
+        """"bfloat16" when ``graph`` is a bfloat16 model's float32 twin, else ""."""
+        return "bfloat16" if self.bfloat16 is not None else ""
 
 
 def prepare(model: Union[ModelLike, Prepared], config: Optional[QuantConfig] = None) -> Prepared:
@@ -69,16 +77,20 @@ def prepare(model: Union[ModelLike, Prepared], config: Optional[QuantConfig] = N
 
 def _prepare_loaded(proto: onnx.ModelProto, source: str, external: list, opset: int,
                     providers=("CPUExecutionProvider",)) -> Prepared:
+    size_before = model_bytes(proto)
+    bf16 = None
+    if is_bfloat16(proto):  # calibrated, planned and quantized as its float32 twin, written back in bfloat16
+        bf16 = Bfloat16Model.of(proto, source)
+        proto = float32_twin(proto)
     validate_model(proto, source, providers=providers)  # one line, exit 2, before any work (validate.py)
     control_flow = control_flow_nodes(proto)
-    size_before = model_bytes(proto)
     proto = prepare_model(proto, opset=opset, source=source)
     graph = to_graph(proto)
     # the weights live in the graph now: let protobuf's copy go (a 2.25 GiB model: 7.4 -> 5.2 GiB peak RSS).
     # The light copy is re-parsed because protobuf (upb) ties a copied message's memory to its source's.
     modelio.load_values(graph)
     proto = onnx.ModelProto.FromString(modelio.light_copy(proto)[0].SerializeToString())
-    return Prepared(graph, proto, source, size_before, opset, list(external), control_flow)
+    return Prepared(graph, proto, source, size_before, opset, list(external), control_flow, bf16)
 
 
 def default_output(path: str, config: QuantConfig) -> str:
@@ -211,7 +223,8 @@ def transformed(model: Union[ModelLike, Prepared], calib: Any = None, config: Op
     smoothquant, bias_correction: with calibration data ``calib``) and before any Q/DQ: the pipeline of
     ``config`` cut to FP32_PASSES, unguarded. Equalization and smoothing keep the FP32 function (bias
     absorption: on the calibration data's range); bias correction changes it by design. Returns the model and
-    the plan (its ``transforms`` records)."""
+    the plan (its ``transforms`` records). For a bfloat16 model this is its float32 twin (bfloat16.py), the
+    graph that is quantized."""
     config = config or QuantConfig()
 
     def work(prep: Prepared, graph: gs.Graph, outs: Outputs):
@@ -539,6 +552,7 @@ def _finish(pipe: Pipeline, graph: gs.Graph, ctx: PassContext, prep: Prepared, c
     the captured FP32 outputs the summary compares with (the transform guard's: the untransformed model's,
     since bias correction changes the FP32 function); default those this run captured."""
     source = ctx.source
+    ctx.twin_of = prep.twin_of
     pipe.run(graph, ctx)
     wanted = set(config.selected_op_types) - set(config.exclude_ops)
     control_flow = [d for d in prep.control_flow if d["op_type"] in wanted]
@@ -547,6 +561,8 @@ def _finish(pipe: Pipeline, graph: gs.Graph, ctx: PassContext, prep: Prepared, c
                          f"--allow-empty (allow_empty=True) writes the model unchanged")
     _phase(ctx, "exporting the quantized model")
     out_model = to_model(graph, like=prep.proto)
+    if prep.bfloat16 is not None:  # the quantized twin in bfloat16 again (one line, exit 2, where ONNX cannot)
+        out_model = prep.bfloat16.back(out_model, check=check_model)
     if check_model:
         _phase(ctx, "checking the quantized model (onnx.checker)")
         try:
@@ -557,6 +573,8 @@ def _finish(pipe: Pipeline, graph: gs.Graph, ctx: PassContext, prep: Prepared, c
                          size_before=prep.size_before, size_after=model_bytes(out_model),
                          calibration=ctx.calibration, batchnorm=ctx.bn_recalibration, patterns=ctx.patterns)
     report.how_to_run = RUN_EXACTLY if config.style == "qdq" else ""
+    if prep.bfloat16 is not None:
+        report.measured_on = TWIN_NOTE
     if control_flow:
         report.control_flow = control_flow
         report.warnings.append(control_flow_warning(control_flow))

@@ -12,7 +12,6 @@ failed"). What is checked, in order:
   weight, whose scale it would break: elsewhere it is a mask, as FP16 exports write them);
 * onnx.checker with full_check (topological order, arity, types, SSA names, strict shape inference), on a
   light copy (modelio.check_model: any size);
-* bfloat16 models with only onnxruntime's CPU provider, which has no bfloat16 kernels for the ops that matter;
 * a first onnxruntime session on the FP32 model (what onnxruntime alone refuses).
 
 ``control_flow_nodes`` lists the nodes inside If / Loop / Scan bodies (which onnxfp8 leaves FP32) for the
@@ -226,32 +225,6 @@ def session(model, source: str, **kwargs):
         raise
 
 
-def bfloat16_tensors(model: onnx.ModelProto) -> List[str]:
-    """Names of the main graph's inputs, outputs, initializers and typed values that are bfloat16, and of the
-    Cast nodes casting to it: where the model computes in bfloat16."""
-    g = model.graph
-    out = [v.name for v in list(g.input) + list(g.output) + list(g.value_info)
-           if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type == TensorProto.BFLOAT16]
-    out += [t.name for t in g.initializer if t.data_type == TensorProto.BFLOAT16]
-    out += [n.name or n.op_type for n in g.node if n.op_type == "Cast" and any(
-        a.name == "to" and a.i == TensorProto.BFLOAT16 for a in n.attribute)]
-    return out
-
-
-def check_bfloat16(model: onnx.ModelProto, source: str, providers: Sequence[str]) -> None:
-    """Refuse a bfloat16 model when only onnxruntime's CPU provider would run it: that provider has no
-    bfloat16 kernel for MatMul, Gemm, Conv, Add, Mul, Relu or Softmax (measured with onnxruntime 1.32), and its
-    Python API cannot feed a bfloat16 array, so neither calibration nor the check could run it; one line and
-    exit 2 instead of an internal error. (Other providers are left to onnxruntime's own refusal.)"""
-    if any(p != "CPUExecutionProvider" for p in providers):
-        return
-    bf16 = bfloat16_tensors(model)
-    if bf16:
-        raise ModelError(f"{source}: a bfloat16 model ('{bf16[0]}' is bfloat16): onnxruntime's CPU provider has no "
-                         f"bfloat16 kernels for MatMul/Gemm/Conv/Add and cannot be fed bfloat16 data, so it cannot be "
-                         f"calibrated or checked; export the model in float32 or float16")
-
-
 def validate_model(model: onnx.ModelProto, source: str = "model", *, quantized_ok: bool = False,
                    run_session: bool = True, providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
     """Every check above (``quantized_ok``: skip the already-quantized one, for ``check``'s second model)."""
@@ -260,8 +233,6 @@ def validate_model(model: onnx.ModelProto, source: str = "model", *, quantized_o
     if not quantized_ok:
         check_not_quantized(model, source)
     check_weights(model, source)
-    if run_session:
-        check_bfloat16(model, source, providers)
     try:
         check_onnx(model, source)
     except ModelError as e:

@@ -29,6 +29,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
+import ml_dtypes
 import numpy as np
 import onnx
 
@@ -64,13 +65,16 @@ class InputSpec:
 
 
 def input_specs(model: onnx.ModelProto) -> Dict[str, InputSpec]:
+    """The inputs the data feeds, with their dtype (float32 for a bfloat16 input: the float32 twin's) and
+    batch axis."""
     inits = {t.name for t in model.graph.initializer}
     specs = {}
     for vi in model.graph.input:
         if vi.name in inits:
             continue
         tt = vi.type.tensor_type
-        dtype = _np_dtype(tt.elem_type)
+        # a bfloat16 input is fed float32: every session runs a bfloat16 model as its float32 twin (bfloat16.py)
+        dtype = np.dtype(np.float32) if tt.elem_type == onnx.TensorProto.BFLOAT16 else _np_dtype(tt.elem_type)
         shape = tuple((d.dim_value if d.HasField("dim_value") else (d.dim_param or None)) for d in tt.shape.dim) \
             if tt.HasField("shape") else ()
         specs[vi.name] = InputSpec(vi.name, dtype, shape, ranked=tt.HasField("shape"))
@@ -483,6 +487,8 @@ def _cast(arr: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:
     want = np.dtype(spec.dtype)
     if arr.dtype == want:
         return arr
+    if want == np.float32 and arr.dtype == np.dtype(ml_dtypes.bfloat16):
+        return arr.astype(np.float32)  # bfloat16 data for a bfloat16 model's float32 twin (exact)
     if arr.dtype.kind == want.kind or (arr.dtype.kind in "iu" and want.kind in "iu"):
         cast = arr.astype(want)
         if arr.dtype.kind in "iu" and not np.array_equal(cast, arr):

@@ -74,8 +74,16 @@ def _broadcast_scale(scale: np.ndarray, axis, rank: int) -> np.ndarray:
 class Emitter:
     style = ""
 
-    def __init__(self, graph: gs.Graph):
+    def __init__(self, graph: gs.Graph, twin_of: str = ""):
         self.graph = graph
+        self.twin_of = twin_of  # "bfloat16": the graph is a bfloat16 model's float32 twin (bfloat16.py)
+
+    def scale(self, spec: QuantSpec, dtype) -> np.ndarray:
+        """The spec's scale in ``dtype``; in a bfloat16 model's float32 twin float32 values bfloat16 can hold
+        (rounded up as typed_scale does), so the model written back in bfloat16 has the same scales."""
+        if self.twin_of and np.dtype(dtype) == np.float32:
+            return _typed_spec_scale(spec, np.dtype(getattr(ml_dtypes, self.twin_of))).astype(np.float32)
+        return _typed_spec_scale(spec, dtype)
 
     def _shared(self, name: str, value) -> gs.Constant:
         """One constant per graph for tables every tensor of a format reads (a second Constant of the same
@@ -105,7 +113,7 @@ class QDQEmitter(Emitter):
     style = "qdq"
 
     def weight(self, w: gs.Constant, spec: QuantSpec, fmt: Format, out_name: str) -> gs.Variable:
-        scale = _typed_spec_scale(spec, float_type(w))
+        scale = self.scale(spec, float_type(w))
         q = fmt.quantize(np.asarray(w.values, np.float32), scale.astype(np.float32), spec.axis)
         zp = np.zeros(scale.shape, dtype=fmt.storage_dtype)
         out = self._var(out_name, w)
@@ -133,7 +141,7 @@ class QDQEmitter(Emitter):
             self._node("DequantizeLinear", f"{tag}/DequantizeLinear", [q, one, z], [r])
             self._node("Mul", f"{tag}/Mul", [r, scale.tensor], [out])
             return out
-        s = scale.tensor if isinstance(scale, DynamicScale) else _const(names.scale(tag), _typed_spec_scale(spec, ft))
+        s = scale.tensor if isinstance(scale, DynamicScale) else _const(names.scale(tag), self.scale(spec, ft))
         self._node("QuantizeLinear", f"{tag}/QuantizeLinear", [x, s, z], [q])
         self._node("DequantizeLinear", f"{tag}/DequantizeLinear", [q, s, z], [out])
         return out
@@ -144,7 +152,7 @@ class EmulateEmitter(Emitter):
 
     def weight(self, w: gs.Constant, spec: QuantSpec, fmt: Format, out_name: str) -> gs.Variable:
         ft = float_type(w)
-        scale = _typed_spec_scale(spec, ft).astype(np.float32)
+        scale = self.scale(spec, ft).astype(np.float32)
         q = fmt.quantize(np.asarray(w.values, np.float32), scale, spec.axis)
         s = _const(names.scale(w.name), _broadcast_scale(scale, spec.axis, w.values.ndim))
         stored = _const(names.quantized(w.name), q)
@@ -173,7 +181,7 @@ class EmulateEmitter(Emitter):
         if isinstance(scale, DynamicScale):
             s = scale.tensor if ft == np.float32 else self._cast(scale.tensor, np.float32, f"{tag}.scale32")
         else:
-            s = _const(names.scale(tag), _typed_spec_scale(spec, ft).astype(np.float32))
+            s = _const(names.scale(tag), self.scale(spec, ft).astype(np.float32))
         x = x_in
         v = gs.Variable(f"{tag}.scaled", dtype=np.float32)
         self._node("Div", f"{tag}/Div", [x, s], [v])
@@ -262,8 +270,8 @@ class DynamicScale:
         em._node("Max", f"{tag}/DynScale", [ratio, _const(f"{tag}.scale_floor", floor, ft)], [self.tensor])
 
 
-def emitter_for(style: str, fmt: Format, graph: gs.Graph) -> Emitter:
-    """E3M4 has no ONNX type: it is emulated whatever the style."""
+def emitter_for(style: str, fmt: Format, graph: gs.Graph, twin_of: str = "") -> Emitter:
+    """E3M4 has no ONNX type: it is emulated whatever the style. ``twin_of``: PassContext.twin_of."""
     if style == "emulate" or fmt.emulated:
-        return EmulateEmitter(graph)
-    return QDQEmitter(graph)
+        return EmulateEmitter(graph, twin_of)
+    return QDQEmitter(graph, twin_of)

@@ -106,7 +106,7 @@ class FoldQuantizedBatchNorm(Pass):
                                  f"{bn_name} replaced it by scales from the folded weight")
                 spec.scale, spec.amax, spec.folded = tolist(scale), tolist(amax), bn_name
                 spec.notes.append(f"{bn_name} folded in after recalibration; scales recomputed from the folded weight")
-            em = emitter_for(cfg.style, fmt, graph)
+            em = emitter_for(cfg.style, fmt, graph, ctx.twin_of)
             producer.inputs[1] = em.weight(gs.Constant(spec.tensor, folded), spec, fmt, spec.tensor)
             requant += 1
         graph.cleanup(remove_unused_graph_inputs=False).toposort()

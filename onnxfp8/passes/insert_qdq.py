@@ -39,7 +39,7 @@ class InsertQDQ(Pass):
         emulated: List[str] = []
         for spec in plan.tensors.values():
             fmt = get_format(spec.format)
-            em = emitter_for(style, fmt, graph)
+            em = emitter_for(style, fmt, graph, ctx.twin_of)
             if fmt.emulated and style != "emulate":
                 emulated.append(spec.tensor)
             consumers = [by_name[c] for c in spec.consumers if c in by_name]

@@ -17,6 +17,10 @@ never on the calibration data. The search, in order, stopping at the first plan 
    of them up to ``max_fallback``, then the smallest count that meets the target between the last two tried;
    each is the best plan so far edited (QuantPlan.keep_fp32) and rebuilt by onnxfp8.apply_plan.
 
+A candidate whose graph is the same as one scored already (tune._graph_digest: per-layer formats that repeat
+format auto's choices, say) takes that one's scores without another onnxruntime pass; a transform the best plan
+has already (bias correction comes with equalize) is not tried again.
+
 Every step is a plan realised from the one set of statistics (no calibration data read again) and one
 onnxruntime pass over the validation data. When no plan meets the target the best one found is returned with
 ``met = False``. The returned plan says for every quantized or fallen-back layer why (NodeDecision.reason,
@@ -351,6 +355,7 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
     counts = {"screen": 0, "full": 0}
     every: List[_Candidate] = []
     pairs: List[Tuple[float, float]] = []  # (screening, whole-set) metric of the candidates scored on both
+    seen: Dict[bytes, _Candidate] = {}  # graph digest -> the first candidate scored with that graph
 
     def offset() -> float:
         """How much the screening samples overstate the whole set, from the candidates scored on both (0 before
@@ -375,15 +380,21 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
         nonlocal best, best_index
         t = time.perf_counter()
         result = result if result is not None else ws.realize(cfg)
-        es = None
-        if screen is not None:  # a quarter of the cost: the whole validation set only for a plan that may meet
-            es = screen.evaluate(result.model, bar, f"tuning: {name} (screening)")
-            counts["screen"] += 1
-        full = es is None or _promising(target, es.value(target.metric), offset())
-        e = ev.evaluate(result.model, bar, f"tuning: {name}") if full else es
-        counts["full"] += int(full)
-        if full and es is not None:
-            pairs.append((es.value(target.metric), e.value(target.metric)))
+        digest = _graph_digest(result.model)
+        twin = seen.get(digest) if digest is not None else None
+        if twin is not None:  # the same graph as a candidate scored already (e.g. per-layer formats that are
+            es, e, full = twin.screened, twin.evaluation, twin.full  # format auto's choices): its scores hold
+            tried = f"{tried} (the same model as step {twin.step + 1}: its scores reused)"
+        else:
+            es = None
+            if screen is not None:  # a quarter of the cost: the whole validation set only for a plan that may meet
+                es = screen.evaluate(result.model, bar, f"tuning: {name} (screening)")
+                counts["screen"] += 1
+            full = es is None or _promising(target, es.value(target.metric), offset())
+            e = ev.evaluate(result.model, bar, f"tuning: {name}") if full else es
+            counts["full"] += int(full)
+            if full and es is not None:
+                pairs.append((es.value(target.metric), e.value(target.metric)))
         cand = _Candidate(cfg, result, e, tuple(fallback), dict(precision or {}), tried, dict(per_layer or {}),
                           screened=es, full=full, column=column)
         v = e.value(target.metric)
@@ -392,6 +403,8 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
         steps.append(step)
         cand.step = len(steps) - 1
         every.append(cand)
+        if digest is not None and twin is None:
+            seen[digest] = cand
         if better(cand, best):
             if best is not None:
                 best.result = _Lazy(best.result.plan)  # only the best plan keeps its model in memory
@@ -470,8 +483,12 @@ def _search(ws: Workspace, ev: Evaluator, target: Target, config: QuantConfig, m
             if done():
                 break
         timings["calibration_methods"] = time.perf_counter() - t
+    from onnxfp8.passes import requested_transforms
+
     for key in transforms:  # each transform on top of the best plan so far; it rewrites the graph, so it
-        if done() or calib is None or getattr(best.config, key, None):  # calibrates a Workspace of its own
+        # calibrates a Workspace of its own: skipped when the best plan has it already (bias correction comes
+        # with equalize: a second calibration for the same model cost ResNet-50 at 224 px ~190 s under load)
+        if done() or calib is None or key in requested_transforms(best.config):
             continue
         t = time.perf_counter()
         step = _transform_step(key, best, ws, calib, bar, extra_workspaces)
@@ -593,6 +610,26 @@ def _transform_step(key: str, best: _Candidate, ws: Workspace, calib: Any, bar, 
     label = best.why.split(" (")[0] if best.why else _describe(best.config)
     shown = f"{key} {value}" if not isinstance(value, bool) else key
     return cfg, tws, f"{label} + {shown}"
+
+
+def _graph_digest(model) -> Optional[bytes]:
+    """A digest of the model's graph (nodes, initializers, inputs, outputs): two candidates with the same digest
+    compute the same function (same prepared model, same opsets), so the second is not scored again. Hashed
+    piece by piece (no 2 GB protobuf limit); None when a piece cannot be serialised."""
+    import hashlib
+
+    h = hashlib.sha1()
+    try:
+        g = model.graph
+        for part in (g.input, g.output, g.initializer, g.node, g.sparse_initializer):
+            for item in part:
+                h.update(item.SerializeToString())
+            h.update(b"|")
+        for o in model.opset_import:
+            h.update(o.SerializeToString())
+    except Exception:  # noqa: BLE001 - an unserialisable piece: no deduplication, every candidate scored
+        return None
+    return h.digest()
 
 
 def _is_emulated(name: str) -> bool:

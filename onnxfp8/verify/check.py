@@ -31,6 +31,7 @@ import onnx
 from onnxfp8.calibrators.data import CalibrationData, as_data, input_specs, take_samples
 from onnxfp8.calibrators.data import batch_size as samples_in
 from onnxfp8.errors import ConfigError, DataError, ModelError
+from onnxfp8.bfloat16 import TWIN_NOTE, is_bfloat16, runnable
 from onnxfp8.modelio import ModelLike, load_model, make_session
 from onnxfp8.plan import json_plain
 from onnxfp8.verify.compare import ClassifierStats, ErrorStats, is_classifier, max_abs_diff
@@ -327,6 +328,8 @@ class CheckReport:
         lines = [f"checked {self.quant} against {self.fp32} on {self.samples} sample(s)"
                  + (" with labels" if self.labelled else "") + f" (onnxruntime {self.runtime.get('level', 'basic')})"]
         lines += _table(head, rows)
+        if self.runtime.get("measured_on"):
+            lines.append(f"({self.runtime['measured_on']})")
         if self.reference is not None:
             if self.reference.get("skipped"):
                 lines.append(f"reference runtime: skipped ({self.reference['skipped']})")
@@ -432,6 +435,11 @@ def check(fp32: ModelLike, quant: ModelLike, data: Any, thresholds: Optional[Thr
     fp32_model = load_model(fp32)
     quant_model = load_model(quant)
     _check_interfaces(fp32_model, quant_model, fp32_name, quant_name)
+    # bfloat16 models run as their float32 twins (bfloat16.py: onnxruntime's CPU provider has no bfloat16 kernels)
+    twin = is_bfloat16(fp32_model) or is_bfloat16(quant_model)
+    if twin:
+        fp32_model, quant_model = runnable(fp32_model), runnable(quant_model)
+        fp32, quant = fp32_model, quant_model
     out_names = [o.name for o in fp32_model.graph.output]
     thresholds.validate(out_names, quant_name)
     layers = layers or thresholds.min_layer_sqnr is not None  # a per-layer gate needs the per-layer table
@@ -523,7 +531,7 @@ def check(fp32: ModelLike, quant: ModelLike, data: Any, thresholds: Optional[Thr
     report = CheckReport(fp32_name, quant_name, results, thresholds, samples=seen, batches=batches,
                          labelled=labelled, reference=ref_result,
                          runtime={"engine": "onnxruntime", "level": "basic", "providers": list(providers),
-                                  "batch_size": dataset.batch_size})
+                                  "batch_size": dataset.batch_size, **({"measured_on": TWIN_NOTE} if twin else {})})
     if layers:
         run = compare_layers(fp32_model, quant_model, dataset, max_memory_mb=max_memory_mb, providers=providers,
                              threads=threads, progress=progress)

@@ -33,6 +33,7 @@ class QuantReport:
     calibration: Optional[CalibrationInfo] = None
     seconds: float = 0.0
     how_to_run: str = ""
+    measured_on: str = ""  # a bfloat16 model: the summary's figures are its float32 twin's (bfloat16.py)
     batchnorm: Optional[BatchNormReport] = None  # BN recalibration: per-layer shifts, SQNR without/with
     patterns: List[PatternMatch] = field(default_factory=list)  # what each node-name pattern matched
     warnings: List[str] = field(default_factory=list)  # one line each, printed as "warning: ..." (control flow)
@@ -50,7 +51,7 @@ class QuantReport:
             "size_before": self.size_before, "size_after": self.size_after,
             "outputs": self.outputs, "summary_samples": self.summary_samples,
             "calibration": self.calibration.to_dict() if self.calibration else {},
-            "seconds": round(self.seconds, 4), "how_to_run": self.how_to_run,
+            "seconds": round(self.seconds, 4), "how_to_run": self.how_to_run, "measured_on": self.measured_on,
             "batchnorm": json_plain(self.batchnorm.to_dict()) if self.batchnorm else {},
             "patterns": [m.to_dict() for m in self.patterns],
             "warnings": self.warnings, "control_flow": self.control_flow,
@@ -102,6 +103,8 @@ class QuantReport:
                 s = f"{s:.2f} dB" if isinstance(s, float) and math.isfinite(s) else str(s)
                 top1 = f", top-1 agreement {100 * m['top1_agreement']:.1f}%" if "top1_agreement" in m else ""
                 lines.append(f"  {name}: SQNR {s}, cosine {m['cosine']:.6f}, max |err| {m['max_abs']:.4g}{top1}")
+            if self.measured_on:
+                lines.append(f"  ({self.measured_on})")
             lines.extend(check_defaults_lines(self.check_defaults, self.source, self.output))
         lines.extend(transform_lines(self.plan))
         if self.batchnorm:
