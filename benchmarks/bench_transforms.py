@@ -16,6 +16,8 @@ Transforms:
   correction, unmeasured);
 * ``bias``: ``--bias-correction --no-transform-guard`` alone;
 * ``smoothquant``: ``--smoothquant --no-transform-guard`` (alpha per layer from the data);
+* ``both``: ``--equalize --smoothquant --no-transform-guard`` (equalization with its bias correction, and
+  smoothquant auto);
 * ``guarded``: ``--equalize --smoothquant --bias-correction`` with the transform guard (quantize's default):
   each kept only when it raises the output SQNR on the captured calibration samples; its decisions are kept
   in the cell.
@@ -51,9 +53,10 @@ FORMATS = ("e4m3", "e5m2", "e3m4", "int8")
 RAW = {"transform_guard": False}
 TRANSFORMS = {"none": {}, "equalize": {"equalize": True, **RAW}, "bias": {"bias_correction": True, **RAW},
               "smoothquant": {"smoothquant": "auto", **RAW},
+              "both": {"equalize": True, "smoothquant": "auto", **RAW},
               "guarded": {"equalize": True, "smoothquant": "auto", "bias_correction": True}}
 PASS_OF = {"equalize": "equalize", "bias": "bias_correction", "smoothquant": "smoothquant",
-           "guarded": "transform_guard"}
+           "both": ("equalize", "smoothquant"), "guarded": "transform_guard"}
 COSINE, ACC_LOSS = 0.995, 0.01
 NO_THRESHOLDS = Thresholds(min_sqnr=None, min_cosine=None, max_rel_error=None, min_top1_agreement=None,
                            max_accuracy_loss=None)
@@ -67,9 +70,10 @@ def run_cell(folder: Path, fmt: str, transform: str, calib_samples: Optional[int
     try:
         result = onnxfp8.quantize(str(folder / "model.onnx"), str(folder / "calib"), config=cfg)
         notes = {p.name: p for p in result.report.passes}
-        p = notes.get(PASS_OF.get(transform, ""))
-        cell["applied"] = transform == "none" or bool(p and p.modified)
-        cell["notes"] = p.notes[:1] if p else []
+        names = PASS_OF.get(transform, "")
+        ps = [notes.get(n) for n in ((names,) if isinstance(names, str) else names)]
+        cell["applied"] = transform == "none" or any(p and p.modified for p in ps)
+        cell["notes"] = [n for p in ps if p for n in p.notes[:1]]
         if transform == "guarded":
             decisions = [r for r in result.plan.transforms if r.get("pass") == "transform_guard"]
             cell["guard"] = [{k: r.get(k) for k in ("transform", "kept", "without_db", "with_db", "reason")}
@@ -292,7 +296,20 @@ def main(argv=None) -> int:
     ap.add_argument("--check-function", action="store_true",
                     help="only check that each transform keeps the FP32 function (no quantization): max abs/rel "
                          "error per model vs the original")
+    ap.add_argument("--from-json", default="",
+                    help="comma-separated --out-json files of earlier runs (e.g. the raw columns and the guarded "
+                         "one run apart): print their merged tables, run nothing")
     a = ap.parse_args(argv)
+    if a.from_json:
+        cells, models = [], []
+        for f in a.from_json.split(","):
+            d = json.loads(Path(f).read_text())
+            cells += d["cells"]
+            models += [m for m in d["models"] if m not in models and any(c["model"] == m for c in d["cells"])]
+        formats = [f for f in FORMATS if any(c["format"] == f for c in cells)]
+        transforms = [t for t in TRANSFORMS if any(c["transform"] == t for c in cells)]
+        print(tables(cells, models, formats, transforms))
+        return 0
     formats = [f for f in a.formats.split(",") if f]
     transforms = [t for t in a.transforms.split(",") if t]
     bad = [t for t in transforms if t not in TRANSFORMS]
@@ -345,7 +362,12 @@ def main(argv=None) -> int:
                     skip.add(t)  # nothing to transform in this model, whatever the format
                 print(f"{m:24} {f:5} {t:12} " + ("n/a" if not c["applied"] else c.get("error") or
                       f"SQNR {_f(c.get('sqnr_db'))} dB cosine {_f(c.get('cosine'), 5)}"
-                      f"{' meets' if c.get('meets') else ''}") + f"  ({c['seconds']} s)", flush=True)
+                      f"{' meets' if c.get('meets') else ''}") + f"  ({c['seconds']} s)"
+                      + (f"  kept {c.get('kept') or 'none'}" if t == "guarded" and c.get("applied") else ""),
+                      flush=True)
+        if a.out_json:  # after every model: a run cut short keeps what it measured
+            a.out_json.write_text(json.dumps({"cells": cells, "models": models, "partial": True}, indent=1,
+                                             default=str))
     text = tables(cells, models, formats, transforms)
     print()
     print(f"Command: `python benchmarks/bench_transforms.py {' '.join(argv if argv is not None else sys.argv[1:])}`;"

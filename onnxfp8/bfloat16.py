@@ -14,8 +14,9 @@ quantized and measured as its **float32 twin**, and written back in bfloat16:
 * ``Bfloat16Model.back(quantized_twin)``: the quantized twin in bfloat16 again. A float tensor takes the type
   it had in the original model; a tensor the passes added (``<t>.dq``, ``<t>.scale``, ...: names.py) takes the
   type of the tensor it was named after, else bfloat16; Casts to float take their output's type. The result
-  must pass strict ONNX shape inference (and the checker in quantize): where ONNX cannot express a node in
-  bfloat16 at the model's opset (Round before opset 22, Conv before opset 22, ...) that is one line, exit 2.
+  must pass strict ONNX shape inference (and the checker in quantize): before opset 22 a bfloat16 Round (the
+  INT8 / E3M4 emulation's) computes in float32 between two Casts (exact); anything else ONNX cannot type in
+  bfloat16 at the model's opset (Conv, pooling before opset 22, ...) is one line, exit 2.
 
 ``modelio.make_session`` runs a bfloat16 ModelProto as its twin, so every measurement of a written bfloat16
 model (quantize's summary, the transform guard, ``check``) is the twin's, and says so.
@@ -183,6 +184,8 @@ class Bfloat16Model:
                         a.i = BF16
                     elif a.type == onnx.AttributeProto.TENSOR and a.t.data_type == F32 and out == BF16:
                         a.t.CopyFrom(_to_bfloat16(a.t))
+        if _opset(m) < 22:
+            _round_in_float32(m.graph, self.type_of)
         if check:
             self.check(m)
         return m
@@ -196,10 +199,28 @@ class Bfloat16Model:
             text = " ".join(str(e).split())
             text = text if len(text) <= 220 else text[:217] + "..."
             opset = _opset(model)
-            hint = ("; ONNX allows bfloat16 Conv, pooling and Round from opset 22: export the model at opset 22"
+            hint = ("; ONNX allows bfloat16 Conv and pooling from opset 22: export the model at opset 22"
                     if opset < 22 else "")
             raise ModelError(f"{self.source}: the quantized model cannot be written in bfloat16 (ONNX cannot express "
                              f"it at opset {opset}: {text}){hint}") from None
+
+
+def _round_in_float32(g: onnx.GraphProto, type_of) -> None:
+    """Round takes bfloat16 from opset 22 only: before, a bfloat16 Round (the INT8 / E3M4 emulation's) reads its
+    input cast to float32 and casts its result back. Exact: Round of a bfloat16 value is an integer bfloat16
+    holds (below 256 every integer is one; from 256 on every bfloat16 is an integer already)."""
+    nodes = []
+    for n in g.node:
+        if n.op_type == "Round" and type_of(n.input[0]) == BF16:
+            x, y = n.input[0], n.output[0]
+            nodes.append(onnx.helper.make_node("Cast", [x], [x + ".round_in"], name=n.name + "/to_float", to=F32))
+            nodes.append(onnx.helper.make_node("Round", [x + ".round_in"], [y + ".round_out"], name=n.name))
+            nodes.append(onnx.helper.make_node("Cast", [y + ".round_out"], [y], name=n.name + "/to_bfloat16", to=BF16))
+        else:
+            nodes.append(n)
+    if len(nodes) != len(g.node):
+        del g.node[:]
+        g.node.extend(nodes)
 
 
 def _opset(model: onnx.ModelProto) -> int:

@@ -104,7 +104,8 @@ class QuantConfig:
     smoothquant: Optional[Any] = None
     # keep each transform only where it measurably lowers the output error: the model is quantized without the
     # transforms, then with them added one at a time (pipeline order), each kept when the worst output's SQNR
-    # vs FP32 on the captured calibration samples rises by at least GUARD_MIN_GAIN_DB (quantize.py)
+    # vs FP32 on held-out calibration samples (two folds) rises by at least GUARD_MIN_GAIN_DB with a paired
+    # bootstrap bound >= GUARD_MIN_LOWER_DB (quantize.py)
     transform_guard: bool = True
 
     def __post_init__(self) -> None:

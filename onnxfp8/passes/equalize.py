@@ -43,6 +43,23 @@ will pick), and the bias becomes ``b - E[dW x]`` (a layer without one gets one; 
 after it). It deliberately changes the FP32 function by that expected error, so that the quantized model's
 output is unbiased; it runs after ``select_ops`` (only quantized layers) and after ``smoothquant``.
 
+**Half-precision models (FP16 / BF16 weights).** Rescaling a half-precision weight by an arbitrary ``S``
+rounds it again, and an FP16 model's output can be very sensitive to that (on the zoo's random-weight
+MobileNetV2-FP16 of 2026-12-03 09:04: 6.8e-2 relative). So there every ``S_i`` is a power of two (the nearest
+one, raised where the range guard needs it): multiplying by a power of two is exact in binary floating point,
+so the rescaled weights, biases and Clip bounds are exactly the old ones scaled (equalization is then within
+a factor sqrt(2) per channel). A pair whose rescale would still lose bits (a weight or bias pushed past the
+format's largest finite value, or down into its subnormals by more than half an ulp of its channel's largest
+weight) is left alone, recorded (``equalize.left_alone`` with the reason). Second, onnxruntime's CPU provider
+computes an FP16 model largely in FP32 (it casts around the ops it has no FP16 kernel for, Conv among them,
+and runs an FP16-capable op sitting alone between them in FP32 too), so the ops the rewrite inserts decide
+where the values are rounded to FP16: a Clip(0, hi) becomes ``Relu`` + ``Min`` (not ``Max`` + ``Min``, two
+FP16-capable ops in a row that onnxruntime runs in FP16, rounding the Conv's output: most of the 6.8e-2
+above). Last, with calibration data, the FP16 function is measured: the equalized graph against the graph
+before it on the first calibration samples (onnxruntime, no optimizations); when the output moves by more
+than ``HALF_FUNCTION_EPS`` ulps of the format (relative to the output's largest magnitude), the whole
+equalization is undone and recorded as left alone with the measured change.
+
 Every change is recorded in ``plan.transforms`` (pairs, their ``S``, absorbed ``c``, biases' deltas) and
 ``replay(graph, records)`` redoes them without data.
 """
@@ -62,6 +79,13 @@ TOLERANCE = 1e-3  # stop when every scale of a round is within this of 1 (relati
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 HOMOGENEOUS = ("Relu", "LeakyRelu", "PRelu", "Identity", "MaxPool", "Max", "Min", "Clip")
 AFTER_GLOBAL_POOL = ("GlobalAveragePool", "GlobalMaxPool", "Flatten", "Squeeze")
+HALF_FUNCTION_EPS = 4.0  # FP16/BF16 models: the measured output change allowed, in ulps (finfo.eps) of the format
+FUNCTION_SAMPLES = 8  # calibration samples the FP16 function check runs on
+
+
+def exact_scaling(dtype: Any) -> bool:
+    """True when weights of ``dtype`` are rescaled by powers of two only (half precision: FP16, BF16)."""
+    return np.dtype(dtype).kind == "f" and np.dtype(dtype).itemsize < 4 or str(dtype) == "bfloat16"
 
 
 # -- layers: the weight / bias views of Conv, Gemm and MatMul ------------------------------------------------
@@ -396,19 +420,22 @@ def apply_scale(graph: gs.Graph, rec: Dict[str, Any]) -> None:
     if b is not None:
         first.set_bias(b / S)
     t = first.out
+    half = exact_scaling(w.values.dtype)
     for name in rec.get("through", []):
         n = by_name[name]
         rank = _rank(t) or (4 if first.channel_axis == 1 else 2)
         t = n.outputs[0]
-        _scale_chain_op(graph, n, S, first.channel_axis, rank)
+        _scale_chain_op(graph, n, S, first.channel_axis, rank, relu_for_zero=half)
     for name in rec["second"]:
         layer = _layer_by_name(by_name, name)
         w2 = layer.weight
         w2.values = layer.scale_in(w2.values.astype(np.float64), S).astype(w2.values.dtype)
 
 
-def _scale_chain_op(graph: gs.Graph, n: gs.Node, S: np.ndarray, axis: int, rank: int) -> None:
-    """Make ``n`` compute ``n(x / S) == n(x) / S`` per channel: Clip becomes Max/Min with per-channel bounds,
+def _scale_chain_op(graph: gs.Graph, n: gs.Node, S: np.ndarray, axis: int, rank: int,
+                    relu_for_zero: bool = False) -> None:
+    """Make ``n`` compute ``n(x / S) == n(x) / S`` per channel: Clip becomes Max/Min with per-channel bounds
+    (``relu_for_zero``, half-precision models: a lower bound 0 becomes a Relu, see the module docstring),
     a Max/Min constant is divided by S; the homogeneous ops need nothing."""
     C = S.size
     if n.op == "Clip":
@@ -425,6 +452,10 @@ def _scale_chain_op(graph: gs.Graph, n: gs.Node, S: np.ndarray, axis: int, rank:
                 continue
             last = op == "Min" or hi is None
             out = y if last else gs.Variable(f"{y.name}.equalize_lower_bound", dtype=y.dtype, shape=y.shape)
+            if op == "Max" and relu_for_zero and float(bound.values) == 0.0:
+                graph.nodes.append(gs.Node("Relu", name=f"{n.name}/relu", inputs=[cur], outputs=[out]))
+                cur = out
+                continue
             const = gs.Constant(f"{n.name}/{op.lower()}_bound",
                                 (float(bound.values) / S).reshape(shape).astype(dtype))
             graph.nodes.append(gs.Node(op, name=f"{n.name}/{op.lower()}", inputs=[cur, const], outputs=[out]))
@@ -450,7 +481,7 @@ def replay_chain_names(graph: gs.Graph, rec: Dict[str, Any]) -> List[str]:
         if name in by_name:
             out.append(name)
         else:
-            out.extend(f"{name}/{p}" for p in ("max", "min", "identity") if f"{name}/{p}" in by_name)
+            out.extend(f"{name}/{p}" for p in ("max", "relu", "min", "identity") if f"{name}/{p}" in by_name)
     return out
 
 
@@ -594,6 +625,133 @@ def equalize_scales(pairs: Sequence[Pair], stats: Dict[str, Dict[str, np.ndarray
     return total
 
 
+def _range_floor(st: Optional[Dict[str, np.ndarray]]) -> Optional[np.ndarray]:
+    """``a_i / max_j a_j``: the smallest ``S_i`` the range guard allows (None without statistics)."""
+    if st is None:
+        return None
+    a = np.asarray(st["range"], np.float64)
+    top = float(a.max()) if a.size else 0.0
+    return a / top if top > 0 else None
+
+
+def power_of_two(S: np.ndarray, floor: Optional[np.ndarray] = None) -> np.ndarray:
+    """Each ``S_i`` as the nearest power of two (in log2), raised to the next one where that falls below the
+    range guard's ``floor_i``."""
+    S = np.asarray(S, np.float64)
+    k = np.round(np.log2(S))
+    if floor is not None:
+        with np.errstate(divide="ignore"):
+            low = np.ceil(np.log2(np.maximum(floor, 1e-300)) - 1e-12)
+        k = np.where(2.0 ** k < floor, np.maximum(k, low), k)
+    return 2.0 ** k
+
+
+def _lost(old: np.ndarray, scaled: np.ndarray, s: np.ndarray, dtype: Any, axis_max: np.ndarray) -> Optional[str]:
+    """Why ``old * s`` stored as ``dtype`` (``scaled``, float64) does not give ``old * s`` back within half an
+    ulp of ``axis_max`` (the channel's largest magnitude, broadcast like ``old``), or None."""
+    with np.errstate(over="ignore"):
+        q = scaled.astype(dtype).astype(np.float64)
+    if not np.all(np.isfinite(q)):
+        return f"overflows {np.dtype(dtype).name} (largest {float(np.max(np.abs(scaled))):.3g})"
+    eps = float(np.finfo(dtype).eps)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        err = np.abs(q / s - old.astype(np.float64))
+    bad = err > 0.5 * eps * axis_max
+    if np.any(bad):
+        return (f"{int(bad.sum())} value(s) lose precision in {np.dtype(dtype).name} subnormals (error up to "
+                f"{float(np.max(np.where(bad, err / np.maximum(axis_max, 1e-300), 0))):.2g} of the channel's largest)")
+    return None
+
+
+def rescale_loss(p: Pair, S: np.ndarray) -> Optional[str]:
+    """Half precision: why rescaling pair ``p`` by ``S`` (powers of two) would not be exact (a weight or bias
+    overflowing, or losing more than half an ulp of its channel's largest weight, of the layer's largest bias,
+    in subnormals), or None."""
+    first = p.first
+    w = first.weight.values
+    dtype = w.dtype
+    w64 = w.astype(np.float64)
+    shape = [1] * w.ndim
+    shape[first.out_axis()] = -1
+    top = first.out_ranges(w).reshape(shape)
+    why = _lost(w64, first.scale_out(w64, 1.0 / S), 1.0 / S.reshape(shape), dtype, top)
+    if why:
+        return f"{first.name} weight {why}"
+    b = first.bias()
+    if b is not None:
+        why = _lost(b, b / S, 1.0 / S, first._bias_const().values.dtype, np.full(b.shape, np.max(np.abs(b))))
+        if why:
+            return f"{first.name} bias {why}"
+    for s in p.seconds:
+        w2 = s.weight.values
+        w2_64 = w2.astype(np.float64)
+        scaled = s.scale_in(w2_64, S)
+        with np.errstate(invalid="ignore", over="ignore"):
+            ratio = np.divide(scaled, w2_64, out=np.ones_like(scaled), where=w2_64 != 0)
+        top2 = s.out_ranges(w2_64).reshape([-1 if i == s.out_axis() else 1 for i in range(w2.ndim)])
+        why = _lost(w2_64, scaled, ratio, w2.dtype, top2)
+        if why:
+            return f"{s.name} weight {why}"
+    return None
+
+
+def function_change(before: gs.Graph, after: gs.Graph, ctx: PassContext) -> Tuple[float, float, str]:
+    """The largest change of a float output of ``after`` against ``before`` over the first FUNCTION_SAMPLES
+    calibration samples, relative to that output's largest magnitude; the format's eps; the output's name
+    (onnxruntime, no optimizations)."""
+    from onnxfp8.calibrators.data import batch_size, take_samples
+    from onnxfp8.modelio import make_session, to_light_model
+
+    cfg = ctx.config
+    sessions = []
+    for g in (before, after):
+        model, arrays = to_light_model(g.copy())
+        sessions.append(make_session(model, level="disable", providers=cfg.providers, threads=cfg.threads,
+                                     arrays=arrays))
+    names = [o.name for o in sessions[0].get_outputs()]
+    diff = {n: 0.0 for n in names}
+    top = {n: 0.0 for n in names}
+    eps = {n: float(np.finfo(np.float16).eps) for n in names}
+    seen = 0
+    for b in ctx.calib.batches():
+        k = batch_size(b)
+        if seen + k > FUNCTION_SAMPLES:
+            b, k = take_samples(b, FUNCTION_SAMPLES - seen), FUNCTION_SAMPLES - seen
+        feed = dict(b)
+        for n, x, y in zip(names, sessions[0].run(names, feed), sessions[1].run(names, feed)):
+            x, y = np.asarray(x), np.asarray(y)
+            if x.dtype.kind != "f":
+                continue
+            eps[n] = float(np.finfo(x.dtype).eps)
+            x64, y64 = x.astype(np.float64), y.astype(np.float64)
+            fin = np.isfinite(x64)
+            if np.any(fin & ~np.isfinite(y64)):
+                diff[n] = math.inf
+            if fin.any():
+                diff[n] = max(diff[n], float(np.max(np.abs(x64[fin] - y64[fin]))))
+                top[n] = max(top[n], float(np.max(np.abs(x64[fin]))))
+        seen += k
+        if seen >= FUNCTION_SAMPLES:
+            break
+    rel = {n: diff[n] / top[n] if top[n] > 0 else (0.0 if diff[n] == 0 else math.inf) for n in names}
+    if not rel:
+        return 0.0, eps.get(names[0], 1e-3) if names else 1e-3, ""
+    worst = max(rel, key=lambda n: rel[n] / eps[n])
+    return rel[worst], eps[worst], worst
+
+
+def _restore(graph: gs.Graph, backup: gs.Graph) -> None:
+    """Make ``graph`` the copy ``backup`` again (in place: the pipeline holds ``graph``)."""
+    fresh = backup.copy()
+    graph.nodes = fresh.nodes
+    graph.inputs = fresh.inputs
+    graph.outputs = fresh.outputs
+
+
+def _finite(v: float) -> Optional[float]:
+    return float(v) if math.isfinite(v) else None
+
+
 class Equalize(Pass):
     """Cross-layer equalization and bias absorption (``config.equalize``): see the module docstring."""
 
@@ -613,12 +771,24 @@ class Equalize(Pass):
         else:
             notes.append("no calibration data: equalized without the range guard, no bias absorption")
         scales = equalize_scales(pairs, stats)
+        half = [p for p in pairs if exact_scaling(p.first.weight.values.dtype)]
+        if half:  # half precision: powers of two only, so the rescale is exact (module docstring)
+            for p in half:
+                scales[p.key()] = power_of_two(scales[p.key()], _range_floor(stats.get(p.key())))
+        backup = graph.copy() if half and ctx.calib is not None else None
         records: List[Dict[str, Any]] = []
+        left: List[Dict[str, Any]] = []
         changed = 0
         clips = 0
         for p in pairs:
             S = scales[p.key()]
             if np.allclose(S, 1.0, rtol=1e-6, atol=0):
+                continue
+            why = rescale_loss(p, S) if exact_scaling(p.first.weight.values.dtype) else None
+            if why:
+                left.append({"pass": "equalize", "kind": "left_alone", "first": p.first.name,
+                             "second": [s.name for s in p.seconds], "reason": why})
+                scales[p.key()] = np.ones_like(S)
                 continue
             clips += sum(1 for n in p.chain if n.op == "Clip")
             rec = {"pass": "equalize", "kind": "scale", "first": p.first.name,
@@ -635,6 +805,10 @@ class Equalize(Pass):
                     or not p.first.can_take_bias():
                 continue
             c = np.maximum(0.0, np.asarray(st["min"], np.float64) / scales[p.key()])
+            if exact_scaling(p.first.weight.values.dtype):  # the bound -c exact in the format, c <= the minimum
+                dt = p.first.weight.values.dtype
+                c = np.where(c.astype(dt).astype(np.float64) > c, np.nextafter(c.astype(dt), np.zeros((), dt)),
+                             c.astype(dt)).astype(np.float64)
             if not np.any(c > 0):
                 continue
             rec = {"pass": "equalize", "kind": "absorb", "first": p.first.name,
@@ -644,11 +818,26 @@ class Equalize(Pass):
             records.append(rec)
             absorbed += 1
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        ctx.plan.transforms.extend(records)
+        if backup is not None and records:
+            moved, eps, outname = function_change(backup, graph, ctx)
+            if not moved <= HALF_FUNCTION_EPS * eps:  # NaN or inf refuse too
+                _restore(graph, backup)
+                reason = (f"the half-precision output '{outname}' moved by {moved:.3g} of its largest magnitude on "
+                          f"{FUNCTION_SAMPLES} calibration sample(s) (allowed {HALF_FUNCTION_EPS:g} ulps = "
+                          f"{HALF_FUNCTION_EPS * eps:.3g}): equalization undone")
+                ctx.plan.transforms.append({"pass": "equalize", "kind": "left_alone", "first": None,
+                                            "second": [], "reason": reason, "change": _finite(moved)})
+                return PassResult(False, [reason] + notes)
+            notes.append(f"half precision: scales are powers of two; output moved by {moved:.3g} of its largest "
+                         f"magnitude on the calibration samples (allowed {HALF_FUNCTION_EPS * eps:.3g})")
+        ctx.plan.transforms.extend(records + left)
+        if left:
+            notes.append(f"{len(left)} pair(s) left alone: " + "; ".join(f"{r['first']}: {r['reason']}" for r in left[:3])
+                         + (" ..." if len(left) > 3 else ""))
         spread = [float(np.max(np.abs(np.log2(scales[r["first"]])))) for r in records if r["kind"] == "scale"]
         notes.insert(0, f"equalized {changed} of {len(pairs)} layer pair(s)"
                      + (f" (largest channel scale 2^{max(spread):.1f})" if spread else "")
-                     + (f", {clips} Clip(s) rewritten as Max/Min with per-channel bounds" if clips else "")
+                     + (f", {clips} Clip(s) rewritten with per-channel bounds (Max/Min; Relu/Min in half precision)" if clips else "")
                      + (f", bias absorbed in {absorbed}" if absorbed else ""))
         return PassResult(bool(records), notes)
 

@@ -285,3 +285,84 @@ def test_equalized_relu6_quantizes_in_emulated_e3m4():
     r = quantize(model, image_batches(), QuantConfig(format="e3m4", equalize=True))
     feeds = image_batches(seed=9, n=16, batch=16)[0]
     assert sqnr_db(_run(model, feeds), make_session(r.model).run(None, feeds)[0]) > 25
+
+
+# -- half precision: powers of two, exact rescale, measured function ----------------------------------------
+def _fp16_cnn(act="relu", seed=0, bias0=None):
+    """x[N,4,8,8] FP16 -> Conv 3x3 (8 channels whose weight ranges span 2^-6 .. 2^6, bias) -> Relu or Clip(0, 6)
+    -> Conv 1x1 (6, bias) -> y, all FP16: the channel-range imbalance equalization exists for."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    spread = 2.0 ** np.linspace(-6, 6, 8)
+    w1 = (rng.normal(0, 0.3, (8, 4, 3, 3)) * spread[:, None, None, None]).astype(np.float16)
+    b1 = (rng.normal(0, 0.2, 8) * spread).astype(np.float16)
+    w2 = (rng.normal(0, 0.3, (6, 8, 1, 1)) / spread[None, :, None, None]).astype(np.float16)
+    if bias0 is not None:
+        b1[0] = bias0
+    b2 = rng.normal(0, 0.1, 6).astype(np.float16)
+    inits = [numpy_helper.from_array(v, n) for v, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], name="conv1", pads=[1, 1, 1, 1])]
+    if act == "relu":
+        nodes.append(helper.make_node("Relu", ["h"], ["a"], name="act"))
+    else:
+        inits += [numpy_helper.from_array(np.array(0, np.float16), "lo"),
+                  numpy_helper.from_array(np.array(6, np.float16), "hi")]
+        nodes.append(helper.make_node("Clip", ["h", "lo", "hi"], ["a"], name="act"))
+    nodes.append(helper.make_node("Conv", ["a", "w2", "b2"], ["y"], name="conv2"))
+    graph = helper.make_graph(nodes, "fp16cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [None, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [None, 6, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+
+
+def _fp16_batches(seed=1, n=32, batch=16):
+    x = np.random.default_rng(seed).normal(0, 1, (n, 4, 8, 8)).astype(np.float16)
+    return [{"x": x[i:i + batch]} for i in range(0, n, batch)]
+
+
+@pytest.mark.parametrize("act", ["relu", "clip"])
+def test_fp16_equalization_scales_by_powers_of_two_and_keeps_the_function(act):
+    model = _fp16_cnn(act)
+    graph, ctx, result = _equalized(model, _fp16_batches())
+    scales = [r for r in ctx.plan.transforms if r["kind"] == "scale"]
+    assert result.modified and len(scales) == 1
+    S = np.asarray(scales[0]["scale"])
+    assert np.ptp(np.log2(S)) >= 4 and np.all(np.log2(S) == np.round(np.log2(S)))  # imbalance removed, powers of 2
+    w1 = {n.name: n for n in graph.nodes}["conv1"].inputs[1].values
+    assert w1.dtype == np.float16
+    ranges = np.abs(w1.astype(np.float64)).reshape(8, -1).max(axis=1)
+    assert ranges.max() / ranges.min() < 2 ** 3  # was 2^12 before equalization (within sqrt(2) per pair)
+    x = _fp16_batches(seed=7, n=32, batch=32)[0]
+    ref, got = _run(model, x).astype(np.float64), _run(to_model(graph), x).astype(np.float64)
+    # measured: 0 (bit-exact: power-of-two scaling commutes with every rounding); the same pair with arbitrary
+    # scales (these x 1.3) moves it by 5.0e-4 (relu) / 5.5e-4 (clip). Bound: a quarter of an FP16 ulp.
+    assert np.max(np.abs(ref - got)) / np.max(np.abs(ref)) <= 2.0 ** -12
+    assert any("powers of two" in n for n in result.notes)
+    if act == "clip":  # Clip(0, 6) -> Relu + Min, so onnxruntime keeps computing it as before
+        assert [n.op for n in graph.nodes if n.name.startswith("act")] == ["Relu", "Min"]
+
+
+def test_fp16_pair_whose_rescale_overflows_is_left_alone_with_the_reason():
+    # channel 0 has the smallest weights (S_0 = 2^-6 without data) and a bias of 2e4: b / S overflows FP16
+    model = _fp16_cnn("relu", bias0=2e4)
+    graph, ctx, result = _equalized(model)
+    left = [r for r in ctx.plan.transforms if r["kind"] == "left_alone"]
+    assert not [r for r in ctx.plan.transforms if r["kind"] == "scale"]
+    assert len(left) == 1 and left[0]["first"] == "conv1" and "conv1 bias overflows float16" in left[0]["reason"]
+    assert any("1 pair(s) left alone" in n for n in result.notes)
+    x = _fp16_batches(seed=7, n=16, batch=16)[0]
+    np.testing.assert_array_equal(_run(model, x), _run(to_model(graph), x))
+
+
+def test_fp16_equalization_is_undone_when_the_measured_function_moves(monkeypatch):
+    import onnxfp8.passes.equalize as eq
+
+    monkeypatch.setattr(eq, "function_change", lambda before, after, ctx: (0.05, float(np.finfo(np.float16).eps), "y"))
+    model = _fp16_cnn("clip")
+    graph, ctx, result = _equalized(model, _fp16_batches())
+    assert not result.modified
+    assert [r["kind"] for r in ctx.plan.transforms] == ["left_alone"]
+    assert "moved by 0.05" in ctx.plan.transforms[0]["reason"] and "undone" in result.notes[0]
+    assert [n.op for n in graph.nodes] == ["Conv", "Clip", "Conv"]
+    x = _fp16_batches(seed=7, n=16, batch=16)[0]
+    np.testing.assert_array_equal(_run(model, x), _run(to_model(graph), x))

@@ -219,17 +219,31 @@ def test_apply_plan_rebuilds_the_bfloat16_model_byte_for_byte():
     assert again.model.SerializeToString() == res.model.SerializeToString()
 
 
-def test_what_onnx_cannot_express_in_bfloat16_is_one_line():
-    """INT8 emulation uses Round, which ONNX allows in bfloat16 only from opset 22: at opset 19 the bfloat16
-    model cannot be written; one line naming the file and the opset (at opset 22 it is written)."""
-    with pytest.raises(ModelError, match=r"cannot be written in bfloat16 \(ONNX cannot express it at opset 19.*opset 22"):
-        onnxfp8.quantize(_mlp(), _data((16,)), onnxfp8.QuantConfig(format="int8", style="emulate"))
-    m = _mlp()
-    m.opset_import[0].version = 22
-    q = onnxfp8.quantize(m, _data((16,)), onnxfp8.QuantConfig(format="int8", style="emulate")).model
-    onnx.checker.check_model(q, full_check=True)
+def test_round_computes_in_float32_before_opset_22():
+    """INT8 and E3M4 emulation use Round, which ONNX allows in bfloat16 only from opset 22: at opset 19 the
+    written model rounds in float32 between two Casts (exact: a rounded bfloat16 is an integer bfloat16 holds);
+    at opset 22 Round reads bfloat16 itself. Both pass the checker and compute what the twin measured."""
     x = np.random.default_rng(7).standard_normal((16, 16)).astype(np.float32)
-    assert _sqnr(_ort(q, x), _reference(q, x)) > 28
+    for opset in (19, 22):
+        m = _mlp()
+        m.opset_import[0].version = opset
+        for kw in (dict(format="int8", style="emulate"), dict(format="e3m4")):
+            q = onnxfp8.quantize(m, _data((16,)), onnxfp8.QuantConfig(**kw)).model
+            onnx.checker.check_model(q, full_check=True)
+            onnx.shape_inference.infer_shapes(q, check_type=True, strict_mode=True)
+            casts = [n for n in q.graph.node if n.name.endswith("/to_bfloat16")]
+            assert bool(casts) == (opset < 22)
+            assert _sqnr(_ort(q, x), _reference(q, x)) > 28
+
+
+def test_what_onnx_cannot_express_in_bfloat16_is_one_line():
+    """A bfloat16 Conv needs opset 22: the same CNN stamped opset 19 (its float32 twin runs) cannot be written
+    back in bfloat16; one line naming the file, the opset and the way out, nothing written."""
+    m = _cnn()
+    m.opset_import[0].version = 19
+    with pytest.raises(ModelError, match=r"cannot be written in bfloat16 \(ONNX cannot express it at opset 19.*Conv.*"
+                                         r"export the model at opset 22"):
+        onnxfp8.quantize(m, _data((3, 8, 8)))
 
 
 def test_cli_quantize_and_check_a_bfloat16_model(runner, tmp_path):
