@@ -19,7 +19,7 @@ Transforms:
 * ``both``: ``--equalize --smoothquant --no-transform-guard`` (equalization with its bias correction, and
   smoothquant auto);
 * ``guarded``: ``--equalize --smoothquant --bias-correction`` with the transform guard (quantize's default):
-  each kept only when it raises the output SQNR on the captured calibration samples; its decisions are kept
+  each kept only when it raises the output SQNR on held-out calibration samples (two folds); its decisions are kept
   in the cell.
 
 ``--check-function`` instead measures, per model, the FP32 function of the transformed but unquantized graph
@@ -261,7 +261,7 @@ def tables(cells: List[Dict[str, Any]], models: List[str], formats, transforms) 
             if g:
                 lines.append(f"| {f} | {len(g)} | {kept} | {len(worse)}{' (' + ', '.join(worse) + ')' if worse else ''} "
                              f"| {min(g):+.2f} | {max(g):+.2f} | {sum(g) / len(g):+.2f} |")
-        lines += ["", "Kept per model (the guard's decisions, SQNR on the calibration samples without -> with):", ""]
+        lines += ["", "Kept per model (the guard's decisions, SQNR on the held-out calibration samples without -> with):", ""]
         for m in models:
             for f in formats:
                 c = by.get((m, f, "guarded"))

@@ -290,8 +290,7 @@ def _folds(prep: Prepared, data: Any, config: QuantConfig):
         while k and count < 2 * half:
             f = 0 if count < half else 1
             take = min(k, (f + 1) * half - count)
-            piece = take_samples(b, take) if take < k else b
-            feed = dict(piece)
+            feed = take_samples(b, take) if take < k else b  # a Batch: keeps each input's batch axis
             parts[f][0].append(feed)
             parts[f][1].append(dict(zip(names, fp32.run(names, feed))))
             count += take

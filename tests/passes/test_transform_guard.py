@@ -252,3 +252,26 @@ def test_judge_gain_pools_the_folds_and_a_gain_one_sample_carries_is_not_confide
     m = judge_gain(fold(noisy, None), fold(worse, None))
     assert m["with_db"] - m["without_db"] > GUARD_MIN_GAIN_DB and m["lower"] < 0
     assert m["folds"][0] > 0 > m["folds"][1]
+
+
+def test_guard_folds_keep_each_inputs_batch_axis():
+    """A state input batched on axis 1 ([2, N, 8], as the zoo's vad-lstm / gru-stream): the folds and the
+    summary cut it along its own axis (the guard once cut it along axis 0 and onnxruntime refused the run)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array((rng.normal(0, 1, (8, 16)) * np.linspace(0.1, 3, 16)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.normal(0, 1, (16, 4)).astype(np.float32), "w2")
+    idx = numpy_helper.from_array(np.array(0, np.int64), "i0")
+    nodes = [helper.make_node("Gather", ["s", "i0"], ["s0"], axis=0), helper.make_node("Add", ["x", "s0"], ["h0"]),
+             helper.make_node("MatMul", ["h0", "w1"], ["h1"], name="mm1"), helper.make_node("Relu", ["h1"], ["a"]),
+             helper.make_node("MatMul", ["a", "w2"], ["y"], name="mm2")]
+    graph = helper.make_graph(nodes, "state", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8]),
+                                               helper.make_tensor_value_info("s", TensorProto.FLOAT, [2, "N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [w1, w2, idx])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    calib = [{"x": rng.normal(0, 1, (8, 8)).astype(np.float32), "s": rng.normal(0, 1, (2, 8, 8)).astype(np.float32)}
+             for _ in range(6)]
+    r = quantize(model, calib, QuantConfig(format="e4m3", equalize=True, batch_size=16))
+    d = _decisions(r.plan)["equalize"]
+    assert d["held_out"] and d["samples"] == 48 and d["folds"] == 2  # folds of 24, the summary cuts 8 of them
