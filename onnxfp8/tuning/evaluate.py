@@ -265,7 +265,7 @@ class Workspace:
         if not config.load_stats:
             first = first.replace(save_stats=self.stats_path)
         try:
-            self.first = quantize(self.prepared, calib, first, progress=progress)
+            self.first = self._users_files(quantize(self.prepared, calib, first, progress=progress))
         except BaseException:
             self.close()
             raise
@@ -277,8 +277,16 @@ class Workspace:
         from onnxfp8.quantize import quantize
 
         self.realizations += 1
-        return quantize(self.prepared, None, config.replace(load_stats=self.stats_path, save_stats=None,
-                                                            summary_samples=0))
+        return self._users_files(quantize(self.prepared, None, config.replace(load_stats=self.stats_path,
+                                                                              save_stats=None, summary_samples=0)))
+
+    def _users_files(self, res):
+        """The result's plan names the user's statistics files, not the workspace's temporary one (a tuned plan
+        is reviewed and re-applied after the workspace is gone)."""
+        if res.plan is not None and res.plan.config:
+            res.plan.config["load_stats"] = self.config.load_stats
+            res.plan.config["save_stats"] = self.config.save_stats
+        return res
 
     def apply(self, plan):
         """The model of an (edited) plan, through onnxfp8.apply_plan: no statistics, no data."""

@@ -176,7 +176,14 @@ def test_cli_target_met(example_models, tmp_path):
 
     data = json.loads(report.read_text())
     assert data["tuning"]["met"] is True and data["tuning"]["steps"][0]["step"] == "baseline"
-    assert json.loads(plan.read_text())["nodes"]
+    saved = json.loads(plan.read_text())
+    assert saved["nodes"]
+    # the plan names no statistics file of the tuner's (its temporary folder is gone after tuning)
+    assert saved["config"]["save_stats"] is None and saved["config"]["load_stats"] is None
+    again = tmp_path / "again.onnx"
+    r = CliRunner().invoke(cli, ["quantize", str(ex["model"]), "--apply-plan", str(plan), "-o", str(again), "-q"])
+    assert r.exit_code == 0, r.output
+    assert again.read_bytes() == out.read_bytes()
 
 
 def test_cli_target_not_met_exits_1_and_writes_best(example_models, tmp_path):
