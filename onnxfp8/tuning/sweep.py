@@ -222,11 +222,7 @@ def sweep(model, calib: Any, val: Any, config: Optional[QuantConfig] = None, *,
                     try:
                         res = ws.realize(config.replace(scheme=scheme, format=f, calibration=c, weights_format=None,
                                                         activations_format=None))
-                        e = ev.evaluate(res.model, progress, f"sweep: {row.label}")
-                        row.metrics = e.metrics()
-                        row.size_bytes = model_bytes(res.model)
-                        row.quantized_layers = len(res.plan.quantized_nodes())
-                        row.met = criterion.met(e.value(criterion.metric))
+                        _score(row, res, ev, criterion, progress)
                     except OnnxFp8Error as e:
                         row.error = _one_line(e)
                     row.seconds = time.perf_counter() - t
@@ -267,6 +263,15 @@ def sweep(model, calib: Any, val: Any, config: Optional[QuantConfig] = None, *,
     return report
 
 
+def _score(row: SweepRow, res: Any, ev: Evaluator, criterion: Target, progress) -> None:
+    """Fill ``row`` with the quantized result's metrics on the validation data, size, layers and verdict."""
+    e = ev.evaluate(res.model, progress, f"sweep: {row.label}")
+    row.metrics = e.metrics()
+    row.size_bytes = model_bytes(res.model)
+    row.quantized_layers = len(res.plan.quantized_nodes())
+    row.met = criterion.met(e.value(criterion.metric))
+
+
 TRANSFORM_ON = {"equalize": {"equalize": True, "bias_correction": False}, "smoothquant": {"smoothquant": "auto"},
                 "bias_correction": {"bias_correction": True}}
 
@@ -285,11 +290,7 @@ def _transform_row(ws: Workspace, calib: Any, ev: Evaluator, criterion: Target, 
         if not any(r.get("pass") == name and r.get("kind") != "left_alone" for r in res.plan.transforms):
             row.error = "n/a"
         else:
-            e = ev.evaluate(res.model, progress, f"sweep: {row.label}")
-            row.metrics = e.metrics()
-            row.size_bytes = model_bytes(res.model)
-            row.quantized_layers = len(res.plan.quantized_nodes())
-            row.met = criterion.met(e.value(criterion.metric))
+            _score(row, res, ev, criterion, progress)
     except OnnxFp8Error as e:
         row.error = _one_line(e)
     row.seconds = time.perf_counter() - t

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
-from transform_models import absorb_cnn, bert, cnn, image_batches, mlp
+from transform_models import absorb_cnn, bert, cnn, cnn_files, image_batches, mlp
 
 from onnxfp8 import quantize
 from onnxfp8.calibrators.data import as_data
@@ -248,12 +248,7 @@ def test_cli_flags(tmp_path):
 
     from onnxfp8.cli import cli
 
-    path = tmp_path / "cnn.onnx"
-    onnx.save(cnn(spread=1.0), str(path))
-    calib = tmp_path / "calib"
-    calib.mkdir()
-    for i, b in enumerate(image_batches(n=32)):
-        np.savez(calib / f"{i:03d}.npz", **b)
+    path, calib = cnn_files(tmp_path)
     runner = CliRunner()
     res = runner.invoke(cli, ["quantize", str(path), "-c", str(calib), "--equalize", "--no-transform-guard",
                               "--plan", str(tmp_path / "p.json"), "-o", str(tmp_path / "q.onnx"), "-q"])

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from transform_models import bert, cnn, image_batches
+from transform_models import bert, cnn, cnn_files, image_batches
 
 from onnxfp8 import apply_plan, quantize
 from onnxfp8.config import QuantConfig
@@ -136,12 +136,7 @@ def test_cli_guard_flag(tmp_path):
 
     from onnxfp8.cli import cli
 
-    path = tmp_path / "cnn.onnx"
-    onnx.save(cnn(spread=1.0), str(path))
-    calib = tmp_path / "calib"
-    calib.mkdir()
-    for i, b in enumerate(image_batches(n=32)):
-        np.savez(calib / f"{i:03d}.npz", **b)
+    path, calib = cnn_files(tmp_path)
     runner = CliRunner()
     res = runner.invoke(cli, ["quantize", str(path), "-c", str(calib), "--no-transform-guard", "-o",
                               str(tmp_path / "q.onnx")])

@@ -180,3 +180,16 @@ def se_cnn(seed=0):
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
     onnx.checker.check_model(m, full_check=True)
     return m
+
+
+def cnn_files(tmp_path):
+    """The transform CNN (spread 1) saved as tmp_path/cnn.onnx and 32 calibration samples as tmp_path/calib/*.npz:
+    (model path, calibration folder), for CLI tests."""
+    path = tmp_path / "cnn.onnx"
+    onnx.save(cnn(spread=1.0), str(path))
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, b in enumerate(image_batches(n=32)):
+        np.savez(calib / f"{i:03d}.npz", **b)
+    return path, calib
+
